@@ -1,0 +1,133 @@
+"""A Dataset: the graphs of one source restricted to crystals with the chosen targets, plus splits."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CrystaltuneError
+from ..graphs.cache import GraphParams, cache_dir, load_graphs
+from ..graphs.store import GraphStore
+from .registry import resolve
+
+
+@dataclass
+class Split:
+    """Train/val/test index arrays into a Dataset's store, and the id lists they came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    ids: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str
+    targets: list[str]
+    store: GraphStore
+    skipped: list[dict[str, str]]
+    key: str
+    params: GraphParams
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def split(self, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+              cache: bool = True) -> Split:
+        """Seeded random split, made once per (dataset content, targets, seed, fractions) and stored as
+        id lists so every trial of a search sees the same crystals."""
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0:
+            raise CrystaltuneError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+        tag = f"{self.name}-{self.key}-{'+'.join(self.targets)}-s{seed}-{'-'.join(f'{f:g}' for f in fractions)}"
+        file = cache_dir() / "splits" / f"{tag}.json"
+        ids = None
+        if cache and file.exists():
+            try:
+                ids = json.loads(file.read_text())
+                if set(ids) != {"train", "val", "test"} or sum(map(len, ids.values())) != len(self):
+                    ids = None
+            except (OSError, ValueError):
+                ids = None
+        if ids is None:
+            order = np.random.default_rng(seed).permutation(np.sort(self.store.ids))
+            n_train = int(round(fractions[0] * len(order)))
+            n_val = int(round(fractions[1] * len(order)))
+            ids = {"train": order[:n_train].tolist(), "val": order[n_train:n_train + n_val].tolist(),
+                   "test": order[n_train + n_val:].tolist()}
+            if cache:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(ids))
+                os.replace(tmp, file)
+        pos = {rid: i for i, rid in enumerate(self.store.ids)}
+        return Split(*(np.array([pos[r] for r in ids[k]], dtype=np.int64) for k in ("train", "val", "test")), ids=ids)
+
+    def restrict_elements(self, supported: set[int], featurizer: str, strict: bool = False) -> Dataset:
+        """Drop crystals containing elements the node featurizer has no features for."""
+        z, ptr = self.store.arrays["z"], self.store.node_ptr
+        bad_atom = ~np.isin(z, np.array(sorted(supported)))
+        if not bad_atom.any():
+            return self
+        graph_of_atom = np.repeat(np.arange(len(self.store)), np.diff(ptr))
+        bad = np.unique(graph_of_atom[bad_atom])
+        from pymatgen.core import Element
+
+        skipped = list(self.skipped)
+        for g in bad:
+            zs = sorted({int(v) for v in z[ptr[g]:ptr[g + 1]]} - supported)
+            names = ", ".join(Element.from_Z(v).symbol if 0 < v < 119 else str(v) for v in zs)
+            skipped.append({"id": str(self.store.ids[g]), "reason": f"{self.store.ids[g]}: element(s) {names} have no features in node featurizer {featurizer!r}"})
+        if strict:
+            raise CrystaltuneError(f"{len(bad)} crystal(s) have elements without {featurizer!r} features: {skipped[-1]['reason']}")
+        keep = np.setdiff1d(np.arange(len(self.store)), bad)
+        return Dataset(self.name, self.source, self.targets, self.store.subset(keep), skipped, self.key, self.params)
+
+
+def load_dataset(name_or_path: str | Path, targets: list[str] | str | None = None, *, data: str | Path | None = None,
+                 params: GraphParams | None = None, strict: bool = False, use_cache: bool = True,
+                 progress: bool | None = None) -> Dataset:
+    """Read (or load cached) graphs and keep the crystals that have the chosen targets.
+
+    With several targets a crystal is kept when at least one is present (the loss is masked).
+    ``strict`` turns any skipped record into an error.
+    """
+    name, path, defaults = resolve(name_or_path, data)
+    params = params or GraphParams()
+    gs = load_graphs(path, params, use_cache=use_cache, progress=progress)
+    store = gs.store
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets or defaults or _guess_targets(store))
+    if not targets:
+        raise CrystaltuneError(f"{path}: no numeric property to use as a target")
+    for t in targets:
+        if t not in store.props:
+            known = ", ".join(sorted(store.props)) or "none"
+            raise CrystaltuneError(f"{path}: no record has target {t!r} (numeric properties: {known})")
+    skipped = list(gs.skipped)
+    present = np.stack([np.isfinite(store.props[t]) for t in targets], axis=1)
+    keep = present.any(axis=1)
+    for g in np.flatnonzero(~keep):
+        rid = str(store.ids[g])
+        why = "; ".join(f"target {t!r} {gs.bad_props[g].get(t, 'is missing')}" for t in targets)
+        skipped.append({"id": rid, "reason": f"{rid}: {why}"})
+    if strict and skipped:
+        raise CrystaltuneError(f"{len(skipped)} record(s) skipped (--strict); first: {skipped[0]['reason']}")
+    if not keep.any():
+        raise CrystaltuneError(f"{path}: no usable crystal ({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})")
+    if not keep.all():
+        store = store.subset(np.flatnonzero(keep))
+    return Dataset(name, str(path), targets, store, skipped, gs.key, params)
+
+
+def _guess_targets(store: GraphStore) -> list[str]:
+    for cand in ("band_gap", "target", "formation_energy_per_atom", "heat_of_formation"):
+        if cand in store.props:
+            return [cand]
+    return sorted(store.props)[:1]

@@ -1,0 +1,163 @@
+"""Preprocess once: build every crystal graph in parallel, cache on disk keyed by content + params."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.readers import RawDataset, check_source, read_source
+from .build import build_graph
+from .store import GraphStore
+from .structure import RecordError
+
+#: Bump when the stored arrays change meaning; old cache files are then ignored.
+CACHE_FORMAT = 3
+
+
+@dataclass(frozen=True)
+class GraphParams:
+    """What a crystal graph depends on (featurizers do not: they run inside the model)."""
+
+    cutoff: float = 8.0
+    max_neighbors: int | None = 12
+
+    def __post_init__(self):
+        if not (self.cutoff > 0):
+            raise ValueError(f"cutoff must be > 0, got {self.cutoff}")
+        if self.max_neighbors is not None and self.max_neighbors < 1:
+            raise ValueError(f"max_neighbors must be >= 1 or None, got {self.max_neighbors}")
+
+
+@dataclass
+class GraphSet:
+    """Graphs of one source plus the records that were skipped and why."""
+
+    store: GraphStore
+    skipped: list[dict[str, str]]
+    bad_props: list[dict[str, str]]
+    source: str
+    key: str
+    from_cache: bool = False
+    params: GraphParams = field(default_factory=GraphParams)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CRYSTALTUNE_CACHE_DIR", Path.home() / ".cache" / "crystaltune"))
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of every file (name and bytes) in a folder."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_graphs(path: str | Path, params: GraphParams = GraphParams(), *, use_cache: bool = True,
+                workers: int | None = None, progress: bool | None = None) -> GraphSet:
+    """Graphs for a dataset file or folder, from the cache when its key matches, else built and cached."""
+    path = Path(path)
+    check_source(path)
+    key = hashlib.sha256(
+        json.dumps({"content": content_hash(path), "params": asdict(params), "format": CACHE_FORMAT}).encode()
+    ).hexdigest()[:20]
+    file = cache_dir() / "graphs" / f"{path.name.split('.')[0]}-{key}.npz"
+    if use_cache and file.exists():
+        cached = _read_cache(file)
+        if cached is not None:
+            store, skipped, bad = cached
+            return GraphSet(store, skipped, bad, str(path), key, from_cache=True, params=params)
+    raw = read_source(path)
+    store, skipped, bad = build_store(raw, params, workers=workers, progress=progress)
+    if use_cache:
+        _write_cache(file, store, skipped, bad)
+    return GraphSet(store, skipped, bad, str(path), key, params=params)
+
+
+def build_store(raw: RawDataset, params: GraphParams, workers: int | None = None,
+                progress: bool | None = None) -> tuple[GraphStore, list[dict[str, str]], list[dict[str, str]]]:
+    """Build graphs for all records (in parallel over CPU cores); bad records go to ``skipped``."""
+    skipped = list(raw.skipped)
+    seen: dict[str, int] = {}
+    todo = []
+    for rec in raw.records:
+        if rec["id"] in seen:
+            skipped.append({"id": rec["id"], "reason": f"duplicate id {rec['id']!r} (line {rec['line']}; first at line {seen[rec['id']]})"})
+            continue
+        seen[rec["id"]] = rec["line"]
+        todo.append(rec)
+    jobs = [(rec, params.cutoff, params.max_neighbors) for rec in todo]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    bar = dict(total=len(jobs), desc=f"crystal graphs ({raw.source.name})", unit="crystal", disable=progress is False or None)
+    if progress is None:
+        bar["disable"] = None  # tqdm: off when stderr is not a terminal
+    if workers > 1 and len(jobs) >= 200 and "fork" in mp.get_all_start_methods():
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_build_one, jobs, chunksize=32), **bar))
+    else:
+        results = [_build_one(j) for j in tqdm(jobs, **bar)]
+    ids, graphs, props, bad = [], [], [], []
+    for rec, (graph, reason) in zip(todo, results):
+        if graph is None:
+            skipped.append({"id": rec["id"], "reason": f"{rec['id']} (line {rec['line']}): {reason}"})
+            continue
+        ids.append(rec["id"])
+        graphs.append(graph)
+        props.append(rec["props"])
+        bad.append(rec.get("bad_props", {}))
+    return GraphStore.from_graphs(ids, graphs, props), skipped, bad
+
+
+def _build_one(job: tuple[dict[str, Any], float, int | None]) -> tuple[dict[str, Any] | None, str | None]:
+    rec, cutoff, max_neighbors = job
+    try:
+        return build_graph(rec, cutoff, max_neighbors), None
+    except RecordError as exc:
+        return None, str(exc)
+    except Exception as exc:  # never let one crystal kill a 10k-crystal run
+        return None, f"graph construction failed ({type(exc).__name__}: {str(exc)[:160]})"
+
+
+def _write_cache(file: Path, store: GraphStore, skipped, bad) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    payload = store.to_npz_dict()
+    payload["meta:skipped"] = np.array(json.dumps(skipped))
+    payload["meta:bad_props"] = np.array(json.dumps(bad))
+    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **payload)
+        os.replace(tmp, file)  # atomic: readers never see a half-written cache
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_cache(file: Path):
+    """The cached store, or None when the file is damaged in any way (it is then rebuilt)."""
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            d = {k: npz[k] for k in npz.files}  # zip CRCs are checked as members are read
+        skipped = json.loads(str(d.pop("meta:skipped")))
+        bad = json.loads(str(d.pop("meta:bad_props")))
+        store = GraphStore.from_npz_dict(d)
+        if len(bad) != len(store):
+            raise ValueError("bad_props length")
+        return store, skipped, bad
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError):
+        return None

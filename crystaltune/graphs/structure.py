@@ -1,0 +1,141 @@
+"""Parse one raw record's structure into arrays and refuse what a crystal graph cannot represent.
+
+pymatgen ``Structure.as_dict()`` records are read directly into numpy arrays (the hot path: no
+Site objects); CIF/POSCAR text goes through pymatgen.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Atoms closer than this (Å) are treated as overlapping: a broken structure, not a crystal.
+MIN_DISTANCE = 0.5
+
+
+class RecordError(ValueError):
+    """A problem with one record; its message is the reason shown in ``skipped``."""
+
+
+@dataclass
+class Crystal:
+    """An ordered periodic crystal as arrays: lattice rows (Å), fractional coordinates, atomic numbers."""
+
+    lattice: np.ndarray
+    frac: np.ndarray
+    z: np.ndarray
+
+    @property
+    def cart(self) -> np.ndarray:
+        return self.frac @ self.lattice
+
+    @classmethod
+    def from_structure(cls, structure) -> Crystal:
+        check_pymatgen(structure)
+        return cls(structure.lattice.matrix.copy(), structure.frac_coords.copy(),
+                   np.asarray(structure.atomic_numbers, dtype=np.int64))
+
+
+@functools.lru_cache
+def _symbol_to_z() -> dict[str, int]:
+    from pymatgen.core import Element
+
+    return {Element.from_Z(z).symbol: z for z in range(1, 119)}
+
+
+def parse_crystal(obj: Any, fmt: str | None = None) -> Crystal:
+    """A validated Crystal from a pymatgen Structure dict or CIF/POSCAR text."""
+    if isinstance(obj, dict):
+        crystal = _from_dict(obj)
+    elif isinstance(obj, str):
+        crystal = Crystal.from_structure(_pymatgen_from_text(obj, fmt))
+    else:
+        raise RecordError(f"structure is a {type(obj).__name__}, expected a pymatgen dict or CIF text")
+    check_arrays(crystal)
+    return crystal
+
+
+def parse_structure(obj: Any, fmt: str | None = None):
+    """A validated pymatgen Structure (for callers that need one, e.g. the reference benchmark)."""
+    from pymatgen.core import Structure
+
+    if isinstance(obj, str):
+        structure = _pymatgen_from_text(obj, fmt)
+    else:
+        parse_crystal(obj)
+        structure = Structure.from_dict(obj)
+    check_pymatgen(structure)
+    return structure
+
+
+def _from_dict(d: dict) -> Crystal:
+    table = _symbol_to_z()
+    try:
+        lattice = np.asarray(d["lattice"]["matrix"], dtype=float)
+        sites = d["sites"]
+        if not isinstance(sites, list):
+            raise TypeError("sites is not a list")
+        z = np.empty(len(sites), dtype=np.int64)
+        frac = np.empty((len(sites), 3), dtype=float)
+        for i, site in enumerate(sites):
+            species = site["species"]
+            if len(species) != 1 or abs(float(species[0].get("occu", 1.0)) - 1.0) > 1e-6:
+                occ = ", ".join(f"{s.get('element')}:{s.get('occu')}" for s in species)
+                raise RecordError(f"partial occupancy at site {i} ({occ}); disordered structures are not supported")
+            symbol = species[0]["element"]
+            if symbol not in table:
+                raise RecordError(f"dummy species {symbol!r} at site {i} is not a chemical element")
+            z[i] = table[symbol]
+            frac[i] = site["abc"] if "abc" in site else np.linalg.solve(lattice.T, np.asarray(site["xyz"], dtype=float))
+    except RecordError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, np.linalg.LinAlgError) as exc:
+        raise RecordError(f"structure could not be parsed ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if lattice.shape != (3, 3):
+        raise RecordError(f"lattice matrix has shape {lattice.shape}, expected (3, 3)")
+    return Crystal(lattice, frac, z)
+
+
+def _pymatgen_from_text(text: str, fmt: str | None):
+    from pymatgen.core import Structure
+
+    fmt = fmt or ("cif" if "_cell_length_a" in text or text.lstrip().startswith("data_") else "poscar")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "cif":
+                return Structure.from_str(text, fmt="cif", primitive=False)
+            return Structure.from_str(text, fmt=fmt)
+    except Exception as exc:  # pymatgen raises many types for malformed input
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RecordError(f"structure could not be parsed ({msg[:160]})") from None
+
+
+def check_pymatgen(structure) -> None:
+    """Raise RecordError for disordered or dummy-species pymatgen structures."""
+    from pymatgen.core import Element
+
+    if not structure.is_ordered:
+        site = next(s for s in structure if not s.is_ordered)
+        raise RecordError(f"partial occupancy ({site.species.formula}); disordered structures are not supported")
+    for site in structure:
+        sp = site.specie
+        if not isinstance(sp, Element) and not isinstance(getattr(sp, "element", None), Element):
+            raise RecordError(f"dummy species {sp} is not a chemical element")
+
+
+def check_arrays(c: Crystal) -> None:
+    """Raise RecordError for empty structures, NaN coordinates or a singular lattice."""
+    if len(c.z) == 0:
+        raise RecordError("structure has no sites")
+    if not np.isfinite(c.lattice).all():
+        raise RecordError("lattice has NaN or infinite entries")
+    volume = abs(float(np.linalg.det(c.lattice)))
+    if volume < 1e-3 * len(c.z):
+        raise RecordError(f"singular lattice (cell volume {volume:.3g} Å^3)")
+    if not np.isfinite(c.frac).all():
+        raise RecordError("NaN or infinite atomic coordinates")

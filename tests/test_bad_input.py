@@ -1,0 +1,126 @@
+"""Every kind of bad dataset input: one clear reason naming the record, good records kept."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import random_cell, record, rocksalt, write_jsonl
+
+from crystaltune.data import load_dataset
+from crystaltune.errors import CrystaltuneError
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "no such file"),
+    (b"", "empty"),
+    (b"this is not json\n", "not JSON"),
+    (b"[1, 2,", "not valid JSON"),
+    (b'"just a string"', "not JSON"),
+    (b'{"a": 1, "b": 2}', "top-level JSON is a dict"),
+])
+def test_file_level_errors(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CrystaltuneError, match=match):
+        load_dataset(path)
+
+
+def test_truncated_gzip(tmp_path, small_records):
+    data = gzip.compress("\n".join(json.dumps(r) for r in small_records).encode())
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CrystaltuneError, match="corrupt or truncated gzip"):
+        load_dataset(path)
+
+
+def _site_dict(s):
+    return s.as_dict()
+
+
+def bad_records():
+    """(id, record-or-line, expected reason fragment) for each kind of bad record."""
+    partial = rocksalt().as_dict()
+    partial["sites"][0]["species"] = [{"element": "Na", "occu": 0.5}, {"element": "K", "occu": 0.5}]
+    dummy = rocksalt().as_dict()
+    dummy["sites"][1]["species"] = [{"element": "X", "occu": 1.0}]
+    overlap = rocksalt().as_dict()
+    overlap["sites"][1]["abc"] = [0.01, 0.0, 0.0]
+    singular = rocksalt().as_dict()
+    singular["lattice"]["matrix"] = [[1, 0, 0], [2, 0, 0], [0, 0, 1]]
+    nan_coords = rocksalt().as_dict()
+    nan_coords["sites"][0]["abc"] = [float("nan"), 0, 0]
+    return [
+        ("nostruct", {"id": "nostruct", "band_gap": 1.0}, "no structure"),
+        ("notarget", record("notarget", random_cell(1)), "target 'band_gap' is missing"),
+        ("nantarget", record("nantarget", random_cell(2), band_gap=float("nan")), "not finite"),
+        ("inftarget", record("inftarget", random_cell(3), band_gap=float("inf")), "not finite"),
+        ("strtarget", record("strtarget", random_cell(4), band_gap="big"), "not a number"),
+        ("nulltarget", record("nulltarget", random_cell(5), band_gap=None), "missing (null)"),
+        ("partial", record("partial", partial, band_gap=1.0), "partial occupancy"),
+        ("dummy", record("dummy", dummy, band_gap=1.0), "dummy species"),
+        ("overlap", record("overlap", overlap, band_gap=1.0), "overlapping atoms"),
+        ("singular", record("singular", singular, band_gap=1.0), "singular lattice"),
+        ("nancoords", record("nancoords", nan_coords, band_gap=1.0), "NaN"),
+        ("garbage", record("garbage", {"lattice": "x"}, band_gap=1.0), "could not be parsed"),
+        ("c00", record("c00", random_cell(9), band_gap=9.0), "duplicate id"),
+        ("line", "{not json", "not valid JSON"),
+        ("line", "[1, 2]", "not an object"),
+    ]
+
+
+def test_each_bad_record_is_skipped_with_a_reason_and_good_ones_kept(tmp_path, small_records):
+    bad = bad_records()
+    path = write_jsonl(tmp_path / "mixed.jsonl", small_records + [b[1] for b in bad])
+    ds = load_dataset(path)
+    assert sorted(ds.store.ids) == sorted(r["id"] for r in small_records)
+    reasons = [s["reason"] for s in ds.skipped]
+    assert len(reasons) == len(bad)
+    for rid, _, fragment in bad:
+        hits = [r for r in reasons if fragment in r and (rid == "line" or rid in r)]
+        assert hits, f"no reason containing {fragment!r} for {rid}: {reasons}"
+    # reasons name the record by id or line number, one line each
+    assert all("\n" not in r and ("line" in r or any(b[0] in r for b in bad)) for r in reasons)
+
+
+def test_strict_turns_skips_into_failure(tmp_path, small_records):
+    path = write_jsonl(tmp_path / "s.jsonl", small_records + [record("x", random_cell(1))])
+    with pytest.raises(CrystaltuneError, match="strict"):
+        load_dataset(path, strict=True)
+
+
+def test_unsupported_elements_for_node_featurizer(tmp_path, small_records):
+    from crystaltune.featurizers import supported_elements
+
+    recs = small_records + [record("xenon", rocksalt(species=("Xe", "Xe")), band_gap=0.0)]
+    ds = load_dataset(write_jsonl(tmp_path / "xe.jsonl", recs))
+    assert len(ds) == 13
+    restricted = ds.restrict_elements(supported_elements("extended"), "extended")
+    assert len(restricted) == 12
+    assert "element(s) Xe have no features in node featurizer 'extended'" in restricted.skipped[-1]["reason"]
+    assert len(ds.restrict_elements(supported_elements("cgcnn"), "cgcnn")) == 13
+    with pytest.raises(CrystaltuneError):
+        ds.restrict_elements(supported_elements("extended"), "extended", strict=True)
+
+
+def test_cli_user_errors_have_no_traceback(tmp_path, small_records):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["nope"])
+    for args in (["info", str(tmp_path / "missing.json")], ["info", "perovskitez"], ["info", str(path)]):
+        out = subprocess.run([sys.executable, "-m", "crystaltune.data", *args], capture_output=True, text=True)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr and out.stderr.startswith("error: ")
+        assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_one_bad_crystal_does_not_stop_a_large_run(tmp_path):
+    good = [record(f"g{i}", random_cell(i % 7, n=3), band_gap=1.0) for i in range(300)]
+    broken = copy.deepcopy(good[5])
+    broken["id"] = "broken"
+    broken["structure"]["sites"][0]["abc"] = ["a", "b", "c"]
+    ds = load_dataset(write_jsonl(tmp_path / "big.jsonl", good + [broken]))  # parallel path (>= 200)
+    assert len(ds) == 300 and [s["id"] for s in ds.skipped] == ["broken"]

@@ -1,0 +1,147 @@
+"""Crystal graphs: neighbour lists against brute force, the flat store, and the on-disk cache."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from conftest import random_cell, record, rocksalt, write_jsonl
+
+from crystaltune.graphs import GraphParams, graph_from_structure, load_graphs, neighbor_list
+from crystaltune.graphs.cache import cache_dir
+
+
+def brute_force(structure, cutoff):
+    """Every (centre, neighbour, image, distance) within cutoff by enumerating enough images."""
+    lat = structure.lattice.matrix
+    cart = structure.cart_coords
+    # images needed along each axis: cutoff / (distance between opposite faces)
+    recip = np.linalg.inv(lat).T
+    reach = [int(np.ceil(cutoff * np.linalg.norm(recip[i]))) + 1 for i in range(3)]
+    out = []
+    for i, j in itertools.product(range(len(cart)), repeat=2):
+        for img in itertools.product(*(range(-r, r + 1) for r in reach)):
+            d = np.linalg.norm(cart[j] + np.array(img) @ lat - cart[i])
+            if 1e-8 < d <= cutoff or (i != j and d <= cutoff):
+                out.append((i, j, img, d))
+    return out
+
+
+def test_rocksalt_has_92_neighbours_within_8A():
+    s = rocksalt(5.64)
+    centre, nbr, image, dist = neighbor_list(s.cart_coords, s.lattice.matrix, 8.0, None)
+    assert np.bincount(centre).tolist() == [92, 92]
+    assert len(brute_force(s, 8.0)) == 184
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("cutoff", [4.0, 8.0])
+def test_all_neighbours_match_brute_force(seed, cutoff):
+    s = random_cell(seed, n=3 + seed % 2)
+    centre, nbr, image, dist = neighbor_list(s.cart_coords, s.lattice.matrix, cutoff, None)
+    ours = sorted((int(c), int(n), tuple(int(v) for v in im), round(float(d), 6)) for c, n, im, d in zip(centre, nbr, image, dist))
+    ref = sorted((i, j, img, round(float(d), 6)) for i, j, img, d in brute_force(s, cutoff))
+    assert ours == ref
+
+
+@pytest.mark.parametrize("seed", [0, 4, 5])
+def test_top12_are_the_nearest_with_deterministic_ties(seed):
+    s = random_cell(seed, n=4)
+    centre, nbr, image, dist = neighbor_list(s.cart_coords, s.lattice.matrix, 8.0, 12)
+    ref = brute_force(s, 8.0)
+    for i in range(len(s)):
+        mine = [(round(float(d), 6), int(n), tuple(int(v) for v in im)) for c, n, im, d in zip(centre, nbr, image, dist) if c == i]
+        theirs = sorted((round(float(d), 6), j, img) for c, j, img, d in ref if c == i)[:12]
+        assert mine == theirs
+
+
+def test_small_first_radius_gives_same_edges_as_full_search():
+    """The widened-radius shortcut must not change any edge, including for ties in symmetric cells."""
+    for s in (rocksalt(), random_cell(7, n=5), rocksalt(4.0, ("Mg", "O"))):
+        fast = neighbor_list(s.cart_coords, s.lattice.matrix, 8.0, 12)
+        from crystaltune.graphs.neighbors import _search
+
+        full = _search(np.ascontiguousarray(s.cart_coords), np.ascontiguousarray(s.lattice.matrix), 8.0, 12)
+        for a, b in zip(fast, full):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_graph_has_globals_and_spacegroup():
+    g = graph_from_structure(rocksalt())
+    assert g["spacegroup"] == 225
+    assert g["cell"].shape == (8,)
+    np.testing.assert_allclose(g["cell"][3:6], [60, 60, 60], atol=1e-6)
+    assert abs(g["cell"][7] - rocksalt().density) < 1e-6
+
+
+def test_spacegroup_agrees_with_spglib_on_shipped_data():
+    import spglib
+
+    from crystaltune.data.readers import read_source
+    from crystaltune.data.registry import resolve
+    from crystaltune.graphs.build import _spacegroup
+    from crystaltune.graphs.structure import parse_crystal
+
+    for rec in read_source(resolve("perovskites")[1]).records[::67]:
+        c = parse_crystal(rec["structure"])
+        assert _spacegroup(c) == spglib.get_symmetry_dataset((c.lattice, c.frac, c.z), symprec=0.01).number
+
+
+def test_store_batch_offsets_and_perturbation(tmp_path, small_records):
+    gs = load_graphs(write_jsonl(tmp_path / "d.jsonl", small_records))
+    store = gs.store
+    idx = np.array([3, 0, 7])
+    b = store.batch(idx, ["band_gap"])
+    assert b.num_graphs == 3 and b.y.shape == (3, 1)
+    assert b.z.shape[0] == store.num_nodes[idx].sum() and b.dist.shape[0] == store.num_edges[idx].sum()
+    # every edge connects atoms of the same graph
+    assert (b.batch[b.edge_index[0]] == b.batch[b.edge_index[1]]).all()
+    # recomputing distances from positions + images without noise reproduces the stored ones
+    p = store.batch(idx, ["band_gap"], noise=1e-9)
+    np.testing.assert_allclose(p.dist.numpy(), b.dist.numpy(), atol=1e-5)
+    q = store.batch(idx, ["band_gap"], noise=0.05)
+    diff = (q.dist - b.dist).abs()
+    assert 0.001 < diff.mean() < 0.2
+    sub = store.subset(idx)
+    np.testing.assert_array_equal(sub.batch(np.arange(3), ["band_gap"]).dist.numpy(), b.dist.numpy())
+
+
+def test_cache_reuse_rebuild_on_change_and_corruption(tmp_path, small_records):
+    small_records = [{**r, "note": "cache-test"} for r in small_records]  # content no other test writes
+    path = write_jsonl(tmp_path / "d.jsonl", small_records)
+    first = load_graphs(path)
+    assert not first.from_cache
+    second = load_graphs(path)
+    assert second.from_cache
+    np.testing.assert_array_equal(first.store.arrays["dist"], second.store.arrays["dist"])
+    # a changed graph parameter rebuilds
+    assert not load_graphs(path, GraphParams(cutoff=6.0)).from_cache
+    # changed input rebuilds
+    write_jsonl(path, small_records[:-1])
+    changed = load_graphs(path)
+    assert not changed.from_cache and len(changed.store) == 11
+    # a corrupt cache file is rebuilt, not trusted
+    files = sorted((cache_dir() / "graphs").glob("d-*.npz"), key=os.path.getmtime)
+    target = files[-1]
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    rebuilt = load_graphs(path)
+    assert not rebuilt.from_cache and len(rebuilt.store) == 11
+    assert load_graphs(path).from_cache
+    # flipped bytes inside an array are caught by the zip CRC
+    data = bytearray(target.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 8] = bytes(8)
+    target.write_bytes(bytes(data))
+    assert not load_graphs(path).from_cache
+
+
+def test_parallel_build_equals_serial(tmp_path):
+    recs = [record(f"r{i}", random_cell(i % 9, n=2 + i % 3), band_gap=1.0) for i in range(240)]
+    path = write_jsonl(tmp_path / "many.jsonl", recs)
+    par = load_graphs(path, use_cache=False, workers=2)
+    ser = load_graphs(path, use_cache=False, workers=1)
+    for k in ("dist", "src", "dst", "z"):
+        np.testing.assert_array_equal(par.store.arrays[k], ser.store.arrays[k])
