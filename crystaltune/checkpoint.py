@@ -1,0 +1,151 @@
+"""Checkpoints: everything needed to predict (model weights, full config, normaliser, featurizer
+spec) in a plain dict that ``torch.load(weights_only=True)`` reads; reference CGCNN files import too.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig, TrialConfig
+from .errors import CrystaltuneError
+from .models import CrystalModel, build_model
+
+FORMAT = "crystaltune-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Normalizer:
+    """Per-target standardisation fitted on the training split: y_norm = (y - mean) / std."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, y: torch.Tensor) -> Normalizer:
+        mask = torch.isfinite(y)
+        mean = torch.stack([y[mask[:, t], t].mean() for t in range(y.shape[1])])
+        std = torch.stack([y[mask[:, t], t].std() if mask[:, t].sum() > 1 else torch.tensor(1.0) for t in range(y.shape[1])])
+        return cls(mean.float(), torch.where(std > 1e-8, std, torch.ones_like(std)).float())
+
+    def norm(self, y):
+        return (y - self.mean.to(y.device)) / self.std.to(y.device)
+
+    def denorm(self, y):
+        return y * self.std.to(y.device) + self.mean.to(y.device)
+
+    def to_dict(self):
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(torch.tensor(d["mean"], dtype=torch.float32).reshape(-1), torch.tensor(d["std"], dtype=torch.float32).reshape(-1))
+
+
+@dataclass
+class LoadedModel:
+    model: CrystalModel
+    normalizer: Normalizer
+    targets: list[str]
+    config: TrialConfig
+    cutoff: float
+    max_neighbors: int
+    metrics: dict[str, Any]
+    kind: str  # crystaltune | reference-cgcnn
+
+
+def save_checkpoint(path: str | Path, model: CrystalModel, config: TrialConfig, normalizer: Normalizer,
+                    targets: list[str], metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write atomically (temp file + rename): an interrupted write never leaves a half checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "targets": list(targets),
+        "normalizer": normalizer.to_dict(),
+        "featurizers": {"node": config.model.node_featurizer, "edge": config.model.edge_featurizer,
+                        "edge_params": dict(config.model.edge_params), "cutoff": config.data.cutoff,
+                        "max_neighbors": config.data.max_neighbors},
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))},
+    }
+    if extra:
+        payload.update(extra)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw dict, loaded without unpickling arbitrary objects; one clear error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrystaltuneError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CrystaltuneError(f"{path}: not a readable checkpoint (truncated, or not a torch file: {msg})") from None
+    if not isinstance(obj, dict):
+        raise CrystaltuneError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def load_checkpoint(path: str | Path) -> LoadedModel:
+    """A model in eval mode from a crystaltune checkpoint or a reference CGCNN ``.pth.tar``."""
+    ck = read_checkpoint(path)
+    if ck.get("format") == FORMAT:
+        cfg = TrialConfig.from_dict(ck["config"])
+        targets = list(ck["targets"])
+        model = build_model(cfg.model, len(targets), cfg.data.cutoff)
+        _load_state(model, ck["model_state"], path)
+        kind = "crystaltune"
+    elif {"state_dict", "normalizer", "args"} <= set(ck):
+        from .models.reference import reference_config, reference_state_dict
+
+        cfg = reference_config(ck, path)
+        targets = ["prediction"]
+        model = build_model(cfg.model, 1, cfg.data.cutoff)
+        # our frozen node table and featurizer buffers are not part of the reference weights
+        _load_state(model, {**model.state_dict(), **reference_state_dict(ck["state_dict"], cfg.model.head_layers)}, path)
+        kind = "reference-cgcnn"
+    else:
+        raise CrystaltuneError(f"{path}: not a crystaltune or reference CGCNN checkpoint (keys: {', '.join(sorted(map(str, ck))[:8])})")
+    model.eval()
+    return LoadedModel(model, Normalizer.from_dict(ck["normalizer"]), targets, cfg, cfg.data.cutoff,
+                       cfg.data.max_neighbors, dict(ck.get("metrics", {})), kind)
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape mismatch {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
+        raise CrystaltuneError(f"{path}: weights do not fit the architecture in its config ({detail})")
+    model.load_state_dict(state, strict=False)
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)

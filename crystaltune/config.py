@@ -1,0 +1,273 @@
+"""Typed configs for one trial, validated before anything runs; YAML/dict round trip.
+
+A config that validated once never fails later for a reason validation could have caught: registry
+names, ranges and unknown keys are all checked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CrystaltuneError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "perovskites"
+    data: str | None = None  # file for a registry name (e.g. the SNUMAT file)
+    targets: list[str] | None = None  # None: the dataset's default
+    split_seed: int = 0
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    cutoff: float = 8.0
+    max_neighbors: int = 12
+    limit: int | None = None  # use only the first N crystals (seeded subset), for smoke runs
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cgcnn"
+    hidden: int = 64  # atom embedding size (CGCNN atom_fea_len)
+    head_hidden: int = 128  # CGCNN h_fea_len
+    layers: int = 3  # message-passing layers (CGCNN n_conv)
+    head_layers: int = 1  # CGCNN n_h
+    pooling: str = "mean"
+    dropout: float = 0.0
+    norm: str = "batch"  # batch | layer | none
+    residual: bool = True
+    global_features: list[str] = field(default_factory=list)  # lattice, symmetry
+    node_featurizer: str = "cgcnn"
+    node_trainable: bool = False
+    edge_featurizer: str = "gaussian"
+    edge_params: dict[str, Any] = field(default_factory=dict)
+    learnable_edge: bool = False
+    edge_dim: int = 64  # size of the learnable edge projection
+    params: dict[str, Any] = field(default_factory=dict)  # model-specific (heads, flow_layers, ...)
+
+
+@dataclass
+class LossConfig:
+    name: str = "l1"
+    kl_weight: float = 0.0
+    huber_delta: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "cosine"  # cosine | plateau | onecycle | step | none
+    milestones: list[int] = field(default_factory=lambda: [100])  # for step
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    seed: int = 0
+    early_stopping: int | None = None  # patience in epochs
+    amp: bool = True  # only on CUDA
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int | None = None
+    eval_batch_size: int = 512
+
+
+@dataclass
+class TrialConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: str | None = None  # checkpoint file to write
+
+    # conversion ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrialConfig:
+        cfg = _build(cls, d or {}, where)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrialConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise CrystaltuneError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            raise CrystaltuneError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if data is not None and not isinstance(data, dict):
+            raise CrystaltuneError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.from_dict(data or {}, where=str(path))
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key`` -> value, for logging parameters."""
+        return flatten(self.to_dict())
+
+    # validation -----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        from .featurizers import EDGE_FEATURIZERS, NODE_TABLES
+        from .losses import LOSSES
+        from .models import MODELS, POOLINGS
+
+        m, t, o, d = self.model, self.train, self.optim, self.data
+        MODELS.get(m.name)
+        POOLINGS.get(m.pooling)
+        EDGE_FEATURIZERS.get(m.edge_featurizer)
+        for part in m.node_featurizer.split("+"):
+            NODE_TABLES.get(part)
+        LOSSES.get(self.loss.name)
+        _choice("model.norm", m.norm, ("batch", "layer", "none"))
+        for g in m.global_features:
+            _choice("model.global_features", g, ("lattice", "symmetry"))
+        _choice("optim.name", o.name, ("adam", "adamw", "sgd"))
+        _choice("optim.schedule", o.schedule, ("cosine", "plateau", "onecycle", "step", "none"))
+        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _positive("model.hidden", m.hidden)
+        _positive("model.head_hidden", m.head_hidden)
+        _positive("model.layers", m.layers)
+        _positive("model.head_layers", m.head_layers)
+        _positive("model.edge_dim", m.edge_dim)
+        _range("model.dropout", m.dropout, 0.0, 0.95)
+        _positive("optim.lr", o.lr)
+        _range("optim.weight_decay", o.weight_decay, 0.0, 10.0)
+        _range("loss.kl_weight", self.loss.kl_weight, 0.0, 1e3)
+        _positive("loss.huber_delta", self.loss.huber_delta)
+        _positive("train.epochs", t.epochs)
+        _positive("train.batch_size", t.batch_size)
+        _positive("train.eval_batch_size", t.eval_batch_size)
+        _positive("data.cutoff", d.cutoff)
+        _positive("data.max_neighbors", d.max_neighbors)
+        if d.limit is not None:
+            _positive("data.limit", d.limit)
+        if t.early_stopping is not None:
+            _positive("train.early_stopping", t.early_stopping)
+        if o.grad_clip is not None:
+            _positive("optim.grad_clip", o.grad_clip)
+        if len(d.split) != 3 or min(d.split) < 0 or abs(sum(d.split) - 1) > 1e-6 or d.split[0] == 0:
+            raise CrystaltuneError(f"data.split must be 3 non-negative fractions summing to 1, got {d.split}")
+        from .featurizers.edge import EDGE_FEATURIZERS as EF
+
+        _check_kwargs("model.edge_params", EF.get(m.edge_featurizer), m.edge_params, skip=("self", "cutoff"))
+        _check_kwargs("model.params", MODELS.get(m.name), m.params, skip=("self", "config", "n_targets", "cutoff"))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _build(cls, d: Any, where: str):
+    if not isinstance(d, dict):
+        raise CrystaltuneError(f"{where}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = inspect.get_annotations(cls, eval_str=True)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CrystaltuneError(f"{where}: unknown key {key!r}{hint} (known: {', '.join(fields)})")
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            kwargs[key] = _build(hint_t, value or {}, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hint_t, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against a field's annotation (int/float/str/bool/list/dict/Optional)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except CrystaltuneError as exc:
+                errors.append(str(exc))
+        raise CrystaltuneError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise CrystaltuneError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CrystaltuneError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise CrystaltuneError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise CrystaltuneError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CrystaltuneError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise CrystaltuneError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CrystaltuneError(f"{name}: unknown value {value!r}{hint} (choices: {', '.join(choices)})")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise CrystaltuneError(f"{name} must be > 0, got {value}")
+
+
+def _range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise CrystaltuneError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _check_kwargs(name: str, fn: Any, params: dict[str, Any], skip: tuple = ()) -> None:
+    sig = inspect.signature(fn)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    allowed = [p for p in sig.parameters if p not in skip]
+    for key in params:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CrystaltuneError(f"{name}: unknown parameter {key!r}{hint} (known: {', '.join(allowed) or 'none'})")

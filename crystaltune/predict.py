@@ -1,0 +1,117 @@
+"""``python -m crystaltune.predict --checkpoint PATH --input CIFS|DIR|JSONL --output out.csv``.
+
+Accepts crystaltune checkpoints and reference CGCNN ``.pth.tar`` files. A crystal that fails to
+parse gets a row with its error; the others are predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel, load_checkpoint
+from .data.readers import read_source
+from .errors import CrystaltuneError, cli_main
+from .graphs.cache import GraphParams, build_store
+from .graphs.store import GraphStore
+
+
+def read_inputs(inputs: list[str]):
+    """Raw records from CIF files, folders (id_prop.csv or *.cif / *.json) and dataset files."""
+    from .data.readers import RawDataset
+
+    out = RawDataset(Path(inputs[0]) if inputs else Path("."))
+    cifs: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir() and not (p / "id_prop.csv").exists() and any(p.glob("*.cif")):
+            cifs += sorted(p.glob("*.cif"))
+        elif p.suffix.lower() == ".cif":
+            if not p.exists():
+                raise CrystaltuneError(f"{p}: no such file")
+            cifs.append(p)
+        else:
+            raw = read_source(p)
+            out.records += raw.records
+            out.skipped += raw.skipped
+    for i, cif in enumerate(cifs, start=1):
+        out.records.append({"id": cif.stem, "line": i, "structure": cif.read_text(errors="replace"), "props": {}, "fmt": "cif"})
+    if not out.records and not out.skipped:
+        raise CrystaltuneError(f"no crystals found in {', '.join(inputs)}")
+    return out
+
+
+@torch.no_grad()
+def predict_store(loaded: LoadedModel, store: GraphStore, batch_size: int = 256) -> np.ndarray:
+    """Denormalised predictions, (len(store), n_targets)."""
+    model = loaded.model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for start in range(0, len(store), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(store)))
+        batch = store.batch(idx, []).to(device)
+        preds.append(loaded.normalizer.denorm(model(batch)).cpu())
+    return torch.cat(preds).numpy() if preds else np.zeros((0, len(loaded.targets)))
+
+
+def predict(checkpoint: str, inputs: list[str]) -> tuple[list[str], list[dict]]:
+    """Header and rows (id, one column per target, error) in input order."""
+    loaded = load_checkpoint(checkpoint)
+    raw = read_inputs(inputs)
+    store, skipped, _ = build_store(raw, GraphParams(loaded.cutoff, loaded.max_neighbors), progress=False)
+    from .featurizers import supported_elements
+
+    preds = predict_store(loaded, store) if len(store) else np.zeros((0, len(loaded.targets)))
+    supported = supported_elements(loaded.config.model.node_featurizer)
+    by_id = {}
+    for i, rid in enumerate(store.ids):
+        zs = set(store.graph(i)["z"].tolist())
+        if not zs <= supported:
+            by_id[rid] = {"error": f"element(s) with Z={sorted(zs - supported)} have no {loaded.config.model.node_featurizer!r} features"}
+        else:
+            by_id[rid] = dict(zip(loaded.targets, map(float, preds[i])))
+    for s in skipped:
+        by_id.setdefault(s["id"], {"error": s["reason"]})
+    header = ["id", *(["prediction"] if len(loaded.targets) == 1 else loaded.targets), "error"]
+    rows = []
+    for rec_id in [r["id"] for r in raw.records] + [s["id"] for s in raw.skipped]:
+        res = by_id.get(rec_id, {"error": "skipped"})
+        row = {"id": rec_id, "error": res.get("error", "")}
+        if len(loaded.targets) == 1:
+            row["prediction"] = res.get(loaded.targets[0], "")
+        else:
+            row.update({t: res.get(t, "") for t in loaded.targets})
+        rows.append(row)
+    return header, rows
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m crystaltune.predict", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="crystaltune checkpoint or reference CGCNN .pth.tar")
+    p.add_argument("--input", required=True, nargs="+", help="CIF files, a folder of CIFs, or a dataset file")
+    p.add_argument("--output", default="-", help="CSV file (default: stdout)")
+    args = p.parse_args(argv)
+    header, rows = predict(args.checkpoint, args.input)
+    fh = sys.stdout if args.output == "-" else open(args.output, "w", newline="")
+    try:
+        w = csv.DictWriter(fh, fieldnames=header)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    finally:
+        if fh is not sys.stdout:
+            fh.close()
+    errors = sum(1 for r in rows if r["error"])
+    print(f"predicted {len(rows) - errors} crystal(s), {errors} error row(s)"
+          + (f" -> {args.output}" if args.output != "-" else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
