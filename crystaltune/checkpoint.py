@@ -5,9 +5,7 @@ spec) in a plain dict that ``torch.load(weights_only=True)`` reads; reference CG
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +98,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CrystaltuneError(f"{path}: no such checkpoint file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # any failure to decode a user file (struct.error, UnpicklingError, ...)
         msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CrystaltuneError(f"{path}: not a readable checkpoint (truncated, or not a torch file: {msg})") from None
     if not isinstance(obj, dict):

@@ -1,0 +1,78 @@
+"""CSGINN: crystal graph isomorphism network, GINE convolutions (Hu et al. 2020) with edge features.
+
+Each layer is :class:`torch_geometric.nn.GINEConv`,
+
+    h_i = MLP((1 + eps) x_i + AGG_j ReLU(x_j + W_e e_ij))
+
+(AGG = ``aggr``, sum by default as in GIN: injective on multisets, so the layer can count
+neighbours; ``eps`` learnable when ``train_eps``), followed by
+
+    x <- dropout(softplus(x + norm(h)))        (without the ``x +`` when ``residual`` is off).
+
+The MLP has ``mlp_layers`` linear layers of width ``hidden`` with norm + softplus between them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn import functional as F
+from torch_geometric.nn import GINEConv
+
+from ..errors import CrystaltuneError
+from .base import CrystalModel, make_norm
+from .registry import MODELS
+
+
+def _mlp(dim: int, n_layers: int, norm: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(dim, dim), make_norm(norm, dim), nn.Softplus()]
+    layers.append(nn.Linear(dim, dim))
+    return nn.Sequential(*layers)
+
+
+class GINEBlock(nn.Module):
+    def __init__(self, dim: int, edge_dim: int, norm: str, residual: bool, dropout: float, train_eps: bool,
+                 aggr: str, mlp_layers: int):
+        super().__init__()
+        self.conv = GINEConv(_mlp(dim, mlp_layers, norm), train_eps=train_eps, edge_dim=edge_dim, aggr=aggr)
+        self.norm = make_norm(norm, dim)
+        self.drop = nn.Dropout(dropout)
+        self.residual = residual
+
+    def forward(self, x, edge_index, e):
+        h = self.norm(self.conv(x, edge_index, e))
+        return self.drop(F.softplus(x + h if self.residual else h))
+
+
+@MODELS.register("csginn")
+class CSGINN(CrystalModel):
+    """GINE message passing (see the module docstring).
+
+    Options (``model.params``): ``train_eps`` (bool, default True), ``aggr`` ("add" | "mean" | "max",
+    default "add"), ``mlp_layers`` (int >= 1, default 2).
+    """
+
+    def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, train_eps: bool = True, aggr: str = "add",
+                 mlp_layers: int = 2):
+        if aggr not in ("add", "sum", "mean", "max"):
+            raise CrystaltuneError(f"csginn: aggr must be 'add', 'mean' or 'max', got {aggr!r}")
+        if not (isinstance(mlp_layers, int) and mlp_layers >= 1):
+            raise CrystaltuneError(f"csginn: mlp_layers must be a positive integer, got {mlp_layers!r}")
+        self.train_eps = bool(train_eps)
+        self.aggr = aggr
+        self.mlp_layers = mlp_layers
+        super().__init__(config, n_targets, cutoff)
+
+    def build_backbone(self) -> None:
+        c = self.config
+        self.blocks = nn.ModuleList(
+            GINEBlock(c.hidden, self.edge_dim, c.norm, c.residual, c.dropout, self.train_eps, self.aggr,
+                      self.mlp_layers)
+            for _ in range(c.layers)
+        )
+
+    def message_passing(self, x, edge_index, e, batch):
+        for block in self.blocks:
+            x = block(x, edge_index, e)
+        return x

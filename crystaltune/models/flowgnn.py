@@ -1,0 +1,115 @@
+"""FlowGNN: CGCNN gated convolutions interleaved with RealNVP affine-coupling layers on atom embeddings.
+
+After every :class:`~crystaltune.models.cgcnn.CGConv`, ``flow_layers`` affine couplings (Dinh et
+al., RealNVP, 2017) transform each atom's embedding ``x`` (dimension ``d = hidden``) invertibly.
+The channels are split into ``x_a = x[:, :d//2]`` and ``x_b = x[:, d//2:]``; one half conditions
+the other:
+
+    s, t  = split(MLP(x_c))                     # MLP: Linear -> softplus -> Linear (last layer zeroed)
+    s     = s_max * tanh(s / s_max)             # log-scale bounded to (-s_max, s_max)
+    y_t   = x_t * exp(s) + t,   y_c = x_c
+    log|det dy/dx| = sum(s)                      # per atom
+
+where (c, t) = (a, b) for even-numbered couplings and (b, a) for odd ones, so consecutive couplings
+transform alternate halves (numbering runs across the whole backbone). The inverse is
+``x_t = (y_t - t) * exp(-s)`` with ``s, t`` from the unchanged ``y_c = x_c``. The zero-initialised
+last layer makes every coupling start as the identity, so an untrained FlowGNN computes exactly what
+CGCNN would. The per-crystal sum of log-determinants of the last forward pass is kept in
+``model.log_det`` (shape ``(num_graphs,)``) for losses or diagnostics that want it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import CrystaltuneError
+from .base import CrystalModel
+from .cgcnn import CGConv
+from .registry import MODELS
+
+
+class AffineCoupling(nn.Module):
+    """One RealNVP affine coupling on the last dimension (see the module docstring)."""
+
+    def __init__(self, dim: int, hidden: int | None = None, flip: bool = False, s_max: float = 2.0):
+        super().__init__()
+        if dim < 2:
+            raise CrystaltuneError(f"affine coupling needs at least 2 channels, got {dim}")
+        self.dim, self.flip, self.s_max = dim, flip, float(s_max)
+        self.split = dim // 2
+        n_cond, n_trans = (dim - self.split, self.split) if flip else (self.split, dim - self.split)
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.Linear(n_cond, hidden), nn.Softplus(), nn.Linear(hidden, 2 * n_trans))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = x[..., :self.split], x[..., self.split:]
+        return (b, a) if self.flip else (a, b)  # (conditioning, transformed)
+
+    def _join(self, cond: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+        return torch.cat([trans, cond] if self.flip else [cond, trans], dim=-1)
+
+    def _scale_shift(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = self.net(cond).chunk(2, dim=-1)
+        return self.s_max * torch.tanh(s / self.s_max), t
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, log_det)`` with ``log_det`` of shape ``x.shape[:-1]``."""
+        cond, trans = self._halves(x)
+        s, t = self._scale_shift(cond)
+        return self._join(cond, trans * torch.exp(s) + t), s.sum(dim=-1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        cond, trans = self._halves(y)
+        s, t = self._scale_shift(cond)
+        return self._join(cond, (trans - t) * torch.exp(-s))
+
+
+@MODELS.register("flowgnn")
+class FlowGNN(CrystalModel):
+    """CGConv layers each followed by ``flow_layers`` affine couplings (see the module docstring).
+
+    Options (``model.params``): ``flow_layers`` (int >= 0, default 1; 0 gives CGCNN),
+    ``flow_hidden`` (width of the coupling MLPs, default ``hidden``), ``s_max`` (bound of the
+    log-scale, default 2.0).
+    """
+
+    def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, flow_layers: int = 1,
+                 flow_hidden: int | None = None, s_max: float = 2.0):
+        if not (isinstance(flow_layers, int) and flow_layers >= 0):
+            raise CrystaltuneError(f"flowgnn: flow_layers must be a non-negative integer, got {flow_layers!r}")
+        if flow_hidden is not None and not (isinstance(flow_hidden, int) and flow_hidden >= 1):
+            raise CrystaltuneError(f"flowgnn: flow_hidden must be a positive integer, got {flow_hidden!r}")
+        if not s_max > 0:
+            raise CrystaltuneError(f"flowgnn: s_max must be > 0, got {s_max!r}")
+        if flow_layers and config.hidden < 2:
+            raise CrystaltuneError("flowgnn: coupling layers need hidden >= 2")
+        self.flow_layers = flow_layers
+        self.flow_hidden = flow_hidden
+        self.s_max = float(s_max)
+        super().__init__(config, n_targets, cutoff)
+        self.log_det: torch.Tensor | None = None
+
+    def build_backbone(self) -> None:
+        c = self.config
+        self.convs = nn.ModuleList(CGConv(c.hidden, self.edge_dim, c.norm, c.residual) for _ in range(c.layers))
+        self.flows = nn.ModuleList(
+            nn.ModuleList(
+                AffineCoupling(c.hidden, self.flow_hidden, flip=(i * self.flow_layers + k) % 2 == 1, s_max=self.s_max)
+                for k in range(self.flow_layers)
+            )
+            for i in range(c.layers)
+        )
+
+    def message_passing(self, x, edge_index, e, batch):
+        log_det = x.new_zeros(x.shape[0])
+        for conv, flows in zip(self.convs, self.flows):
+            x = conv(x, edge_index, e)
+            for flow in flows:
+                x, ld = flow(x)
+                log_det = log_det + ld
+        self.log_det = x.new_zeros(batch.num_graphs).index_add_(0, batch.batch, log_det)
+        return x
+

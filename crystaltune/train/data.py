@@ -1,0 +1,50 @@
+"""The data of one trial: graphs, targets and a split that is the same whatever the featurizers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import TrialConfig
+from ..data.dataset import Dataset, load_dataset
+from ..featurizers import supported_elements
+from ..graphs.cache import GraphParams
+from ..graphs.store import GraphStore
+
+
+@dataclass
+class TrialData:
+    """Graph store plus train/val/test indices; crystals the node featurizer cannot describe are
+    removed from the split after it is made, so every featurizer sees the same split otherwise."""
+
+    store: GraphStore
+    targets: list[str]
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    name: str
+    dropped: list[dict[str, str]]
+
+
+def load_trial_dataset(cfg: TrialConfig, progress: bool | None = None) -> Dataset:
+    """The dataset (cached graphs) for a config, limited to a seeded subset when ``data.limit`` is set."""
+    d = cfg.data
+    ds = load_dataset(d.dataset, d.targets, data=d.data, params=GraphParams(d.cutoff, d.max_neighbors), progress=progress)
+    if d.limit and d.limit < len(ds):
+        keep = np.sort(np.random.default_rng(d.split_seed).permutation(len(ds))[: d.limit])
+        ds = Dataset(f"{ds.name}-limit{d.limit}", ds.source, ds.targets, ds.store.subset(keep), ds.skipped, ds.key, ds.params)
+    return ds
+
+
+def prepare_trial_data(cfg: TrialConfig, dataset: Dataset | None = None) -> TrialData:
+    ds = dataset if dataset is not None else load_trial_dataset(cfg)
+    split = ds.split(cfg.data.split_seed, tuple(cfg.data.split))
+    supported = supported_elements(cfg.model.node_featurizer)
+    z, ptr = ds.store.arrays["z"], ds.store.node_ptr
+    ok_atom = np.isin(z, np.array(sorted(supported)))
+    ok = np.logical_and.reduceat(ok_atom, ptr[:-1]) if len(z) else np.zeros(0, bool)
+    dropped = [{"id": str(ds.store.ids[g]), "reason": f"elements without {cfg.model.node_featurizer!r} features"}
+               for g in np.flatnonzero(~ok)]
+    idx = [s[ok[s]] for s in (split.train, split.val, split.test)]
+    return TrialData(ds.store, ds.targets, *idx, name=ds.name, dropped=dropped)

@@ -1,0 +1,122 @@
+"""Training one trial: determinism, metrics, checkpoints, the train and predict CLIs, reference import."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REF_DIR
+
+from crystaltune.checkpoint import load_checkpoint, read_checkpoint
+from crystaltune.config import TrialConfig
+from crystaltune.errors import CrystaltuneError
+from crystaltune.predict import predict
+from crystaltune.train import TrialDiverged, fit
+
+
+def small_cfg(**over) -> TrialConfig:
+    d = {"data": {"limit": 160}, "model": {"hidden": 32, "head_hidden": 32, "layers": 2},
+         "train": {"epochs": 3, "batch_size": 32, "num_threads": 1}}
+    for k, v in over.items():
+        d.setdefault(k, {}).update(v) if isinstance(v, dict) else d.__setitem__(k, v)
+    return TrialConfig.from_dict(d)
+
+
+def test_reference_checkpoint_reproduces_reference_predictions():
+    header, rows = predict(str(REF_DIR / "band-gap.pth.tar"), [str(REF_DIR / "sample-regression")])
+    ours = {r["id"]: r["prediction"] for r in rows}
+    with open(REF_DIR / "sample-regression" / "reference_band_gap_predictions.csv") as fh:
+        ref = {row[0]: float(row[2]) for row in csv.reader(fh)}
+    assert len(ref) == 10 and set(ours) == set(ref)
+    for k, v in ref.items():
+        assert abs(ours[k] - v) < 1e-3, (k, ours[k], v)
+
+
+def test_fit_reports_metrics_each_epoch_and_is_deterministic(tmp_path):
+    seen = []
+    s1 = fit(small_cfg(), report=lambda m, c: seen.append(m))
+    s2 = fit(small_cfg())
+    assert [m["epoch"] for m in seen] == [1, 2, 3]
+    for key in ("train_mae", "val_mae", "lr", "epoch_time_s", "graphs_per_s", "test_mae", "test_rmse", "test_r2",
+                "alignment", "uniformity"):
+        assert np.isfinite(seen[-1][key]), key
+    assert s1["test_mae"] == s2["test_mae"] and s1["val_mae"] == s2["val_mae"]
+    assert -1 <= seen[-1]["alignment"] <= 1 and 0 <= seen[-1]["uniformity"] <= 2
+
+
+def test_checkpoint_round_trip_predicts_the_same(tmp_path):
+    cfg = small_cfg(output=str(tmp_path / "m.pt"), model={"global_features": ["lattice", "symmetry"]})
+    summary = fit(cfg)
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.kind == "crystaltune" and loaded.targets == ["band_gap"]
+    assert loaded.config.to_dict() == cfg.to_dict()
+    assert loaded.metrics["test_mae"] == pytest.approx(summary["test_mae"])
+    # the checkpoint alone (no training data) reproduces the test MAE
+    from crystaltune.train.data import prepare_trial_data
+    from crystaltune.train.metrics import predict_indices, regression_metrics
+
+    data = prepare_trial_data(loaded.config)
+    p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")
+    assert regression_metrics(p, y, data.targets, "test")["test_mae"] == pytest.approx(summary["test_mae"], rel=1e-5)
+    assert isinstance(read_checkpoint(tmp_path / "m.pt")["model_state"], dict)  # weights_only load
+
+
+def test_multi_target_training(tmp_path):
+    cfg = small_cfg(data={"targets": ["band_gap", "band_gap_gga"]}, output=str(tmp_path / "mt.pt"))
+    s = fit(cfg)
+    assert "test_mae_band_gap" in s and "test_mae_band_gap_gga" in s
+    header, rows = predict(str(tmp_path / "mt.pt"), [str(REF_DIR / "sample-regression" / "1000041.cif")])
+    assert header == ["id", "band_gap", "band_gap_gga", "error"] and rows[0]["id"] == "1000041"
+
+
+def test_nan_loss_is_reported_as_diverged():
+    cfg = small_cfg(optim={"lr": 1e12, "name": "sgd", "schedule": "none"}, loss={"name": "mse"})
+    with pytest.raises(TrialDiverged, match="loss became"):
+        fit(cfg)
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"hello": 1}, tmp_path / "dict.pt")
+    good = REF_DIR / "band-gap.pth.tar"
+    (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:5000])
+    ck = torch.load(good, weights_only=True, map_location="cpu")
+    ck["state_dict"]["conv_to_fc.weight"] = torch.zeros(7, 5)
+    torch.save(ck, tmp_path / "arch.pt")
+    for name, match in (("junk.pt", "not a readable checkpoint"), ("dict.pt", "not a crystaltune or reference"),
+                        ("trunc.pt", "not a readable checkpoint"), ("arch.pt", "do not fit the architecture"),
+                        ("missing.pt", "no such checkpoint")):
+        with pytest.raises(CrystaltuneError, match=match):
+            load_checkpoint(tmp_path / name)
+
+
+def test_train_and_predict_cli(tmp_path):
+    ck = tmp_path / "cli.pt"
+    cfg = tmp_path / "c.yaml"
+    small_cfg().to_yaml(cfg)
+    out = subprocess.run([sys.executable, "-m", "crystaltune.train", "--config", str(cfg), "--epochs", "2",
+                          "--output", str(ck)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("epoch ") >= 2 and "test_mae" in out.stdout and ck.exists()
+    bad = tmp_path / "bad.cif"
+    bad.write_text("data_x\n_cell_length_a 3\nnot a cif\n")
+    csv_out = tmp_path / "p.csv"
+    cifs = [str(REF_DIR / "sample-regression" / "1000041.cif"), str(bad)]
+    out = subprocess.run([sys.executable, "-m", "crystaltune.predict", "--checkpoint", str(ck), "--input", *cifs,
+                          "--output", str(csv_out)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader(open(csv_out)))
+    assert [r["id"] for r in rows] == ["1000041", "bad"]
+    assert float(rows[0]["prediction"]) > 0 and rows[0]["error"] == ""
+    assert rows[1]["prediction"] == "" and "could not be parsed" in rows[1]["error"]
+
+
+def test_train_cli_bad_config_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  nam: cgcnn\n")
+    out = subprocess.run([sys.executable, "-m", "crystaltune.train", "--config", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean 'name'" in out.stderr and "Traceback" not in out.stderr
