@@ -54,7 +54,8 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "l1"
-    kl_weight: float = 0.0
+    kl: bool = False  # add kl_weight x Gaussian KL regulariser
+    kl_weight: float = 0.1
     huber_delta: float = 1.0
 
 

@@ -58,7 +58,7 @@ class Loss:
 
     def __init__(self, config: LossConfig):
         self.fn = LOSSES.get(config.name)
-        self.kl_weight = float(config.kl_weight)
+        self.kl_weight = float(config.kl_weight) if config.kl else 0.0
         self.delta = float(config.huber_delta)
 
     def __call__(self, pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

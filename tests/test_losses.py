@@ -48,7 +48,7 @@ def test_masked_multi_target_loss_ignores_missing():
 def test_kl_weight_adds_the_term():
     pred, y = torch.randn(64, 1), torch.randn(64, 1) * 2
     base, _ = Loss(LossConfig("mse"))(pred, y)
-    with_kl, parts = Loss(LossConfig("mse", kl_weight=0.5))(pred, y)
+    with_kl, parts = Loss(LossConfig("mse", kl=True, kl_weight=0.5))(pred, y)
     assert float(with_kl) == pytest.approx(float(base) + 0.5 * parts["kl"], rel=1e-5)
 
 

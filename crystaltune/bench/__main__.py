@@ -19,6 +19,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--cutoff", type=float, default=8.0)
     g.add_argument("--max-neighbors", type=int, default=12)
     g.add_argument("--json", action="store_true")
+    t = sub.add_parser("train", help="training throughput (graphs/s, excluding the first epoch) and peak memory")
+    t.add_argument("--dataset", default="perovskites")
+    t.add_argument("--model", default="cgcnn")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--head-hidden", type=int, default=128)
+    t.add_argument("--layers", type=int, default=3)
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--amp", action="store_true")
+    t.add_argument("--reference", action="store_true", help="also time the reference CGCNN algorithm (cgcnn only)")
+    t.add_argument("--json", action="store_true")
     return p
 
 
@@ -29,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         from .graphs import bench_graphs
 
         out = bench_graphs(args.dataset, args.limit, args.cutoff, args.max_neighbors, args.data)
+    elif args.cmd == "train":
+        from .train import bench_train
+
+        out = bench_train(args.dataset, args.model, args.epochs, args.batch_size, args.threads, args.hidden,
+                          args.head_hidden, args.layers, args.device, args.amp, args.reference)
     if args.json:
         print(json.dumps(out, indent=1))
     else:

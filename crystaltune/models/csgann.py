@@ -69,7 +69,7 @@ class CSGANN(CrystalModel):
             raise CrystaltuneError(f"csgann: attention must be 'transformer' or 'gatv2', got {attention!r}")
         if activation not in ACTIVATIONS:
             raise CrystaltuneError(f"csgann: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-        self.heads = heads
+        self.num_heads = heads  # not self.heads: the base class keeps the output heads there
         self.attention = attention
         self.activation = activation
         super().__init__(config, n_targets, cutoff)
@@ -77,7 +77,7 @@ class CSGANN(CrystalModel):
     def build_backbone(self) -> None:
         c = self.config
         self.blocks = nn.ModuleList(
-            AttentionBlock(c.hidden, self.edge_dim, self.heads, self.attention, c.norm, c.residual, c.dropout,
+            AttentionBlock(c.hidden, self.edge_dim, self.num_heads, self.attention, c.norm, c.residual, c.dropout,
                            self.activation)
             for _ in range(c.layers)
         )

@@ -74,7 +74,7 @@ def make_optimizer(cfg: TrialConfig, params, steps_per_epoch: int):
 
 
 def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | None = None,
-        resume_dir: str | None = None, checkpoint_every_epoch: bool = False, verbose: bool = False) -> dict[str, Any]:
+        resume: dict[str, Any] | None = None, checkpoint_every_epoch: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Train one configuration; returns the final summary (best-val epoch's test metrics)."""
     t = cfg.train
     if t.num_threads:
@@ -100,8 +100,8 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     start_epoch, best, best_state, history = 0, {"val_mae": math.inf}, None, []
-    if resume_dir is not None:
-        state = torch.load(Path(resume_dir) / "state.pt", map_location="cpu", weights_only=True)
+    if resume is not None:  # a Ray Train retry: continue from the last epoch checkpoint
+        state = resume
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
@@ -195,6 +195,11 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
         model.load_state_dict(best_state)
         save_checkpoint(cfg.output, model, cfg, normalizer, targets, metrics=summary)
     return summary
+
+
+def load_epoch_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """The resume state written by _write_epoch_checkpoint."""
+    return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
 
 
 def _write_epoch_checkpoint(directory, model, optimizer, scheduler, epoch, best, best_state, history, cfg, normalizer, targets):

@@ -1,0 +1,54 @@
+"""Training-throughput benchmark: graphs/s (excluding the first epoch) and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import TrialConfig
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def bench_train(dataset: str = "perovskites", model: str = "cgcnn", epochs: int = 3, batch_size: int = 256,
+                threads: int = 2, hidden: int = 64, head_hidden: int = 128, layers: int = 3, device: str = "cpu",
+                amp: bool = False, reference: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``model`` on the dataset's training split and report throughput; ``reference`` also
+    times the reference CGCNN algorithm (bench/reference_cgcnn.py) on the same crystals."""
+    torch.set_num_threads(threads)
+    from ..train import fit, prepare_trial_data
+
+    cfg = TrialConfig.from_dict({
+        "data": {"dataset": dataset},
+        "model": {"name": model, "hidden": hidden, "head_hidden": head_hidden, "layers": layers, **(extra or {})},
+        "optim": {"name": "sgd", "lr": 0.01, "schedule": "none"}, "loss": {"name": "mse"},
+        "train": {"epochs": epochs, "batch_size": batch_size, "num_threads": threads, "device": device, "amp": amp},
+    })
+    data = prepare_trial_data(cfg)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rates: list[float] = []
+    fit(cfg, report=lambda m, _: rates.append(m["graphs_per_s"]), data=data)
+    out: dict[str, Any] = {
+        "dataset": dataset, "model": model, "device": device, "amp": amp, "threads": threads, "batch_size": batch_size,
+        "epochs": epochs, "train_crystals": int(len(data.train)),
+        "graphs_per_s": float(np.mean(rates[1:] if len(rates) > 1 else rates)),
+        "graphs_per_s_by_epoch": rates,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if device == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if reference:
+        from .reference_cgcnn import train_throughput
+
+        ref = train_throughput(data.store, data.train, data.targets[0], epochs, batch_size, hidden, head_hidden, layers)
+        out["reference_graphs_per_s"] = float(np.mean(ref[1:] if len(ref) > 1 else ref))
+        out["speedup_vs_reference"] = out["graphs_per_s"] / out["reference_graphs_per_s"]
+    return out

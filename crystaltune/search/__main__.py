@@ -1,0 +1,47 @@
+"""``python -m crystaltune.search NAME|FILE.yaml``: hyperparameter search with Ray Tune + Optuna +
+ASHA over Ray Train (DDP) trials, tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import cli_main
+from .engine import SearchOptions, run_search
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m crystaltune.search", description=__doc__)
+    p.add_argument("space", help="search space: a name in search_spaces/ (smoke, perovskites, perov5, sunmat) or a .yaml path")
+    p.add_argument("--num-samples", type=int, help="number of trials (overrides budget.num_samples)")
+    p.add_argument("--max-epochs", type=int, help="epochs per trial at most (overrides budget.max_epochs)")
+    p.add_argument("--address", help="Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--storage", help="Ray Tune/Train storage: a path or s3://bucket/prefix (default: OUTPUT/ray)")
+    p.add_argument("--output", help="leaderboard, best_config.yaml, ... (default: crystaltune-results/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search to its full budget")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers (DDP ranks) per trial")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
+    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    p.add_argument("--data", help="dataset file for the space's dataset (e.g. the SNUMAT file)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: cores + 1)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    summary = run_search(SearchOptions(
+        space=a.space, num_samples=a.num_samples, max_epochs=a.max_epochs, address=a.address,
+        tracking_uri=a.tracking_uri, storage=a.storage, output=a.output, resume=a.resume,
+        workers_per_trial=a.workers_per_trial, gpus_per_worker=a.gpus_per_worker, seed=a.seed, data=a.data,
+        num_cpus=a.num_cpus))
+    if a.json:
+        print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""run_search: validate, build graphs once, start Ray, run Tune (Optuna + ASHA) over Ray Train
+trials, then write the leaderboard, best_config.yaml and the search-level MLflow artifacts."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CrystaltuneError
+from .space import SearchSpace, load_space
+
+
+@dataclass
+class SearchOptions:
+    space: str
+    num_samples: int | None = None
+    max_epochs: int | None = None
+    address: str | None = None
+    tracking_uri: str | None = None
+    storage: str | None = None
+    output: str | None = None
+    resume: bool = False
+    workers_per_trial: int | None = None
+    gpus_per_worker: float | None = None
+    seed: int = 0
+    data: str | None = None
+    num_cpus: int | None = None  # local Ray only
+    max_failures: int = 2
+    quiet: bool = False
+
+
+def prepare_space(opts: SearchOptions) -> SearchSpace:
+    """Load the space and apply CLI overrides; everything validated before Ray starts."""
+    for name in ("num_samples", "max_epochs", "workers_per_trial"):
+        v = getattr(opts, name)
+        if v is not None and v < 1:
+            raise CrystaltuneError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if opts.gpus_per_worker is not None and opts.gpus_per_worker < 0:
+        raise CrystaltuneError(f"--gpus-per-worker must be >= 0, got {opts.gpus_per_worker}")
+    space = load_space(opts.space)
+    if opts.num_samples:
+        space.num_samples = opts.num_samples
+    if opts.max_epochs:
+        space.max_epochs = opts.max_epochs
+        space.grace_period = min(space.grace_period, space.max_epochs)
+    if opts.workers_per_trial:
+        space.workers = opts.workers_per_trial
+    if opts.gpus_per_worker is not None:
+        space.gpus_per_worker = opts.gpus_per_worker
+    if opts.data:
+        if not Path(opts.data).exists():
+            raise CrystaltuneError(f"--data {opts.data}: no such file or folder")
+        space.base["data"]["data"] = str(Path(opts.data).resolve())
+    return space
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail before any trial starts when an output location cannot be written (or the disk is full)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".crystaltune-write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 65536)
+        probe.unlink()
+    except OSError as exc:
+        raise CrystaltuneError(f"{what} {path} is not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(path).free
+    if free < 200 * 2**20:
+        raise CrystaltuneError(f"{what} {path}: only {free / 2**20:.0f} MiB free; need at least 200 MiB")
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def run_search(opts: SearchOptions) -> dict[str, Any]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    space = prepare_space(opts)
+    output = Path(opts.output or Path("crystaltune-results") / space.name).resolve()
+    check_writable(output, "--output")
+    storage = opts.storage or str(output / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+        check_writable(Path(storage), "--storage")
+    tracking_uri = opts.tracking_uri or default_tracking_uri()
+    experiment = f"crystaltune-{space.name}"
+    log = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
+
+    # graphs built once per search, in the driver, before Ray starts; every trial shares them
+    from ..train.data import load_trial_dataset
+
+    base_cfg = space.trial_config({})
+    t0 = time.perf_counter()
+    dataset = load_trial_dataset(base_cfg)
+    log(f"[crystaltune] {space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
+        f"{time.perf_counter() - t0:.1f}s; {space.num_samples} trials x <= {space.max_epochs} epochs, "
+        f"{space.workers} worker(s)/trial")
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .tracking import MLflowTracker, redact
+    from .trainable import trial_fn
+
+    if opts.address:
+        ray.init(address=opts.address, log_to_driver=False)
+    else:
+        ncpu = opts.num_cpus or (os.cpu_count() or 2) + 1  # +1: the trial function itself idles on a CPU slot
+        ray.init(num_cpus=ncpu, include_dashboard=True, log_to_driver=False)
+    try:
+        res = ray.cluster_resources()
+        per_trial_cpu = 1 + space.workers * space.cpus_per_worker
+        concurrency = max(1, int(res.get("CPU", 1) // per_trial_cpu))
+        if space.gpus_per_worker > 0:
+            gpus = res.get("GPU", 0)
+            if gpus < space.workers * space.gpus_per_worker:
+                raise CrystaltuneError(f"each trial needs {space.workers * space.gpus_per_worker:g} GPU(s); the cluster has {gpus:g}")
+            concurrency = max(1, min(concurrency, int(gpus // (space.workers * space.gpus_per_worker))))
+        settings = {"workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
+                    "gpus_per_worker": space.gpus_per_worker, "train_storage": str(Path(storage) / "train") if "://" not in storage else f"{storage.rstrip('/')}/train",
+                    "max_failures": opts.max_failures}
+        data_ref = ray.put(dataset)
+        # wrapped in a list so with_parameters hands trials the reference, not a copy of the graphs
+        trainable = tune.with_resources(tune.with_parameters(trial_fn, space=space, data_ref=[data_ref], settings=settings),
+                                        {"cpu": 1})
+        exp_path = f"{storage.rstrip('/')}/{space.name}"
+        state_file = str(output / "tracker_state.json")
+        if opts.resume:
+            if not tune.Tuner.can_restore(exp_path):
+                raise CrystaltuneError(f"--resume: no interrupted search at {exp_path}")
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+            log(f"[crystaltune] resuming the search stored at {exp_path}")
+        else:
+            if "://" not in storage and Path(exp_path).exists():
+                old = f"{exp_path}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(Path(exp_path).stat().st_mtime))}"
+                Path(exp_path).rename(old)
+                log(f"[crystaltune] previous search moved to {old}")
+                if Path(state_file).exists():
+                    Path(state_file).rename(f"{old}-tracker_state.json")
+            info = {"space": space.name, "num_samples": space.num_samples, "max_epochs": space.max_epochs,
+                    "workers_per_trial": space.workers, "gpus_per_worker": space.gpus_per_worker, "seed": opts.seed,
+                    "storage": redact(storage), "crystals": len(dataset)}
+            tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file)
+            from .space import DefineByRun
+
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric="val_mae", mode="min", num_samples=space.num_samples, max_concurrent_trials=concurrency,
+                    search_alg=OptunaSearch(DefineByRun(space), metric="val_mae", mode="min", seed=opts.seed),
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
+                                            reduction_factor=space.reduction_factor),
+                ),
+                run_config=tune.RunConfig(name=space.name, storage_path=storage, callbacks=[tracker],
+                                          verbose=0 if opts.quiet else 1),
+            )
+        t0 = time.perf_counter()
+        tuner.fit()
+        search_time = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time, log)
+
+
+def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experiment: str, state_file: str, dataset,
+                  search_time: float, log) -> dict[str, Any]:
+    """Leaderboard, best_config.yaml and the parent run's artifacts (all from the driver)."""
+    from .leaderboard import build_leaderboard, format_table, write_csv
+    from .report_artifacts import log_search_artifacts
+    from .space import decode_sampled
+    from .tracking import MLflowTracker
+
+    tracker = MLflowTracker.from_state_file(state_file, tracking_uri, space, experiment)
+    rows = build_leaderboard(tracker, space)
+    write_csv(rows, output / "leaderboard.csv")
+    ok = [r for r in rows if r["status"] != "FAILED" and math.isfinite(r["val_mae"])]
+    summary: dict[str, Any] = {"trials": len(rows), "failed": sum(r["status"] == "FAILED" for r in rows),
+                               "search_time_s": search_time, "output": str(output), "tracking_uri": tracking_uri,
+                               "experiment": experiment, "parent_run_id": tracker.parent_run_id,
+                               "epochs_run": sum(int(r["epochs"] or 0) for r in rows),
+                               "epochs_full_budget": space.num_samples * space.max_epochs}
+    log("\n" + format_table(rows))
+    if ok:
+        best = ok[0]
+        cfg = space.trial_config(decode_sampled(tracker.configs[best["trial_id"]], space),
+                                 output=str(output / "best_model.pt"))
+        cfg.to_yaml(output / "best_config.yaml")
+        summary.update({"best_trial": best["name"], "best_val_mae": best["val_mae"], "best_test_mae": best["test_mae"],
+                        "best_run_id": best["run_id"]})
+        log_search_artifacts(tracker, space, rows, best, cfg, dataset, output)
+    tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
+    log(f"\n[crystaltune] {len(rows)} trials ({summary['failed']} failed) in {search_time:.0f}s; "
+        f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)")
+    if ok:
+        log(f"[crystaltune] best: {summary['best_trial']}  val_mae {summary['best_val_mae']:.4f}  test_mae {summary['best_test_mae']:.4f}")
+        log(f"[crystaltune] wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
+        log(f"[crystaltune] retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
+    log(f"[crystaltune] MLflow: mlflow ui --backend-store-uri {tracking_uri}  (experiment '{experiment}', "
+        f"parent run {tracker.parent_run_id}; sort the child runs by metrics.val_mae / metrics.test_mae)")
+    return summary

@@ -1,0 +1,70 @@
+"""Leaderboard of a finished search: trials ranked by val MAE, with the parameters that differ."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+
+def build_leaderboard(tracker, space) -> list[dict[str, Any]]:
+    """One row per trial from the tracker's state (works after --resume too); failed trials last."""
+    from .space import decode_sampled
+
+    rows = []
+    for tid, run_id in tracker.runs.items():
+        last = tracker.last_result.get(tid, {})
+        rows.append({
+            "trial": tracker.names.get(tid, tid).split(" ")[0], "trial_id": tid, "run_id": run_id,
+            "status": tracker.status.get(tid, "UNKNOWN"), "name": tracker.names.get(tid, tid),
+            "val_mae": last.get("best_val_mae", math.nan), "test_mae": last.get("test_mae", math.nan),
+            "test_rmse": last.get("test_rmse", math.nan), "test_r2": last.get("test_r2", math.nan),
+            "epochs": last.get("epoch", 0), "error": tracker.errors.get(tid, ""),
+            "checkpoint": last.get("checkpoint_path", ""),
+            "params": decode_sampled(tracker.configs.get(tid, {}), space) if hasattr(tracker, "configs") else {},
+        })
+    ok = [r for r in rows if r["status"] != "FAILED" and math.isfinite(r["val_mae"])]
+    bad = [r for r in rows if r not in ok]
+    return sorted(ok, key=lambda r: r["val_mae"]) + bad
+
+
+def differing_params(rows: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for r in rows for k in r["params"]})
+    return [k for k in keys if len({repr(r["params"].get(k)) for r in rows}) > 1]
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    keys = sorted({k for r in rows for k in r["params"]})
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rank", "trial", "status", "val_mae", "test_mae", "test_rmse", "test_r2", "epochs", "run_id", "name",
+                    *keys, "error"])
+        for i, r in enumerate(rows, start=1):
+            w.writerow([i, r["trial"], r["status"], _f(r["val_mae"]), _f(r["test_mae"]), _f(r["test_rmse"]),
+                        _f(r["test_r2"]), r["epochs"], r["run_id"], r["name"], *[r["params"].get(k, "") for k in keys],
+                        r["error"]])
+
+
+def format_table(rows: list[dict[str, Any]], top: int = 10) -> str:
+    diff = differing_params(rows)
+    head = ["#", "trial", "status", "val_mae", "test_mae", "epochs", *[k.split(".")[-1] for k in diff]]
+    body = []
+    for i, r in enumerate(rows[:top], start=1):
+        body.append([str(i), r["trial"], r["status"], _f(r["val_mae"]), _f(r["test_mae"]), str(r["epochs"]),
+                     *[_short(r["params"].get(k, "-")) for k in diff]])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def _f(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) and math.isfinite(x) else ("" if isinstance(x, float) else str(x))
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "+".join(map(str, v)) or "none"
+    return str(v)

@@ -1,0 +1,40 @@
+"""The best model as an MLflow pyfunc: a crystaltune checkpoint plus a predict() over structures."""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+
+
+class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
+    """Input: a DataFrame with a ``structure`` column (CIF text or a pymatgen Structure dict) and an
+    optional ``id`` column. Output: one column per target (NaN where a structure is unusable)."""
+
+    def load_context(self, context):
+        from ..checkpoint import load_checkpoint
+
+        self.loaded = load_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):
+        import json
+
+        import numpy as np
+        import pandas as pd
+
+        from ..data.readers import RawDataset
+        from ..graphs.cache import GraphParams, build_store
+        from ..predict import predict_store
+
+        ids = [str(i) for i in (model_input["id"] if "id" in model_input else range(len(model_input)))]
+        records = []
+        for i, (rid, s) in enumerate(zip(ids, model_input["structure"])):
+            if isinstance(s, str) and s.lstrip().startswith("{"):
+                s = json.loads(s)
+            records.append({"id": rid, "line": i + 1, "structure": s, "props": {}})
+        from pathlib import Path
+
+        store, _, _ = build_store(RawDataset(Path("."), records), GraphParams(self.loaded.cutoff, self.loaded.max_neighbors),
+                                  workers=1, progress=False)
+        preds = predict_store(self.loaded, store) if len(store) else np.zeros((0, len(self.loaded.targets)))
+        by_id = {rid: preds[k] for k, rid in enumerate(store.ids)}
+        rows = [by_id.get(rid, np.full(len(self.loaded.targets), np.nan)) for rid in ids]
+        return pd.DataFrame(np.array(rows).reshape(len(ids), -1), columns=self.loaded.targets, index=ids)

@@ -1,0 +1,130 @@
+"""Search-level artifacts on the parent run: leaderboard, space YAML, Optuna history and parameter
+importances, a parity plot of the best model on the test split, and the registered best model."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def optuna_study(tracker, space, rows):
+    """An in-memory Optuna study rebuilt from the finished trials (works after --resume too)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from .space import encode_choice
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = {}
+    for p in space.params:
+        if p.type == "categorical":
+            dists[p.name] = CategoricalDistribution([encode_choice(c) for c in p.choices])
+        elif p.type == "int":
+            dists[p.name] = IntDistribution(int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            dists[p.name] = FloatDistribution(float(p.low), float(p.high), step=p.step, log=p.log)
+    study = optuna.create_study(direction="minimize")
+    for r in rows:
+        if r["status"] == "FAILED" or not math.isfinite(r["val_mae"]):
+            continue
+        raw = tracker.configs.get(r["trial_id"], {})
+        params = {k: v for k, v in raw.items() if k in dists}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  value=float(r["val_mae"])))
+    return study
+
+
+def parity_plot(y: np.ndarray, p: np.ndarray, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    ax.scatter(y, p, s=8, alpha=0.6)
+    lo, hi = float(np.nanmin([y.min(), p.min()])), float(np.nanmax([y.max(), p.max()]))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    mae = float(np.abs(p - y).mean())
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(f"{title}\ntest MAE {mae:.4f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path) -> dict[str, Any]:
+    """Write the artifacts into ``output`` and log them to the parent run; failures become tags."""
+    client, parent = tracker.client, tracker.parent_run_id
+    made: dict[str, Any] = {}
+    art = output / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    shutil.copy(output / "leaderboard.csv", art / "leaderboard.csv")
+    (art / "search_space.yaml").write_text(Path(space.source).read_text() if Path(space.source).is_file() else "")
+    shutil.copy(output / "best_config.yaml", art / "best_config.yaml")
+    try:
+        study = optuna_study(tracker, space, rows)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import optuna.visualization.matplotlib as ovm
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ax = ovm.plot_optimization_history(study)
+            ax.figure.savefig(art / "optuna_history.png", dpi=110, bbox_inches="tight")
+            plt.close(ax.figure)
+            history = [{"number": t.number, "value": t.value, "params": t.params} for t in study.trials]
+            (art / "optuna_history.json").write_text(json.dumps(history, indent=1, default=str))
+            if len(study.trials) >= 3:
+                import optuna
+
+                imp = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+                (art / "param_importances.json").write_text(json.dumps(imp, indent=1))
+                made["importances"] = imp
+                ax = ovm.plot_param_importances(study)
+                ax.figure.savefig(art / "param_importances.png", dpi=110, bbox_inches="tight")
+                plt.close(ax.figure)
+    except Exception as exc:  # a plotting problem must not lose the search
+        client.set_tag(parent, "crystaltune.optuna_artifacts_error", str(exc)[:500])
+    ck = Path(best["checkpoint"], "best.pt") if best.get("checkpoint") else None
+    if ck is not None and ck.exists():
+        shutil.copy(ck, output / "best_trial.pt")
+        from ..checkpoint import load_checkpoint
+        from ..train.data import prepare_trial_data
+        from ..train.metrics import predict_indices
+
+        loaded = load_checkpoint(output / "best_trial.pt")
+        data = prepare_trial_data(loaded.config, dataset)
+        p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")
+        for t, name in enumerate(data.targets):
+            m = np.isfinite(y[:, t])
+            parity_plot(y[m, t], p[m, t], f"{best['name']} - {name}", art / f"parity_{name}.png")
+        made["parity"] = [str(art / f"parity_{n}.png") for n in data.targets]
+        try:
+            import mlflow
+
+            from .mlflow_model import CrystaltunePyfunc
+
+            mlflow.set_tracking_uri(tracker.tracking_uri)
+            with mlflow.start_run(run_id=parent):
+                info = mlflow.pyfunc.log_model(name="best_model", python_model=CrystaltunePyfunc(),
+                                               artifacts={"checkpoint": str(output / "best_trial.pt")},
+                                               registered_model_name=f"crystaltune-{space.name}",
+                                               pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"])
+            made["model_uri"] = info.model_uri
+        except Exception as exc:
+            client.set_tag(parent, "crystaltune.model_log_error", str(exc)[:500])
+    client.log_artifacts(parent, str(art), artifact_path="search")
+    client.log_metric(parent, "best_val_mae", float(best["val_mae"]))
+    if math.isfinite(best["test_mae"]):
+        client.log_metric(parent, "best_test_mae", float(best["test_mae"]))
+    client.set_tag(parent, "crystaltune.best_run", best["name"])
+    return made

@@ -1,0 +1,329 @@
+"""Search-space files: YAML -> a validated SearchSpace, and the Optuna define-by-run function.
+
+```yaml
+name: perovskites
+dataset: {name: perovskites, targets: [band_gap], split_seed: 0, limit: null}
+budget: {num_samples: 40, max_epochs: 30, grace_period: 5, reduction_factor: 3}
+resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+fixed: {train.batch_size: 64, optim.schedule: cosine}
+search:
+  model.name: {type: categorical, choices: [cgcnn, csgcnn]}
+  optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+  loss.kl: {type: categorical, choices: [false, true]}
+  loss.kl_weight: {type: float, low: 0.01, high: 0.3, log: true, when: {loss.kl: true}}
+```
+Keys of ``fixed`` and ``search`` are dotted TrialConfig paths. ``when`` maps earlier parameters to a
+value or a list of values; the parameter is sampled only when all match. Everything is checked
+before Ray starts: unknown keys, types, ranges, registry names, conditions, and a sample of full
+trial configs built from the space.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import TrialConfig, flatten
+from ..errors import CrystaltuneError
+
+TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search")
+DATASET_KEYS = ("name", "data", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors")
+BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor")
+RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
+PARAM_KEYS = {"categorical": ("type", "choices", "when"), "int": ("type", "low", "high", "step", "log", "when"),
+              "float": ("type", "low", "high", "step", "log", "when")}
+
+
+@dataclass
+class Param:
+    """One searched parameter: its distribution and the condition under which it is sampled."""
+
+    name: str
+    type: str
+    choices: list[Any] = field(default_factory=list)
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    when: dict[str, list[Any]] = field(default_factory=dict)
+
+    def active(self, sampled: dict[str, Any]) -> bool:
+        return all(k in sampled and sampled[k] in vals for k, vals in self.when.items())
+
+    def suggest(self, trial) -> Any:
+        if self.type == "categorical":
+            keys = [encode_choice(c) for c in self.choices]
+            return decode_choice(trial.suggest_categorical(self.name, keys), self.choices)
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+def encode_choice(c: Any) -> Any:
+    """Optuna categoricals must be scalars: lists become 'a+b' ('none' when empty)."""
+    if isinstance(c, list):
+        return "+".join(map(str, c)) if c else "none"
+    return c
+
+
+def decode_choice(key: Any, choices: list[Any]) -> Any:
+    for c in choices:
+        if encode_choice(c) == key:
+            return copy.deepcopy(c)
+    return key
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    base: dict[str, Any]  # TrialConfig dict with dataset + fixed values applied
+    params: list[Param]
+    num_samples: int = 20
+    max_epochs: int = 20
+    grace_period: int = 3
+    reduction_factor: int = 3
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    source: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def trial_config(self, sampled: dict[str, Any], output: str | None = None) -> TrialConfig:
+        """The full, validated TrialConfig for one set of sampled values."""
+        d = copy.deepcopy(self.base)
+        for key, value in sampled.items():
+            set_dotted(d, key, value)
+        d["train"]["epochs"] = self.max_epochs
+        if output:
+            d["output"] = output
+        return TrialConfig.from_dict(d, where=f"{self.source} (trial)")
+
+
+class DefineByRun:
+    """A picklable callable for OptunaSearch (it saves its state with plain pickle)."""
+
+    def __init__(self, space: SearchSpace):
+        self.params = space.params
+
+    def __call__(self, trial):
+        sampled: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(sampled):
+                sampled[p.name] = p.suggest(trial)
+        return None
+
+
+def decode_sampled(config: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """Tune's config (Optuna's raw values) -> parameter values (lists restored)."""
+    by_name = {p.name: p for p in space.params}
+    out = {}
+    for k, v in config.items():
+        if k in by_name:
+            p = by_name[k]
+            out[k] = decode_choice(v, p.choices) if p.type == "categorical" else v
+    return out
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise CrystaltuneError(f"{key}: {p} is not a section")
+    cur[parts[-1]] = value
+
+
+def _check_keys(where: str, d: Any, allowed: tuple) -> dict:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise CrystaltuneError(f"{where}: expected a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CrystaltuneError(f"{where}: unknown key {k!r}{hint} (known: {', '.join(allowed)})")
+    return d
+
+
+def _int(where: str, v: Any, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise CrystaltuneError(f"{where} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _num(where: str, v: Any, lo: float = 0.0) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
+        raise CrystaltuneError(f"{where} must be a number >= {lo}, got {v!r}")
+    return float(v)
+
+
+def config_paths() -> set[str]:
+    """Every dotted path a search may set (edge_params.* and params.* are open)."""
+    return set(flatten(TrialConfig().to_dict()))
+
+
+def _check_path(where: str, key: str) -> None:
+    if key.startswith(("model.edge_params.", "model.params.")):
+        return
+    paths = config_paths()
+    if key not in paths:
+        close = difflib.get_close_matches(key, sorted(paths), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CrystaltuneError(f"{where}: unknown parameter {key!r}{hint}")
+
+
+def parse_param(where: str, name: str, spec: Any, earlier: dict[str, Param]) -> Param:
+    _check_path(where, name)
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise CrystaltuneError(f"{where}: expected a mapping with 'type' (categorical, int, float), got {spec!r}")
+    kind = spec["type"]
+    if kind not in PARAM_KEYS:
+        close = difflib.get_close_matches(str(kind), list(PARAM_KEYS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CrystaltuneError(f"{where}.type: unknown distribution {kind!r}{hint} (categorical, int, float)")
+    _check_keys(where, spec, PARAM_KEYS[kind])
+    when = {}
+    for k, v in (_check_keys(f"{where}.when", spec.get("when"), tuple(spec.get("when") or ())) or {}).items():
+        if k not in earlier:
+            raise CrystaltuneError(f"{where}.when: condition on {k!r}, which is not a parameter searched before {name!r}")
+        vals = v if isinstance(v, list) and not (earlier[k].type == "categorical" and v in earlier[k].choices) else [v]
+        if earlier[k].type == "categorical":
+            for x in vals:
+                if x not in earlier[k].choices:
+                    raise CrystaltuneError(f"{where}.when: {k} can never be {x!r} (choices: {earlier[k].choices})")
+        when[k] = vals
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise CrystaltuneError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+        keys = [encode_choice(c) for c in choices]
+        if len(set(map(repr, keys))) != len(keys):
+            raise CrystaltuneError(f"{where}.choices: duplicate choices {choices!r}")
+        return Param(name, kind, choices=choices, when=when)
+    low, high = spec.get("low"), spec.get("high")
+    for b, v in (("low", low), ("high", high)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CrystaltuneError(f"{where}.{b}: expected a number, got {v!r}")
+    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+        raise CrystaltuneError(f"{where}: int bounds must be integers, got {low}..{high}")
+    if low > high:
+        raise CrystaltuneError(f"{where}: low ({low}) > high ({high})")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise CrystaltuneError(f"{where}.log: expected true/false, got {log!r}")
+    if log and low <= 0:
+        raise CrystaltuneError(f"{where}: log scale needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        _num(f"{where}.step", step, 0.0)
+        if step <= 0 or log:
+            raise CrystaltuneError(f"{where}.step must be > 0 and cannot be combined with log")
+    return Param(name, kind, low=low, high=high, step=step, log=log, when=when)
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """A SearchSpace from search_spaces/NAME.yaml or a path; raises one clear CrystaltuneError."""
+    path = resolve_space(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CrystaltuneError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_space(raw, str(path), default_name=path.stem)
+
+
+def builtin_spaces_dir() -> Path:
+    here = Path(__file__).resolve().parents[2] / "search_spaces"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent / "spaces"
+
+
+def resolve_space(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    p = Path(text)
+    if p.suffix in (".yaml", ".yml") or "/" in text:
+        if not p.is_file():
+            raise CrystaltuneError(f"{p}: no such search-space file")
+        return p
+    builtin = {f.stem: f for f in builtin_spaces_dir().glob("*.yaml")}
+    if text in builtin:
+        return builtin[text]
+    close = difflib.get_close_matches(text, list(builtin), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise CrystaltuneError(f"unknown search space {text!r}{hint} (built in: {', '.join(sorted(builtin))}; or a path to a .yaml file)")
+
+
+def parse_space(raw: Any, source: str = "<space>", default_name: str = "search") -> SearchSpace:
+    if not isinstance(raw, dict):
+        raise CrystaltuneError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    _check_keys(source, raw, TOP_KEYS)
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise CrystaltuneError(f"{source}: name must be letters, digits, '-' or '_', got {name!r}")
+    ds = _check_keys(f"{source}: dataset", raw.get("dataset") or {}, DATASET_KEYS)
+    budget = _check_keys(f"{source}: budget", raw.get("budget") or {}, BUDGET_KEYS)
+    res = _check_keys(f"{source}: resources", raw.get("resources") or {}, RESOURCE_KEYS)
+    base = TrialConfig().to_dict()
+    for k, v in ds.items():
+        set_dotted(base, "data.dataset" if k == "name" else f"data.{k}", v)
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise CrystaltuneError(f"{source}: fixed: expected a mapping of dotted keys, got {type(fixed).__name__}")
+    for k, v in flatten(fixed).items():
+        _check_path(f"{source}: fixed", k)
+        set_dotted(base, k, v)
+    search = raw.get("search") or {}
+    if not isinstance(search, dict) or not search:
+        raise CrystaltuneError(f"{source}: search: expected a non-empty mapping of parameters")
+    params: dict[str, Param] = {}
+    for k, spec in search.items():
+        if k in fixed:
+            raise CrystaltuneError(f"{source}: {k!r} is both fixed and searched")
+        params[k] = parse_param(f"{source}: search.{k}", k, spec, params)
+    space = SearchSpace(
+        name=name, base=base, params=list(params.values()),
+        num_samples=_int(f"{source}: budget.num_samples", budget.get("num_samples", 20)),
+        max_epochs=_int(f"{source}: budget.max_epochs", budget.get("max_epochs", 20)),
+        grace_period=_int(f"{source}: budget.grace_period", budget.get("grace_period", 3)),
+        reduction_factor=_int(f"{source}: budget.reduction_factor", budget.get("reduction_factor", 3), lo=2),
+        workers=_int(f"{source}: resources.workers", res.get("workers", 1)),
+        cpus_per_worker=_num(f"{source}: resources.cpus_per_worker", res.get("cpus_per_worker", 1)),
+        gpus_per_worker=_num(f"{source}: resources.gpus_per_worker", res.get("gpus_per_worker", 0)),
+        source=source, raw=raw,
+    )
+    if space.grace_period > space.max_epochs:
+        raise CrystaltuneError(f"{source}: budget.grace_period ({space.grace_period}) > max_epochs ({space.max_epochs})")
+    validate_samples(space)
+    return space
+
+
+def validate_samples(space: SearchSpace, n: int = 64) -> None:
+    """Build full trial configs from random samples (and every categorical choice) so a value that
+    cannot work (unknown model, bad featurizer parameter, ...) fails now, not in trial 17."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    cat = [p for p in space.params if p.type == "categorical"]
+    forced_list = [(None, None)] * n + [(p.name, c) for p in cat for c in p.choices]
+    for forced_name, forced_value in forced_list:  # random samples, then every categorical choice once
+        trial = study.ask()
+        sampled: dict[str, Any] = {}
+        for p in space.params:
+            if p.active(sampled):
+                sampled[p.name] = copy.deepcopy(forced_value) if p.name == forced_name else p.suggest(trial)
+        try:
+            space.trial_config(sampled)
+        except CrystaltuneError as exc:
+            raise CrystaltuneError(f"{space.source}: {exc} (with {sampled})") from None
+        except (TypeError, ValueError) as exc:
+            raise CrystaltuneError(f"{space.source}: invalid combination {sampled}: {exc}") from None
+        study.tell(trial, 0.0)

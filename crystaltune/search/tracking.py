@@ -1,0 +1,221 @@
+"""MLflow tracking from the Tune driver only: a parent run per search, a child run per trial.
+
+Every MLflow write of a search happens in this callback, in the driver process, so a local SQLite
+store never sees concurrent writers. Its state (run ids, last logged epoch per trial) is saved with
+the Tune experiment, so ``--resume`` and trial retries never duplicate runs or metric rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from ..config import flatten
+from .space import SearchSpace, decode_sampled
+
+EPOCH_METRICS = ("train_mae", "val_mae", "lr", "graphs_per_s", "epoch_time_s")
+FINAL_METRICS = ("best_val_mae", "test_mae", "test_rmse", "test_r2", "alignment", "uniformity", "best_epoch")
+SECRET = re.compile(r"(?i)(://)([^/@:\s]+):([^/@\s]+)@")
+
+
+def redact(value: Any) -> str:
+    """Strip credentials from URIs (s3://KEY:SECRET@bucket -> s3://***@bucket)."""
+    return SECRET.sub(r"\1***@", str(value))
+
+
+def run_name(index: int, sampled: dict[str, Any], base: dict[str, Any]) -> str:
+    """A readable child-run name: ``t007 csgcnn rbf/extended kl``."""
+    def get(key):
+        if key in sampled:
+            return sampled[key]
+        cur = base
+        for p in key.split("."):
+            cur = cur.get(p, {}) if isinstance(cur, dict) else {}
+        return cur
+
+    kl = " kl" if get("loss.kl") else ""
+    return f"t{index:03d} {get('model.name')} {get('model.edge_featurizer')}/{get('model.node_featurizer')}{kl}"
+
+
+class MLflowTracker(tune.Callback):
+    """Tune callback writing parent/child runs, per-epoch metrics and final metrics to MLflow."""
+
+    def __init__(self, tracking_uri: str, space: SearchSpace, experiment: str, search_info: dict[str, Any],
+                 state_file: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.state_file = state_file
+        self.space = space
+        self.experiment = experiment
+        self.search_info = search_info
+        self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.runs: dict[str, str] = {}  # trial_id -> run_id
+        self.names: dict[str, str] = {}
+        self.last_epoch: dict[str, int] = {}
+        self.last_result: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.configs: dict[str, dict[str, Any]] = {}
+        self._client = None
+
+    # pickling / Tune experiment state ------------------------------------------------------------
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_client"] = None
+        return d
+
+    def get_state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("parent_run_id", "experiment_id", "runs", "names", "last_epoch",
+                                               "last_result", "status", "errors", "configs")}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def save(self) -> None:
+        """Mirror the state to a JSON file the driver reads after the Tuner returns."""
+        if self.state_file:
+            import json
+
+            tmp = f"{self.state_file}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(self.get_state(), fh, default=str)
+            os.replace(tmp, self.state_file)
+
+    @classmethod
+    def from_state_file(cls, path: str, tracking_uri: str, space: SearchSpace, experiment: str) -> MLflowTracker:
+        import json
+
+        t = cls(tracking_uri, space, experiment, {}, state_file=None)
+        t.set_state(json.loads(Path(path).read_text()))
+        return t
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # parent run --------------------------------------------------------------------------------
+    def setup(self, **info) -> None:
+        self.ensure_parent()
+        self.save()
+
+    def ensure_parent(self) -> str:
+        if self.experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        if self.parent_run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=f"search {self.space.name} {time.strftime('%Y-%m-%d %H:%M')}",
+                                         tags={"crystaltune.kind": "search", "crystaltune.space": self.space.name})
+            self.parent_run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = {f"search.{k}": v for k, v in self.search_info.items()}
+            params.update({f"fixed.{k}": v for k, v in flatten(self.space.base).items()})
+            self.client.log_batch(self.parent_run_id, params=[Param(k, redact(v)[:6000]) for k, v in params.items()])
+        else:
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        return self.parent_run_id
+
+    # child runs --------------------------------------------------------------------------------
+    def child(self, trial) -> str:
+        tid = trial.trial_id
+        if tid in self.runs:
+            return self.runs[tid]
+        sampled = decode_sampled(trial.config, self.space)
+        self.configs[tid] = dict(trial.config)
+        name = run_name(len(self.runs) + 1, sampled, self.space.base)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.parent_run_id, "crystaltune.trial_id": tid, "crystaltune.kind": "trial"})
+        self.runs[tid], self.names[tid] = run.info.run_id, name
+        cfg = self.space.trial_config(sampled)
+        from mlflow.entities import Param
+
+        params = {k: redact(v)[:6000] for k, v in cfg.flat().items()}
+        params.update({f"searched.{k}": str(v) for k, v in sampled.items()})
+        self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        return run.info.run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.child(trial)
+        self.status[trial.trial_id] = "RUNNING"
+        self.save()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        rid = self.child(trial)
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.last_result[trial.trial_id] = {k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS, "epoch", "checkpoint_path")
+                                            if k in result}
+        if epoch <= self.last_epoch.get(trial.trial_id, 0):
+            return  # a retried worker re-reporting an epoch already logged
+        self.last_epoch[trial.trial_id] = epoch
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), now, epoch) for k in EPOCH_METRICS
+                   if k in result and isinstance(result[k], (int, float)) and math.isfinite(result[k])]
+        self.client.log_batch(rid, metrics=metrics)
+        self.save()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.errors[trial.trial_id] = trial_error_message(trial)
+        self.finish(trial, "FAILED")
+
+    def finish(self, trial, status: str) -> None:
+        from mlflow.entities import Metric
+
+        rid = self.child(trial)
+        last = self.last_result.get(trial.trial_id, {})
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(last[k]), now, int(last.get("epoch", 0))) for k in FINAL_METRICS
+                   if k in last and isinstance(last[k], (int, float)) and math.isfinite(last[k])]
+        if metrics:
+            self.client.log_batch(rid, metrics=metrics)
+        if status == "FAILED":
+            self.client.set_tag(rid, "crystaltune.error", self.errors.get(trial.trial_id, "")[:5000])
+        ck = last.get("checkpoint_path")
+        if ck and Path(ck, "best.pt").exists():
+            try:
+                self.client.log_artifact(rid, str(Path(ck, "best.pt")), artifact_path="checkpoint")
+            except Exception as exc:  # artifact store trouble must not stop the search
+                self.client.set_tag(rid, "crystaltune.artifact_error", str(exc)[:500])
+        self.client.set_tag(rid, "crystaltune.epochs_run", str(last.get("epoch", 0)))
+        self.client.set_terminated(rid, status)
+        self.status[trial.trial_id] = status
+        self.save()
+
+    def on_experiment_end(self, trials, **info):
+        for t in trials:  # trials stopped by Ctrl-C: mark interrupted, resumable
+            if self.status.get(t.trial_id) == "RUNNING":
+                rid = self.runs[t.trial_id]
+                self.client.set_tag(rid, "crystaltune.status", "interrupted")
+                self.client.set_terminated(rid, "KILLED")
+                self.status[t.trial_id] = "INTERRUPTED"
+        self.save()
+
+
+def trial_error_message(trial) -> str:
+    """The last meaningful line of a trial's error (e.g. 'TrialDiverged: loss became nan ...')."""
+    text = ""
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        text = Path(path).read_text(errors="replace")
+    elif hasattr(trial, "get_error"):
+        text = str(trial.get_error() or "")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Diverged|OutOfMemoryError)\b", ln) or "TrialDiverged" in ln:
+            return ln[:1000]
+    return (lines[-1] if lines else "unknown error")[:1000]

@@ -1,0 +1,93 @@
+"""What runs inside Ray: the Tune trial function (launches a TorchTrainer) and the per-worker loop.
+
+Ray 2.60 / Train V2 pattern for Train inside Tune: a function trainable builds a TorchTrainer whose
+``TuneReportCallback`` forwards every worker report to Tune (ASHA and the MLflow tracker see them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from ..config import TrialConfig
+
+#: Test-only fault hook: "rank1_exit_epoch2" makes rank 1 exit during epoch 2, once per marker file.
+FAULT_ENV = "CRYSTALTUNE_TEST_FAULT"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: prepare data from the shared object-store copy, resume, fit, report."""
+    import torch
+
+    from ..train.data import prepare_trial_data
+    from ..train.loop import fit, load_epoch_checkpoint
+
+    cfg = TrialConfig.from_dict(config["trial"])
+    ctx = ray.train.get_context()
+    if config.get("use_gpu"):
+        cfg.train.device = "cuda"
+        torch.cuda.set_device(ray.train.torch.get_device())
+    else:
+        cfg.train.device = "cpu"
+        torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    dataset = ray.get(config["data_ref"]) if config.get("data_ref") is not None else None
+    data = prepare_trial_data(cfg, dataset)
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = load_epoch_checkpoint(d)
+    fault = os.environ.get(FAULT_ENV, "")
+    rank = ctx.get_world_rank()
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        _maybe_inject_fault(fault, rank, int(metrics["epoch"]))
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    fit(cfg, report=report, data=data, resume=resume, checkpoint_every_epoch=True)
+
+
+def _maybe_inject_fault(fault: str, rank: int, epoch: int) -> None:
+    if not fault.startswith("rank"):
+        return
+    spec, _, marker = fault.partition(":")
+    want_rank, want_epoch = spec.removeprefix("rank").split("_exit_epoch")
+    if rank == int(want_rank) and epoch == int(want_epoch) and marker and not Path(marker).exists():
+        Path(marker).write_text("fired")
+        os._exit(17)
+
+
+def trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: dict[str, Any] | None = None) -> None:
+    """The Tune function trainable: one TorchTrainer (W workers, DDP) per trial."""
+    from .space import decode_sampled
+
+    settings = settings or {}
+    trial_id = tune.get_context().get_trial_id()
+    cfg = space.trial_config(decode_sampled(config, space))
+    use_gpu = settings.get("gpus_per_worker", 0) > 0
+    resources = {"CPU": settings.get("cpus_per_worker", 1)}
+    if use_gpu:
+        resources["GPU"] = settings["gpus_per_worker"]
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"trial": cfg.to_dict(), "data_ref": data_ref[0] if data_ref else None, "use_gpu": use_gpu,
+                           "cpus_per_worker": settings.get("cpus_per_worker", 1)},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.get("workers", 1), use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=settings.get("train_storage"),
+            failure_config=ray.train.FailureConfig(max_failures=settings.get("max_failures", 2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
