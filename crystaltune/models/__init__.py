@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from . import cgcnn  # noqa: F401  (registers)
+from . import cgcnn, csgann, csgcnn, csginn, flowgnn  # noqa: F401  (each registers its model)
 from .base import CrystalModel
 from .pooling import POOLINGS
 from .registry import MODELS
-
-for _mod in ("csgcnn", "csgann", "csginn", "flowgnn"):
-    try:
-        __import__(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _exc:  # variants land one by one
-        if _exc.name != f"{__name__}.{_mod}":
-            raise
 
 
 def build_model(config: ModelConfig, n_targets: int = 1, cutoff: float = 8.0) -> CrystalModel:

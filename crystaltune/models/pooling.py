@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch_geometric.nn.aggr import AttentionalAggregation, Set2Set
 from torch_geometric.utils import scatter

@@ -1,0 +1,147 @@
+"""The search end to end on real Ray, Optuna and MLflow (no mocks): the smoke space, its MLflow
+records, the leaderboard, best_config.yaml retraining to the same MAE; and space validation."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crystaltune.errors import CrystaltuneError
+from crystaltune.search.space import load_space, parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_search(tmp_path_factory):
+    """Run `python -m crystaltune.search smoke` once, as a user would, in a scratch directory."""
+    work = tmp_path_factory.mktemp("smoke")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(work / "out")],
+                         cwd=work, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return work, out.stdout
+
+
+def _runs(work):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crystaltune-smoke")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_smoke_search_records_every_trial_in_mlflow(smoke_search):
+    work, stdout = smoke_search
+    client, runs = _runs(work)
+    parents = [r for r in runs if r.data.tags.get("crystaltune.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"]
+    assert len(parents) == 1 and len(children) >= 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.info.run_name.startswith("t0") and r.info.status == "FINISHED"
+        assert math.isfinite(r.data.metrics["val_mae"]) and math.isfinite(r.data.metrics["test_mae"])
+        for k in ("train_mae", "lr", "graphs_per_s", "test_rmse", "test_r2", "alignment", "uniformity"):
+            assert k in r.data.metrics, k
+        assert "model.name" in r.data.params and "optim.lr" in r.data.params
+        history = client.get_metric_history(r.info.run_id, "val_mae")
+        steps = [m.step for m in history]
+        assert steps == sorted(set(steps)) and len(steps) >= 1  # each epoch once
+        assert any(a.path == "checkpoint" for a in client.list_artifacts(r.info.run_id))
+    assert len({r.info.run_name for r in children}) == len(children)
+    search_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    for name in ("leaderboard.csv", "search_space.yaml", "optuna_history.png", "parity_band_gap.png", "best_config.yaml"):
+        assert f"search/{name}" in search_artifacts, search_artifacts
+    versions = client.search_model_versions("name='crystaltune-smoke'")
+    assert versions and versions[0].run_id == parent.info.run_id
+    assert "mlflow ui --backend-store-uri" in stdout
+
+
+def test_leaderboard_and_best_config_retrain_to_the_same_mae(smoke_search):
+    work, stdout = smoke_search
+    rows = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))
+    assert len(rows) >= 4
+    vals = [float(r["val_mae"]) for r in rows if r["val_mae"]]
+    assert vals == sorted(vals)
+    best_test = float(rows[0]["test_mae"])
+    cfg = yaml.safe_load((work / "out" / "best_config.yaml").read_text())
+    assert cfg["data"]["limit"] == 240 and cfg["output"].endswith("best_model.pt")
+    out = subprocess.run([sys.executable, "-m", "crystaltune.train", "--config", str(work / "out" / "best_config.yaml"),
+                          "--json"], capture_output=True, text=True, cwd=work, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["test_mae"] == pytest.approx(best_test, rel=0.02, abs=0.01)
+
+
+def test_mlflow_pyfunc_model_predicts(smoke_search):
+    work, _ = smoke_search
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/crystaltune-smoke/1")
+    cif = (ROOT / "tests/data/reference_cgcnn/sample-regression/1000041.cif").read_text()
+    out = model.predict(pd.DataFrame({"id": ["a", "bad"], "structure": [cif, "garbage"]}))
+    assert math.isfinite(out.loc["a", "band_gap"]) and math.isnan(out.loc["bad", "band_gap"])
+
+
+# validation before Ray starts -------------------------------------------------------------------
+def _space(**over):
+    raw = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    for k, v in over.items():
+        raw[k] = v
+    return raw
+
+
+@pytest.mark.parametrize("raw, match", [
+    (_space(budgett={}), "unknown key 'budgett'; did you mean 'budget'"),
+    (_space(budget={"num_samples": -1}), "num_samples must be an integer >= 1"),
+    (_space(budget={"num_samples": "four"}), "num_samples must be an integer"),
+    (_space(search={"optim.lr": {"type": "float", "low": 0.1, "high": 0.01}}), r"low \(0.1\) > high \(0.01\)"),
+    (_space(search={"model.name": {"type": "categorical", "choices": []}}), "non-empty list"),
+    (_space(search={"model.name": {"type": "categorical", "choices": ["cgcnn", "csgcn"]}}), "did you mean 'csgcnn'"),
+    (_space(search={"model.edge_featurizer": {"type": "categorical", "choices": ["gausian"]}}), "did you mean 'gaussian'"),
+    (_space(search={"loss.name": {"type": "categorical", "choices": ["l2"]}}), "unknown loss 'l2'"),
+    (_space(search={"model.nam": {"type": "categorical", "choices": ["cgcnn"]}}), "did you mean 'model.name'"),
+    (_space(search={"loss.kl_weight": {"type": "float", "low": 0.1, "high": 1, "when": {"loss.kll": True}}}), "not a parameter searched before"),
+    (_space(search={"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}}), "unknown distribution"),
+    (_space(search={"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}), "log scale needs low > 0"),
+    (_space(search={"model.edge_params.num_rbf": {"type": "int", "low": 8, "high": 16}}), "unknown parameter 'num_rbf'"),
+    (_space(search={"model.dropout": {"type": "float", "low": 0, "high": "x"}}), "expected a number"),
+    ([1, 2], "expected a mapping"),
+])
+def test_bad_search_spaces_fail_before_ray(raw, match):
+    with pytest.raises(CrystaltuneError, match=match):
+        parse_space(raw, "bad.yaml")
+
+
+def test_shipped_spaces_validate_and_search_the_required_parameters():
+    required = {"model.name", "model.hidden", "model.layers", "model.pooling", "model.dropout", "model.edge_featurizer",
+                "model.node_featurizer", "model.learnable_edge", "model.global_features", "loss.name", "loss.kl_weight",
+                "optim.lr", "optim.weight_decay", "train.batch_size"}
+    for name in ("perovskites", "perov5", "sunmat"):
+        space = load_space(name)
+        names = {p.name for p in space.params}
+        assert required <= names, required - names
+        assert any(n.startswith("model.edge_params.") for n in names)
+    smoke = load_space("smoke")
+    assert smoke.num_samples >= 4
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, match in ((["perovskitez"], "did you mean 'perovskites'"), (["smoke", "--num-samples", "-3"], "must be >= 1"),
+                        ([str(tmp_path / "none.yaml")], "no such search-space file"),
+                        (["smoke", "--data", str(tmp_path / "missing.json")], "no such file")):
+        out = subprocess.run([sys.executable, "-m", "crystaltune.search", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, out.stderr
