@@ -1,0 +1,80 @@
+"""cluster.yaml passes Ray's own validation offline; a real two-node Ray cluster on loopback runs
+the smoke search with 2 DDP workers per trial."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_validates_offline():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    types = config["available_node_types"]
+    gpus = sorted(t["resources"].get("GPU", 0) for t in types.values())
+    assert gpus == [0, 1, 4] and config["provider"]["type"] == "aws"
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "constraints.txt" in text and "--dashboard-host=127.0.0.1" in text and "--host 127.0.0.1" in text
+    assert "0.0.0.0 " not in text.replace("0.0.0.0/0", "")  # nothing but SSH faces the internet
+    perms = config["provider"]["security_group"]["IpPermissions"]
+    assert [(p["FromPort"], p["ToPort"]) for p in perms] == [(22, 22)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """`ray start --head` plus `ray start --address` as a second node, both on 127.0.0.1."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    port = _free_port()
+    tmp = Path("/tmp") / f"ct-ray-{port}"  # short path: unix socket names are length-limited
+    head = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+            f"--temp-dir={tmp}", "--include-dashboard=true", "--dashboard-port=0", "--disable-usage-stats"]
+    subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        worker = [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                  "--disable-usage-stats"]
+        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_two_node_loopback_cluster_runs_the_smoke_search(two_node_cluster, tmp_path):
+    address, env = two_node_cluster
+    check = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}'); "
+                            "print(len([n for n in ray.nodes() if n['Alive']]))"], capture_output=True, text=True, env=env)
+    assert check.stdout.strip().splitlines()[-1] == "2", check.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "crystaltune.search", "smoke", "--address", address,
+                          "--workers-per-trial", "2", "--output", str(tmp_path / "out"), "--json"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import json
+
+    summary = json.loads(out.stdout[out.stdout.rindex("\n{"):])
+    assert summary["trials"] >= 4 and summary["failed"] == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("crystaltune-smoke").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"]
+    assert len(trials) >= 4 and all("test_mae" in r.data.metrics for r in trials)
+    assert all(r.data.params["train.batch_size"] == "32" for r in trials)
