@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/python -m crystaltune.data build perovskites
+	$(VENV)/bin/python -m crystaltune.search perovskites
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--data", help="dataset file for the space's dataset (e.g. the SNUMAT file)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: cores + 1)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray instance (default: 2 x cores + 1)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     return p
 

@@ -29,7 +29,7 @@ class SearchOptions:
     gpus_per_worker: float | None = None
     seed: int = 0
     data: str | None = None
-    num_cpus: int | None = None  # local Ray only
+    num_cpus: int | None = None  # local Ray only (logical CPUs; default 2 x cores + 1)
     max_failures: int = 2
     quiet: bool = False
 
@@ -112,7 +112,8 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     if opts.address:
         ray.init(address=opts.address, log_to_driver=False)
     else:
-        ncpu = opts.num_cpus or (os.cpu_count() or 2) + 1  # +1: the trial function itself idles on a CPU slot
+        # logical CPUs: each trial's function idles on one slot while its workers train on the others
+        ncpu = opts.num_cpus or 2 * (os.cpu_count() or 2) + 1
         ray.init(num_cpus=ncpu, include_dashboard=True, log_to_driver=False)
     try:
         res = ray.cluster_resources()
