@@ -1,7 +1,12 @@
-"""The best model as an MLflow pyfunc: a crystaltune checkpoint plus a predict() over structures."""
+"""The best model as an MLflow pyfunc: a crystaltune checkpoint plus a predict() over structures.
+
+Logged as "models from code" (this file is the model's code, the checkpoint its artifact), so
+loading it unpickles nothing. Imports are absolute because MLflow runs this file as a script.
+"""
 
 from __future__ import annotations
 
+import mlflow.models
 import mlflow.pyfunc
 
 
@@ -10,19 +15,19 @@ class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
     optional ``id`` column. Output: one column per target (NaN where a structure is unusable)."""
 
     def load_context(self, context):
-        from ..checkpoint import load_checkpoint
+        from crystaltune.checkpoint import load_checkpoint
 
         self.loaded = load_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input, params=None):  # noqa: D401
         import json
 
         import numpy as np
         import pandas as pd
 
-        from ..data.readers import RawDataset
-        from ..graphs.cache import GraphParams, build_store
-        from ..predict import predict_store
+        from crystaltune.data.readers import RawDataset
+        from crystaltune.graphs.cache import GraphParams, build_store
+        from crystaltune.predict import predict_store
 
         ids = [str(i) for i in (model_input["id"] if "id" in model_input else range(len(model_input)))]
         records = []
@@ -38,3 +43,6 @@ class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
         by_id = {rid: preds[k] for k, rid in enumerate(store.ids)}
         rows = [by_id.get(rid, np.full(len(self.loaded.targets), np.nan)) for rid in ids]
         return pd.DataFrame(np.array(rows).reshape(len(ids), -1), columns=self.loaded.targets, index=ids)
+
+
+mlflow.models.set_model(CrystaltunePyfunc())

@@ -111,11 +111,10 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
         try:
             import mlflow
 
-            from .mlflow_model import CrystaltunePyfunc
-
             mlflow.set_tracking_uri(tracker.tracking_uri)
-            with mlflow.start_run(run_id=parent):
-                info = mlflow.pyfunc.log_model(name="best_model", python_model=CrystaltunePyfunc(),
+            with mlflow.start_run(run_id=parent), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info = mlflow.pyfunc.log_model(name="best_model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
                                                artifacts={"checkpoint": str(output / "best_trial.pt")},
                                                registered_model_name=f"crystaltune-{space.name}",
                                                pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"])
