@@ -17,6 +17,12 @@ from ..registry import Registry
 EDGE_FEATURIZERS: Registry[type[nn.Module]] = Registry("edge featurizer")
 
 
+def gaussian_exp(arg: torch.Tensor) -> torch.Tensor:
+    """``exp(arg)`` with results below exp(-80) set to exactly 0: far Gaussian tails would otherwise be
+    denormal floats, which make the following matrix products ~9x slower on x86 CPUs."""
+    return torch.exp(arg.clamp_min(-80.0)) * (arg > -80.0)
+
+
 @EDGE_FEATURIZERS.register("gaussian")
 class GaussianDistance(nn.Module):
     """CGCNN's expansion: ``e_k(d) = exp(-(d - mu_k)^2 / sigma^2)``, ``mu_k = 0, step, ..., cutoff``,
@@ -30,7 +36,7 @@ class GaussianDistance(nn.Module):
         self.out_dim = len(centres)
 
     def forward(self, dist, z_src=None, z_dst=None):
-        return torch.exp(-((dist[:, None] - self.centres) ** 2) / self.sigma**2)
+        return gaussian_exp(-((dist[:, None] - self.centres) ** 2) / self.sigma**2)
 
 
 def cosine_cutoff(dist: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -68,7 +74,7 @@ class WeightedGaussian(GaussianDistance):
 
     def forward(self, dist, z_src=None, z_dst=None):
         sigma = self.log_sigma.exp()
-        return self.weight * torch.exp(-((dist[:, None] - self.centres) ** 2) / sigma**2)
+        return self.weight * gaussian_exp(-((dist[:, None] - self.centres) ** 2) / sigma**2)
 
 
 @EDGE_FEATURIZERS.register("periodic_weighted_gaussian")
@@ -105,7 +111,7 @@ class AtomSpecificGaussian(GaussianDistance):
     def forward(self, dist, z_src, z_dst):
         r = self.radii * self.scale
         sigma = self.sigma * 0.5 * (r[z_src] + r[z_dst])
-        return torch.exp(-((dist[:, None] - self.centres) ** 2) / sigma[:, None].clamp_min(1e-3) ** 2)
+        return gaussian_exp(-((dist[:, None] - self.centres) ** 2) / sigma[:, None].clamp_min(1e-3) ** 2)
 
 
 def _atomic_radii() -> list[float]:

@@ -29,6 +29,7 @@ class Batch:
     spacegroup: torch.Tensor  # (B,) international number, 0 = unknown
     y: torch.Tensor  # (B, T) targets, NaN where missing
     num_graphs: int
+    degree: int = 0  # k when edges are sorted by target and every atom has exactly k (fast paths); else 0
 
     def to(self, device: torch.device | str) -> Batch:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -151,6 +152,12 @@ class GraphStore:
         else:
             dist = self.arrays["dist"][edge_idx]
         y = np.stack([self.props[t][index] for t in targets], axis=1) if targets else np.zeros((len(index), 0))
+        n_nodes = len(node_idx)
+        degree = 0
+        if n_nodes and len(dst) % n_nodes == 0:
+            k = len(dst) // n_nodes
+            if k and np.array_equal(dst, np.repeat(np.arange(n_nodes), k)):
+                degree = k
         return Batch(
             z=torch.from_numpy(self.arrays["z"][node_idx].astype(np.int64)),
             edge_index=torch.from_numpy(np.stack([src, dst])),
@@ -160,6 +167,7 @@ class GraphStore:
             spacegroup=torch.from_numpy(self.arrays["spacegroup"][index].astype(np.int64)),
             y=torch.from_numpy(y.astype(np.float32)),
             num_graphs=len(index),
+            degree=degree,
         )
 
 

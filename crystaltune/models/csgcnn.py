@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import make_norm
-from .cgcnn import CGCNN
+from .cgcnn import CGCNN, factored_edge_linear
 from .registry import MODELS
 
 
@@ -40,12 +40,8 @@ class EdgeUpdate(nn.Module):
         self.norm = make_norm(norm, edge_dim)
         self.fc2 = nn.Linear(edge_dim, edge_dim)
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        src, dst = edge_index
-        d, w = self.dim, self.fc1.weight
-        k = w.shape[0]
-        per_atom = x @ torch.cat([w[:, :d], w[:, d:2 * d]], 0).t()  # (N, 2k): [A x | B x]
-        h = per_atom[dst, :k] + per_atom[src, k:] + F.linear(e, w[:, 2 * d:], self.fc1.bias)
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, e: torch.Tensor, degree: int = 0) -> torch.Tensor:
+        h = factored_edge_linear(self.fc1, self.dim, x, edge_index, e, degree)
         return e + self.fc2(F.softplus(self.norm(h)))
 
 
@@ -72,7 +68,7 @@ class CSGCNN(CGCNN):
 
     def message_passing(self, x, edge_index, e, batch):
         for i, conv in enumerate(self.convs):
-            x = conv(x, edge_index, e)
+            x = conv(x, edge_index, e, batch.degree)
             if self.edge_updates is not None and i < len(self.edge_updates):
-                e = self.edge_updates[i](x, edge_index, e)
+                e = self.edge_updates[i](x, edge_index, e, batch.degree)
         return x

@@ -106,7 +106,7 @@ class FlowGNN(CrystalModel):
     def message_passing(self, x, edge_index, e, batch):
         log_det = x.new_zeros(x.shape[0])
         for conv, flows in zip(self.convs, self.flows):
-            x = conv(x, edge_index, e)
+            x = conv(x, edge_index, e, batch.degree)
             for flow in flows:
                 x, ld = flow(x)
                 log_det = log_det + ld
