@@ -149,7 +149,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             info = {"space": space.name, "num_samples": space.num_samples, "max_epochs": space.max_epochs,
                     "workers_per_trial": space.workers, "gpus_per_worker": space.gpus_per_worker, "seed": opts.seed,
                     "storage": redact(storage), "crystals": len(dataset)}
-            tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file)
+            tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
             from .space import DefineByRun
 
             tuner = tune.Tuner(
@@ -160,8 +160,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
                                             reduction_factor=space.reduction_factor),
                 ),
-                run_config=tune.RunConfig(name=space.name, storage_path=storage, callbacks=[tracker],
-                                          verbose=0 if opts.quiet else 1),
+                run_config=tune.RunConfig(name=space.name, storage_path=storage, callbacks=[tracker], verbose=0),
             )
         t0 = time.perf_counter()
         tuner.fit()

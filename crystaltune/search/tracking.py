@@ -47,8 +47,9 @@ class MLflowTracker(tune.Callback):
     """Tune callback writing parent/child runs, per-epoch metrics and final metrics to MLflow."""
 
     def __init__(self, tracking_uri: str, space: SearchSpace, experiment: str, search_info: dict[str, Any],
-                 state_file: str | None = None):
+                 state_file: str | None = None, verbose: bool = True):
         self.tracking_uri = tracking_uri
+        self.verbose = verbose
         self.state_file = state_file
         self.space = space
         self.experiment = experiment
@@ -92,7 +93,7 @@ class MLflowTracker(tune.Callback):
     def from_state_file(cls, path: str, tracking_uri: str, space: SearchSpace, experiment: str) -> MLflowTracker:
         import json
 
-        t = cls(tracking_uri, space, experiment, {}, state_file=None)
+        t = cls(tracking_uri, space, experiment, {}, state_file=None, verbose=False)
         t.set_state(json.loads(Path(path).read_text()))
         return t
 
@@ -195,6 +196,13 @@ class MLflowTracker(tune.Callback):
         self.client.set_terminated(rid, status)
         self.status[trial.trial_id] = status
         self.save()
+        if self.verbose:
+            name = self.names.get(trial.trial_id, trial.trial_id)
+            if status == "FAILED":
+                print(f"[crystaltune] {name}: FAILED ({self.errors.get(trial.trial_id, '')[:200]})", flush=True)
+            else:
+                print(f"[crystaltune] {name}: best val_mae {last.get('best_val_mae', float('nan')):.4f}, test_mae "
+                      f"{last.get('test_mae', float('nan')):.4f} after {last.get('epoch', 0)} epoch(s)", flush=True)
 
     def on_experiment_end(self, trials, **info):
         for t in trials:  # trials stopped by Ctrl-C: mark interrupted, resumable
