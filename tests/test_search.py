@@ -145,3 +145,43 @@ def test_cli_errors_are_one_line(tmp_path):
                         (["smoke", "--data", str(tmp_path / "missing.json")], "no such file")):
         out = subprocess.run([sys.executable, "-m", "crystaltune.search", *args], capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_sigkilled_search_resumes_without_duplicates_or_retraining(tmp_path):
+    """SIGKILL the driver after two trials finished; --resume completes the budget, every trial is in
+    MLflow once with each epoch once, and the finished trials' training runs are not touched."""
+    import signal
+    import time
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out")]
+    log = open(tmp_path / "first.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "first.log").read_text().count("epoch(s)") >= 2:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, "search ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)
+    finished = [ln.split()[1] for ln in (tmp_path / "first.log").read_text().splitlines() if "epoch(s)" in ln]
+    train_dir = tmp_path / "out" / "ray" / "train"
+    before = {d.name: sorted(p.name for p in d.glob("checkpoint_*")) for d in train_dir.iterdir()}
+    out = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, runs = _runs(tmp_path)
+    children = [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"]
+    assert len(children) == 4 and len({r.data.tags["crystaltune.trial_id"] for r in children}) == 4
+    assert len([r for r in runs if r.data.tags.get("crystaltune.kind") == "search"]) == 1
+    for r in children:
+        assert r.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
+        assert steps == sorted(set(steps)) and steps, (r.info.run_name, steps)
+        assert len(client.get_metric_history(r.info.run_id, "test_mae")) == 1
+    after = {d.name: sorted(p.name for p in d.glob("checkpoint_*")) for d in train_dir.iterdir()}
+    done_ids = {r.data.tags["crystaltune.trial_id"] for r in children if r.info.run_name.split()[0] in finished}
+    assert len(done_ids) == 2
+    for tid in done_ids:  # finished before the kill: no new checkpoints, i.e. not retrained
+        assert after[f"train-{tid}"] == before[f"train-{tid}"]

@@ -76,6 +76,15 @@ class MLflowTracker(tune.Callback):
                                                "last_result", "status", "errors", "configs")}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Restore after --resume. Tune's snapshot of this state can lag behind (it is taken
+        periodically); the JSON mirror is written on every event, so it wins when present."""
+        if self.state_file and Path(self.state_file).exists():
+            import json
+
+            try:
+                state = json.loads(Path(self.state_file).read_text())
+            except (OSError, ValueError):
+                pass
         for k, v in state.items():
             setattr(self, k, v)
 
@@ -148,7 +157,8 @@ class MLflowTracker(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.child(trial)
-        self.status[trial.trial_id] = "RUNNING"
+        if self.status.get(trial.trial_id) not in ("FINISHED", "FAILED"):  # a --resume restart of a done trial
+            self.status[trial.trial_id] = "RUNNING"
         self.save()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -156,10 +166,10 @@ class MLflowTracker(tune.Callback):
 
         rid = self.child(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.last_result[trial.trial_id] = {k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS, "epoch", "checkpoint_path")
-                                            if k in result}
         if epoch <= self.last_epoch.get(trial.trial_id, 0):
             return  # a retried worker re-reporting an epoch already logged
+        self.last_result[trial.trial_id] = {k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS, "epoch", "checkpoint_path")
+                                            if k in result}
         self.last_epoch[trial.trial_id] = epoch
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), now, epoch) for k in EPOCH_METRICS
@@ -177,6 +187,8 @@ class MLflowTracker(tune.Callback):
     def finish(self, trial, status: str) -> None:
         from mlflow.entities import Metric
 
+        if self.status.get(trial.trial_id) in ("FINISHED", "FAILED"):
+            return  # already recorded before an interruption; --resume must not log it twice
         rid = self.child(trial)
         last = self.last_result.get(trial.trial_id, {})
         now = int(time.time() * 1000)
