@@ -78,3 +78,48 @@ def test_two_node_loopback_cluster_runs_the_smoke_search(two_node_cluster, tmp_p
     trials = [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"]
     assert len(trials) >= 4 and all("test_mae" in r.data.metrics for r in trials)
     assert all(r.data.params["train.batch_size"] == "32" for r in trials)
+
+
+def _worker_raylet_pid(address: str, env) -> int:
+    """PID of the raylet of the non-head node (matched by its node-manager port)."""
+    import psutil
+
+    code = (f"import ray, json; ray.init(address='{address}'); "
+            "print(json.dumps([n['NodeManagerPort'] for n in ray.nodes() if n['Alive'] and "
+            "'node:__internal_head__' not in n['Resources']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    import json
+
+    ports = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(ports) == 1, out.stdout
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "raylet" in (p.info["name"] or "") and f"--node_manager_port={ports[0]}" in cmd:
+            return p.pid
+    raise AssertionError("worker raylet not found")
+
+
+def test_stopping_a_node_mid_search_retries_its_trials_on_the_other(two_node_cluster, tmp_path):
+    import time
+
+    address, env = two_node_cluster
+    pid = _worker_raylet_pid(address, env)
+    log = open(tmp_path / "search.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "crystaltune.search", "smoke", "--address", address,
+                             "--output", str(tmp_path / "out"), "--json"], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and "epoch(s)" not in (tmp_path / "search.log").read_text():
+        time.sleep(0.5)
+    assert proc.poll() is None
+    os.kill(pid, 9)  # the second node goes away mid-search
+    rc = proc.wait(timeout=900)
+    text = (tmp_path / "search.log").read_text()
+    assert rc == 0, text[-4000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("crystaltune-smoke").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials), \
+        [(r.info.run_name, r.info.status, r.data.tags.get("crystaltune.error")) for r in trials]

@@ -68,6 +68,8 @@ def read_source(path: str | Path) -> RawDataset:
         except json.JSONDecodeError as exc:
             raise CrystaltuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         items = _top_level_records(path, data)
+        if not items:
+            raise CrystaltuneError(f"{path}: the JSON list holds no records")
         for i, item in enumerate(items, start=1):
             _add(out, item, line=i, where=f"record {i}")
         return out

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus=a.num_cpus))
     if a.json:
         print(json.dumps(summary, indent=1, default=str))
-    return 0
+    return 130 if summary.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -73,6 +73,23 @@ def check_writable(path: Path, what: str) -> None:
         raise CrystaltuneError(f"{what} {path}: only {free / 2**20:.0f} MiB free; need at least 200 MiB")
 
 
+def refuse_second_local_cluster(wait_s: float = 15.0) -> None:
+    """Ray's state API (used by Ray Train to clean up trials) cannot tell two local clusters on one
+    machine apart and then hangs; refuse to start a second one and name the running one instead."""
+    from ray._private.services import find_gcs_addresses
+
+    deadline = time.time() + wait_s
+    while True:
+        running = sorted(find_gcs_addresses())
+        if not running:
+            return
+        if time.time() > deadline:  # a cluster that is shutting down gets a few seconds first
+            raise CrystaltuneError(
+                f"a Ray instance is already running on this machine ({', '.join(running)}): join it with "
+                f"--address {running[0]}, or stop it (`ray stop`) first")
+        time.sleep(1.0)
+
+
 def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
@@ -112,6 +129,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     if opts.address:
         ray.init(address=opts.address, log_to_driver=False)
     else:
+        refuse_second_local_cluster()
         # logical CPUs: each trial's function idles on one slot while its workers train on the others
         ncpu = opts.num_cpus or 2 * (os.cpu_count() or 2) + 1
         ray.init(num_cpus=ncpu, include_dashboard=True, log_to_driver=False)
@@ -160,7 +178,10 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
                                             reduction_factor=space.reduction_factor),
                 ),
-                run_config=tune.RunConfig(name=space.name, storage_path=storage, callbacks=[tracker], verbose=0),
+                # a trial whose actor dies with its node is retried elsewhere; its Ray Train run resumes
+                # from the last epoch checkpoint
+                run_config=tune.RunConfig(name=space.name, storage_path=storage, callbacks=[tracker], verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
             )
         t0 = time.perf_counter()
         tuner.fit()
@@ -180,13 +201,15 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
 
     tracker = MLflowTracker.from_state_file(state_file, tracking_uri, space, experiment)
     rows = build_leaderboard(tracker, space)
+    interrupted = len(rows) < space.num_samples or any(r["status"] in ("INTERRUPTED", "RUNNING") for r in rows)
     write_csv(rows, output / "leaderboard.csv")
     ok = [r for r in rows if r["status"] != "FAILED" and math.isfinite(r["val_mae"])]
     summary: dict[str, Any] = {"trials": len(rows), "failed": sum(r["status"] == "FAILED" for r in rows),
                                "search_time_s": search_time, "output": str(output), "tracking_uri": tracking_uri,
                                "experiment": experiment, "parent_run_id": tracker.parent_run_id,
                                "epochs_run": sum(int(r["epochs"] or 0) for r in rows),
-                               "epochs_full_budget": space.num_samples * space.max_epochs}
+                               "epochs_full_budget": space.num_samples * space.max_epochs,
+                               "interrupted": interrupted}
     log("\n" + format_table(rows))
     if ok:
         best = ok[0]
@@ -196,7 +219,14 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
         summary.update({"best_trial": best["name"], "best_val_mae": best["val_mae"], "best_test_mae": best["test_mae"],
                         "best_run_id": best["run_id"]})
         log_search_artifacts(tracker, space, rows, best, cfg, dataset, output)
-    tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
+    if interrupted:
+        tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", "interrupted")
+        tracker.client.set_terminated(tracker.parent_run_id, "KILLED")
+        log(f"\n[crystaltune] interrupted after {len(rows)} of {space.num_samples} trials; the state is saved: "
+            f"continue with the same command plus --resume")
+    else:
+        tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", "finished")
+        tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
     log(f"\n[crystaltune] {len(rows)} trials ({summary['failed']} failed) in {search_time:.0f}s; "
         f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)")
     if ok:

@@ -165,6 +165,10 @@ class MLflowTracker(tune.Callback):
         from mlflow.entities import Metric
 
         rid = self.child(trial)
+        if result.get("trial_failed"):  # a diverged / out-of-memory trial, reported by its workers
+            self.errors[trial.trial_id] = str(result["trial_failed"])
+            self.save()
+            return
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if epoch <= self.last_epoch.get(trial.trial_id, 0):
             return  # a retried worker re-reporting an epoch already logged
@@ -178,7 +182,7 @@ class MLflowTracker(tune.Callback):
         self.save()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.finish(trial, "FINISHED")
+        self.finish(trial, "FAILED" if trial.trial_id in self.errors else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.errors[trial.trial_id] = trial_error_message(trial)

@@ -27,7 +27,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from ..train.data import prepare_trial_data
-    from ..train.loop import fit, load_epoch_checkpoint
+    from ..train.loop import TrialDiverged, fit, load_epoch_checkpoint
 
     cfg = TrialConfig.from_dict(config["trial"])
     ctx = ray.train.get_context()
@@ -46,13 +46,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resume = load_epoch_checkpoint(d)
     fault = os.environ.get(FAULT_ENV, "")
     rank = ctx.get_world_rank()
+    last_epoch = [resume["epoch"] + 1 if resume else 0]
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         _maybe_inject_fault(fault, rank, int(metrics["epoch"]))
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+        last_epoch[0] = int(metrics["epoch"])
 
-    fit(cfg, report=report, data=data, resume=resume, checkpoint_every_epoch=True)
+    try:
+        fit(cfg, report=report, data=data, resume=resume, checkpoint_every_epoch=True)
+    except (TrialDiverged, torch.OutOfMemoryError) as exc:
+        # deterministic failures: report them (the trial is recorded as failed with this reason) instead
+        # of raising, which would make Ray Train retry the same doomed run max_failures times
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ray.train.report({"epoch": last_epoch[0] + 1, "val_mae": float("inf"), "trial_failed": reason, "done": True})
 
 
 def _maybe_inject_fault(fault: str, rank: int, epoch: int) -> None:

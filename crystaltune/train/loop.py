@@ -127,7 +127,12 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 pred = train_model(batch)
             loss, _ = loss_fn(pred.float(), y)
-            if not torch.isfinite(loss):
+            bad = not torch.isfinite(loss)
+            if world > 1:  # every rank must stop together, or the others wait forever in all-reduce
+                flag = torch.tensor([float(bad)], device=device if device.type == "cuda" else "cpu")
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                bad = bool(flag.item())
+            if bad:
                 raise TrialDiverged(f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {s + 1} (lr {optimizer.param_groups[0]['lr']:.3g})")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

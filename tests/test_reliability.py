@@ -1,0 +1,105 @@
+"""Faults injected for real (real processes, Ray, MLflow): a DDP rank dies, trials diverge, Ctrl-C,
+8 concurrent trials on one SQLite store, unwritable outputs. (SIGKILL + --resume: test_search.py.)"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SPACES = Path(__file__).parent / "data" / "spaces"
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+def search(args, cwd, env=ENV, timeout=900):
+    return subprocess.run([sys.executable, "-m", "crystaltune.search", *args], cwd=cwd, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def mlflow_runs(work: Path, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"], \
+        [r for r in runs if r.data.tags.get("crystaltune.kind") == "search"]
+
+
+def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(tmp_path):
+    marker = tmp_path / "fault-fired"
+    env = {**ENV, "CRYSTALTUNE_TEST_FAULT": f"rank1_exit_epoch2:{marker}"}
+    out = search([str(SPACES / "faults.yaml"), "--workers-per-trial", "2", "--output", str(tmp_path / "out")], tmp_path, env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert marker.exists(), "the fault hook never fired"
+    client, trials, _ = mlflow_runs(tmp_path, "crystaltune-faults")
+    assert len(trials) == 4
+    ok = [r for r in trials if r.info.status == "FINISHED"]
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    assert ok and failed
+    for r in failed:  # recorded with the reason, no metrics
+        assert r.data.tags["crystaltune.error"].startswith("TrialDiverged: loss became")
+        assert r.data.params["optim.lr"] == "1000000000000.0"
+    for r in ok:  # the rank died at epoch 2 of the first healthy trial: each epoch still logged once
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
+        assert steps == [1, 2, 3], steps
+    rows = list(csv.DictReader(open(tmp_path / "out" / "leaderboard.csv")))
+    assert rows[0]["status"] == "FINISHED" and all(r["status"] == "FAILED" for r in rows[len(ok):])
+    assert "FAILED (TrialDiverged" in out.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
+    cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out")]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and "epoch(s)" not in (tmp_path / "first.log").read_text():
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=300)
+    text = (tmp_path / "first.log").read_text()
+    assert rc == 130, text[-3000:]
+    assert "continue with the same command plus --resume" in text and "Traceback" not in text
+    client, trials, parents = mlflow_runs(tmp_path, "crystaltune-smoke")
+    assert parents[0].info.status == "KILLED" and parents[0].data.tags["crystaltune.status"] == "interrupted"
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)  # nothing left RUNNING
+    out = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, trials, parents = mlflow_runs(tmp_path, "crystaltune-smoke")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    for r in trials:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
+        assert steps == sorted(set(steps)) and steps
+
+
+def test_eight_concurrent_trials_lose_no_metric_rows(tmp_path):
+    out = search([str(SPACES / "concurrent.yaml"), "--num-cpus", "17", "--output", str(tmp_path / "out")], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "database is locked" not in out.stdout + out.stderr
+    client, trials, _ = mlflow_runs(tmp_path, "crystaltune-concurrent")
+    assert len(trials) == 8
+    events = sorted([(r.info.start_time, 1) for r in trials] + [(r.info.end_time, -1) for r in trials])
+    running = peak = 0
+    for _, d in events:
+        running += d
+        peak = max(peak, running)
+    assert peak >= 4, f"only {peak} trials overlapped"
+    rows = sum(len(client.get_metric_history(r.info.run_id, k)) for r in trials
+               for k in ("train_mae", "val_mae", "lr", "graphs_per_s"))
+    assert rows == 8 * 2 * 4  # 8 trials x 2 epochs x 4 per-epoch metrics, none lost or doubled
+
+
+def test_unwritable_output_or_storage_fails_before_any_trial(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for flag in ("--output", "--storage"):
+        t0 = time.time()
+        out = search(["smoke", flag, str(blocker / "sub")], tmp_path, timeout=120)
+        assert out.returncode == 2 and "is not writable" in out.stderr and flag in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and time.time() - t0 < 60
+        assert not (tmp_path / "mlflow.db").exists()  # nothing started
