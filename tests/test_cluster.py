@@ -81,11 +81,11 @@ def test_two_node_loopback_cluster_runs_the_smoke_search(two_node_cluster, tmp_p
 
 
 def _worker_raylet_pid(address: str, env) -> int:
-    """PID of the raylet of the non-head node (matched by its node-manager port)."""
+    """PID of the raylet of the non-head node (matched by its raylet socket)."""
     import psutil
 
     code = (f"import ray, json; ray.init(address='{address}'); "
-            "print(json.dumps([n['NodeManagerPort'] for n in ray.nodes() if n['Alive'] and "
+            "print(json.dumps([n['RayletSocketName'] for n in ray.nodes() if n['Alive'] and "
             "'node:__internal_head__' not in n['Resources']]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     import json
@@ -94,7 +94,7 @@ def _worker_raylet_pid(address: str, env) -> int:
     assert len(ports) == 1, out.stdout
     for p in psutil.process_iter(["name", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "raylet" in (p.info["name"] or "") and f"--node_manager_port={ports[0]}" in cmd:
+        if "raylet" in (p.info["name"] or "") and f"--raylet_socket_name={ports[0]} " in cmd + " ":
             return p.pid
     raise AssertionError("worker raylet not found")
 
