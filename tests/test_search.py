@@ -185,3 +185,17 @@ def test_sigkilled_search_resumes_without_duplicates_or_retraining(tmp_path):
     assert len(done_ids) == 2
     for tid in done_ids:  # finished before the kill: no new checkpoints, i.e. not retrained
         assert after[f"train-{tid}"] == before[f"train-{tid}"]
+
+
+def test_report_from_mlflow(smoke_search):
+    work, _ = smoke_search
+    out = subprocess.run([sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report")],
+                         cwd=work, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (work / "report" / "report.md").read_text()
+    assert "## Leaderboard" in text and "## TRAINING TABLE" in text and "best_band_gap.png" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip().isdigit()]
+    assert len(rows) >= 4
+    assert (work / "report" / "best_band_gap.png").stat().st_size > 1000
+    best = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))[0]
+    assert f"{float(best['test_mae']):.4f}" in text  # numbers come from the store, not typed
