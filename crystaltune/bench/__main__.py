@@ -32,6 +32,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", action="store_true")
     t.add_argument("--reference", action="store_true", help="also time the reference CGCNN algorithm (cgcnn only)")
     t.add_argument("--json", action="store_true")
+    a = sub.add_parser("all", help="the whole suite: graphs, cache, training per model, DDP 1->2, search overhead, GPU")
+    a.add_argument("--quick", action="store_true", help="small sizes (CI)")
+    a.add_argument("--search", default="smoke", help="search space timed for overhead (default smoke)")
+    a.add_argument("--json", action="store_true")
     return p
 
 
@@ -42,13 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         from .graphs import bench_graphs
 
         out = bench_graphs(args.dataset, args.limit, args.cutoff, args.max_neighbors, args.data)
+    elif args.cmd == "all":
+        from .suite import bench_all
+
+        out = bench_all(args.quick, args.search)
     elif args.cmd == "train":
         from .train import bench_train
 
         out = bench_train(args.dataset, args.model, args.epochs, args.batch_size, args.threads, args.hidden,
                           args.head_hidden, args.layers, args.device, args.amp, args.reference)
-    if args.json:
-        print(json.dumps(out, indent=1))
+    if args.json or args.cmd == "all":
+        print(json.dumps(out, indent=1, default=str))
     else:
         for k, v in out.items():
             print(f"{k:<45} {v:.4g}" if isinstance(v, float) else f"{k:<45} {v}")

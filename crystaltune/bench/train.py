@@ -19,14 +19,15 @@ def peak_rss_mb() -> float:
 
 def bench_train(dataset: str = "perovskites", model: str = "cgcnn", epochs: int = 3, batch_size: int = 256,
                 threads: int = 2, hidden: int = 64, head_hidden: int = 128, layers: int = 3, device: str = "cpu",
-                amp: bool = False, reference: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                amp: bool = False, reference: bool = False, extra: dict[str, Any] | None = None,
+                limit: int | None = None) -> dict[str, Any]:
     """Train ``model`` on the dataset's training split and report throughput; ``reference`` also
     times the reference CGCNN algorithm (bench/reference_cgcnn.py) on the same crystals."""
     torch.set_num_threads(threads)
     from ..train import fit, prepare_trial_data
 
     cfg = TrialConfig.from_dict({
-        "data": {"dataset": dataset},
+        "data": {"dataset": dataset, "limit": limit},
         "model": {"name": model, "hidden": hidden, "head_hidden": head_hidden, "layers": layers, **(extra or {})},
         "optim": {"name": "sgd", "lr": 0.01, "schedule": "none"}, "loss": {"name": "mse"},
         "train": {"epochs": epochs, "batch_size": batch_size, "num_threads": threads, "device": device, "amp": amp},
