@@ -7,7 +7,6 @@ names, ranges and unknown keys are all checked here.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import CrystaltuneError
+from .registry import did_you_mean
 
 
 @dataclass
@@ -188,8 +188,7 @@ def _build(cls, d: Any, where: str):
     kwargs = {}
     for key, value in d.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(str(key), list(fields))
             raise CrystaltuneError(f"{where}: unknown key {key!r}{hint} (known: {', '.join(fields)})")
         hint_t = hints[key]
         if dataclasses.is_dataclass(hint_t):
@@ -247,8 +246,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(str(value), choices)
         raise CrystaltuneError(f"{name}: unknown value {value!r}{hint} (choices: {', '.join(choices)})")
 
 
@@ -269,6 +267,5 @@ def _check_kwargs(name: str, fn: Any, params: dict[str, Any], skip: tuple = ()) 
     allowed = [p for p in sig.parameters if p not in skip]
     for key in params:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, allowed)
             raise CrystaltuneError(f"{name}: unknown parameter {key!r}{hint} (known: {', '.join(allowed) or 'none'})")

@@ -11,6 +11,12 @@ from .errors import CrystaltuneError
 T = TypeVar("T")
 
 
+def did_you_mean(name: object, choices) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 class Registry(Generic[T]):
     """A dict filled by a decorator; unknown names raise a CrystaltuneError listing close matches."""
 
@@ -33,8 +39,7 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(str(name), list(self._items), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, self._items)
         return f"unknown {self.family} {name!r}{hint} (known: {', '.join(sorted(self._items))})"
 
     def names(self) -> list[str]:

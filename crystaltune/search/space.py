@@ -21,7 +21,6 @@ trial configs built from the space.
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import yaml
 
 from ..config import TrialConfig, flatten
 from ..errors import CrystaltuneError
+from ..registry import did_you_mean
 
 TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search")
 DATASET_KEYS = ("name", "data", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors")
@@ -147,8 +147,7 @@ def _check_keys(where: str, d: Any, allowed: tuple) -> dict:
         raise CrystaltuneError(f"{where}: expected a mapping, got {type(d).__name__}")
     for k in d:
         if k not in allowed:
-            close = difflib.get_close_matches(str(k), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(str(k), allowed)
             raise CrystaltuneError(f"{where}: unknown key {k!r}{hint} (known: {', '.join(allowed)})")
     return d
 
@@ -175,8 +174,7 @@ def _check_path(where: str, key: str) -> None:
         return
     paths = config_paths()
     if key not in paths:
-        close = difflib.get_close_matches(key, sorted(paths), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(key, sorted(paths))
         raise CrystaltuneError(f"{where}: unknown parameter {key!r}{hint}")
 
 
@@ -186,8 +184,7 @@ def parse_param(where: str, name: str, spec: Any, earlier: dict[str, Param]) -> 
         raise CrystaltuneError(f"{where}: expected a mapping with 'type' (categorical, int, float), got {spec!r}")
     kind = spec["type"]
     if kind not in PARAM_KEYS:
-        close = difflib.get_close_matches(str(kind), list(PARAM_KEYS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(str(kind), list(PARAM_KEYS))
         raise CrystaltuneError(f"{where}.type: unknown distribution {kind!r}{hint} (categorical, int, float)")
     _check_keys(where, spec, PARAM_KEYS[kind])
     when = {}
@@ -256,8 +253,7 @@ def resolve_space(name_or_path: str | Path) -> Path:
     builtin = {f.stem: f for f in builtin_spaces_dir().glob("*.yaml")}
     if text in builtin:
         return builtin[text]
-    close = difflib.get_close_matches(text, list(builtin), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(text, list(builtin))
     raise CrystaltuneError(f"unknown search space {text!r}{hint} (built in: {', '.join(sorted(builtin))}; or a path to a .yaml file)")
 
 
