@@ -104,12 +104,13 @@ def train_throughput(store: GraphStore, index: np.ndarray, target: str, epochs: 
         t0 = time.perf_counter()
         model.train()
         seen = 0
-        for s in range(0, len(order) - batch_size + 1, batch_size):
-            atom, nbr, idx, cidx, tgt = collate_pool([items[i] for i in order[s:s + batch_size]])
+        bs = min(batch_size, len(order))  # drop the last partial batch, as our loop does
+        for s in range(0, len(order) - bs + 1, bs):
+            atom, nbr, idx, cidx, tgt = collate_pool([items[i] for i in order[s:s + bs]])
             loss = nn.functional.mse_loss(model(atom, nbr, idx, cidx), (tgt - mean) / std)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            seen += batch_size
+            seen += bs
         rates.append(seen / (time.perf_counter() - t0))
     return rates

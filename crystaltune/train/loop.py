@@ -120,9 +120,11 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
         order = np.random.default_rng([t.seed, epoch]).permutation(data.train)
         model.train()
         abs_err, count = torch.zeros(len(targets)), torch.zeros(len(targets))
+        seen = 0
         for s in range(steps):
             idx = order[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank]
             batch = store.batch(idx, targets).to(device)
+            seen += len(idx)
             y = normalizer.norm(batch.y)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 pred = train_model(batch)
@@ -173,7 +175,7 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
         epoch_time = time.perf_counter() - t0
         metrics = {
             "epoch": epoch + 1, "train_mae": train_mae, **val, "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": epoch_time, "graphs_per_s": steps * per_rank * world / train_time,
+            "epoch_time_s": epoch_time, "graphs_per_s": seen * world / train_time,
             "best_val_mae": best["val_mae"], **{k: v for k, v in best.items() if k != "val_mae"},
         }
         history.append({k: metrics[k] for k in ("epoch", "train_mae", "val_mae", "lr")})
