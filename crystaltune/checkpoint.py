@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, TrialConfig
+from .config import TrialConfig
 from .errors import CrystaltuneError
 from .models import CrystalModel, build_model
 
@@ -141,9 +141,3 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path) ->
                   else f"shape mismatch {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
         raise CrystaltuneError(f"{path}: weights do not fit the architecture in its config ({detail})")
     model.load_state_dict(state, strict=False)
-
-
-def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(cfg)
