@@ -102,9 +102,9 @@ def build_store(raw: RawDataset, params: GraphParams, workers: int | None = None
         todo.append(rec)
     jobs = [(rec, params.cutoff, params.max_neighbors) for rec in todo]
     workers = workers or min(os.cpu_count() or 1, 8)
-    bar = dict(total=len(jobs), desc=f"crystal graphs ({raw.source.name})", unit="crystal", disable=progress is False or None)
-    if progress is None:
-        bar["disable"] = None  # tqdm: off when stderr is not a terminal
+    # tqdm's disable=None: a bar only when stderr is a terminal
+    bar = dict(total=len(jobs), desc=f"crystal graphs ({raw.source.name})", unit="crystal",
+               disable=None if progress is None else not progress)
     if workers > 1 and len(jobs) >= 200 and "fork" in mp.get_all_start_methods():
         with mp.get_context("fork").Pool(workers) as pool:
             results = list(tqdm(pool.imap(_build_one, jobs, chunksize=32), **bar))
