@@ -31,11 +31,36 @@ def _latest_parent(client, exp_id: str, run_id: str | None):
     return runs[0]
 
 
+def search_timing(client, parent, children) -> dict:
+    """Wall time of the search split into training epochs (train + per-epoch evaluation, summed over
+    trials) and everything else (trial start-up, Ray, Tune, MLflow, checkpoints), per trial slot."""
+    tuner_s = sum(m.value for m in client.get_metric_history(parent.info.run_id, "search_time_s"))
+    if not tuner_s and parent.info.end_time:  # searches logged before search_time_s existed: the parent
+        tuner_s = (parent.info.end_time - parent.info.start_time) / 1000  # run's span (a slight overestimate)
+    train_s = sum(m.value for r in children for m in client.get_metric_history(r.info.run_id, "epoch_time_s"))
+    spans = sorted([(r.info.start_time, 1) for r in children] + [(r.info.end_time or r.info.start_time, -1) for r in children])
+    cur = peak = 0
+    for _, d in spans:
+        cur += d
+        peak = max(peak, cur)
+    slot_s = tuner_s * max(peak, 1)
+    m = parent.data.metrics
+    p = parent.data.params
+    full = m.get("epochs_full_budget") or int(p.get("search.num_samples", 0)) * int(p.get("search.max_epochs", 0))
+    run = m.get("epochs_run") or sum(int(float(r.data.tags.get("crystaltune.epochs_run", 0) or 0)) for r in children)
+    return {"tuner_s": tuner_s, "training_s": train_s, "concurrent_trials": peak,
+            "overhead_fraction": 1 - train_s / slot_s if slot_s else math.nan,
+            "epochs_run": int(run), "epochs_full_budget": int(full)}
+
+
 def _f(x, nd=4):
     return f"{x:.{nd}f}" if isinstance(x, float) and math.isfinite(x) else "-"
 
 
-def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None = None) -> Path:
+def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None = None,
+                 baseline: str | None = None, seeds: list[int] | None = None) -> tuple[Path, dict]:
+    """Write report.md (+ PNGs) for a finished search; retrain best/baseline over ``seeds`` first when
+    asked. Returns the report path and the facts the README section is rendered from."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -44,11 +69,22 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
         raise CrystaltuneError(f"no MLflow experiment 'crystaltune-{name}' in {tracking_uri}")
     parent = _latest_parent(client, exp.experiment_id, run_id)
     pid = parent.info.run_id
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pid}'",
-                                  max_results=5000)
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pid}' and "
+                                  "tags.`crystaltune.kind` = 'trial'", max_results=5000)
     if not children:
         raise CrystaltuneError(f"search run {pid} has no trial runs")
     output.mkdir(parents=True, exist_ok=True)
+    if seeds:
+        from . import study
+        from .config import TrialConfig
+
+        best_cfg = study.best_config_of(client, pid)
+        base_cfg = TrialConfig.from_yaml(baseline) if baseline else None
+        if base_cfg is not None:
+            study.check_same_split(best_cfg, base_cfg, baseline)  # before any training
+        study.retrain(client, exp.experiment_id, pid, "best", best_cfg, seeds, "best_config.yaml of the search")
+        if base_cfg is not None:
+            study.retrain(client, exp.experiment_id, pid, "baseline", base_cfg, seeds, Path(baseline).as_posix())
     rows = []
     for r in children:
         m, p = r.data.metrics, r.data.params
@@ -62,6 +98,18 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
                      "error": r.data.tags.get("crystaltune.error", "")})
     ok = sorted([r for r in rows if r["status"] == "FINISHED" and math.isfinite(r["val"])], key=lambda r: r["val"])
     failed = [r for r in rows if r not in ok]
+    from . import study
+
+    timing = search_timing(client, parent, children)
+    retrained = study.summarize(client, exp.experiment_id, pid)
+    pp = parent.data.params
+    facts = {"name": name, "run_id": pid, "tracking_uri": tracking_uri, "date": time.strftime("%Y-%m-%d", time.localtime(parent.info.start_time / 1000)),
+             "machine": pp.get("search.machine", "-"), "versions": pp.get("search.versions", "-"),
+             "crystals": pp.get("search.crystals"), "num_samples": pp.get("search.num_samples"),
+             "max_epochs": pp.get("search.max_epochs"), "executor": pp.get("search.executor", "train"),
+             "seed": pp.get("search.seed", "0"),
+             "trials": len(rows), "finished": len(ok), "timing": timing, "retrained": retrained, "top": ok[:5],
+             "targets": children[0].data.params.get("data.targets", "")}
     lines = [f"# crystaltune report: {name}", "",
              f"Search run `{pid}` ({parent.info.run_name}) in `{tracking_uri}`; report written "
              f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}, "
@@ -72,6 +120,22 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
         b = ok[0]
         lines += [f"**Best trial** (lowest val MAE): `{b['name']}`: val MAE {_f(b['val'])}, test MAE {_f(b['test'])}, "
                   f"test RMSE {_f(b['rmse'])}, test R² {_f(b['r2'], 3)}.", ""]
+    t = timing
+    lines += ["## Search time", "",
+              f"`tuner.fit` took {t['tuner_s']:.0f} s with up to {t['concurrent_trials']} trials at a time; training epochs "
+              f"(including per-epoch evaluation) took {t['training_s']:.0f} s in all, so {100 * t['overhead_fraction']:.1f}% "
+              f"of the trial-slot time was overhead (trial start-up, Ray, Tune, MLflow, checkpoints). ASHA ran "
+              f"{t['epochs_run']} of the {t['epochs_full_budget']} epochs a full-budget search would run.", ""]
+    if retrained:
+        lines += ["## Retrained over seeds (same split)", "", "| configuration | test MAE per seed | mean ± sd |", "|---|---|---|"]
+        for role in ("baseline", "best"):
+            if role in retrained:
+                r = retrained[role]
+                lines.append(f"| {role} ({r['source']}) | {' / '.join(f'{v:.4f}' for v in r['seeds'].values())} | "
+                             f"{r['mean']:.4f} ± {r['sd']:.4f} |")
+        if "improvement" in retrained:
+            lines += ["", study.improvement_sentence(retrained["improvement"])]
+        lines.append("")
     lines += ["## Leaderboard", "", "| # | trial | val MAE | test MAE | R² | epochs | model | edge | node | loss | KL | hidden | layers | lr |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(ok, 1):
@@ -106,7 +170,10 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
     report = output / "report.md"
     report.write_text("\n".join(lines) + "\n")
     (output / "leaderboard.json").write_text(json.dumps(ok + failed, indent=1, default=str))
-    return report
+    facts["training_table"] = [{"model": k[0], "edge": k[1], "node": k[2], "trials": len(v), "val": v[0]["val"],
+                                "test": v[0]["test"]} for k, v in sorted(groups.items(), key=lambda kv: kv[1][0]["val"])]
+    (output / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
+    return report, facts
 
 
 def _best_model_plots(client, best, output: Path) -> list[str]:
@@ -157,14 +224,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
     ap.add_argument("--run-id", help="a specific search (parent) run; default: the latest")
     ap.add_argument("--output", help="folder for report.md and PNGs (default: crystaltune-results/NAME/report)")
+    ap.add_argument("--retrain-seeds", type=int, nargs="+", metavar="SEED",
+                    help="first retrain the search's best config (and --baseline) once per seed; logged to MLflow")
+    ap.add_argument("--baseline", help="a trial config YAML to retrain as the baseline (same split as the search)")
+    ap.add_argument("--readme", help="also write this search's Results section into that README (between markers)")
+    ap.add_argument("--target-mae", type=float, help="a test-MAE target to state the best trial against")
     a = ap.parse_args(argv)
+    if a.baseline and not a.retrain_seeds:
+        raise CrystaltuneError("--baseline needs --retrain-seeds")
+    for flag, path in (("--baseline", a.baseline), ("--readme", a.readme)):
+        if path and not Path(path).is_file():  # checked before any retraining
+            raise CrystaltuneError(f"{flag} {path}: no such file")
     from .search.engine import default_tracking_uri
 
     uri = a.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CrystaltuneError(f"no MLflow store at {uri}")
-    path = build_report(a.name, uri, Path(a.output or f"crystaltune-results/{a.name}/report"), a.run_id)
+    path, facts = build_report(a.name, uri, Path(a.output or f"crystaltune-results/{a.name}/report"), a.run_id,
+                               a.baseline, a.retrain_seeds)
     print(f"report: {path}")
+    if a.readme:
+        from .readme import render_results, splice
+
+        splice(a.readme, f"results-{a.name}", render_results({**facts, "target_mae": a.target_mae}))
+        print(f"README section results-{a.name}: {a.readme}")
     return 0
 
 

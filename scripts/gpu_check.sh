@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks (run where a CUDA GPU exists; never part of the test suite):
 #  1. each model trains 2 epochs with AMP on CUDA and prints its throughput (and without AMP for cgcnn/csgcnn);
-#  2. the smoke search runs with --gpus-per-worker 1.
+#  2. the smoke search runs with --gpus-per-worker 1, directly in the Tune trial and through Ray Train.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]   (expects the venv from `make install` or a python with crystaltune)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +23,6 @@ for model in cgcnn csgcnn; do
       --device cuda --json | tee "$OUT/train-$model-fp32.json"
 done
 (cd "$OUT" && "$PY" -m crystaltune.search smoke --gpus-per-worker 1 --output smoke-gpu --json | tail -30) | tee "$OUT/smoke-gpu.txt"
+(cd "$OUT" && "$PY" -m crystaltune.search smoke --gpus-per-worker 1 --executor train --output smoke-gpu-train \
+   --tracking-uri "sqlite:///$PWD/mlflow-train.db" --json | tail -30) | tee "$OUT/smoke-gpu-train.txt"
 echo "GPU check done: $OUT"

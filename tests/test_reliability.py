@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 SPACES = Path(__file__).parent / "data" / "spaces"
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
@@ -30,10 +32,14 @@ def mlflow_runs(work: Path, experiment: str):
         [r for r in runs if r.data.tags.get("crystaltune.kind") == "search"]
 
 
-def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(tmp_path):
+@pytest.mark.parametrize("executor_args, fault", [
+    (["--workers-per-trial", "2"], "rank1_exit_epoch2"),  # Ray Train: DDP rank 1 dies, the worker group restarts
+    ([], "rank0_exit_epoch2"),  # direct: the Tune trial's own process dies, Tune restarts the trial
+], ids=["ray-train-ddp", "direct"])
+def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(tmp_path, executor_args, fault):
     marker = tmp_path / "fault-fired"
-    env = {**ENV, "CRYSTALTUNE_TEST_FAULT": f"rank1_exit_epoch2:{marker}"}
-    out = search([str(SPACES / "faults.yaml"), "--workers-per-trial", "2", "--output", str(tmp_path / "out")], tmp_path, env)
+    env = {**ENV, "CRYSTALTUNE_TEST_FAULT": f"{fault}:{marker}"}
+    out = search([str(SPACES / "faults.yaml"), *executor_args, "--output", str(tmp_path / "out")], tmp_path, env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert marker.exists(), "the fault hook never fired"
     client, trials, _ = mlflow_runs(tmp_path, "crystaltune-faults")
@@ -44,7 +50,7 @@ def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(
     for r in failed:  # recorded with the reason, no metrics
         assert r.data.tags["crystaltune.error"].startswith("TrialDiverged: loss became")
         assert r.data.params["optim.lr"] == "1000000000000.0"
-    for r in ok:  # the rank died at epoch 2 of the first healthy trial: each epoch still logged once
+    for r in ok:  # the process died at epoch 2 of the first healthy trial: each epoch still logged once
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
         assert steps == [1, 2, 3], steps
     rows = list(csv.DictReader(open(tmp_path / "out" / "leaderboard.csv")))
@@ -53,7 +59,10 @@ def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(
 
 
 def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
-    cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out")]
+    """Direct executor (the default for one worker): 6 trials, up to 30 epochs, so some are still
+    running when the first one ends and Ctrl-C arrives."""
+    cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out"), "--num-samples", "6",
+           "--max-epochs", "30"]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=ENV)
     deadline = time.time() + 600
@@ -71,7 +80,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, trials, parents = mlflow_runs(tmp_path, "crystaltune-smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    assert len(trials) == 6 and all(r.info.status == "FINISHED" for r in trials)
     for r in trials:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
         assert steps == sorted(set(steps)) and steps

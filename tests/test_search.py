@@ -119,6 +119,8 @@ def _space(**over):
     (_space(search={"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}), "log scale needs low > 0"),
     (_space(search={"model.edge_params.num_rbf": {"type": "int", "low": 8, "high": 16}}), "unknown parameter 'num_rbf'"),
     (_space(search={"model.dropout": {"type": "float", "low": 0, "high": "x"}}), "expected a number"),
+    (_space(resources={"executor": "dirct"}), "did you mean 'direct'"),
+    (_space(resources={"workers": 2, "executor": "direct"}), "'direct' trains one worker per trial"),
     ([1, 2], "expected a mapping"),
 ])
 def test_bad_search_spaces_fail_before_ray(raw, match):
@@ -149,12 +151,13 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_sigkilled_search_resumes_without_duplicates_or_retraining(tmp_path):
     """SIGKILL the driver after two trials finished; --resume completes the budget, every trial is in
-    MLflow once with each epoch once, and the finished trials' training runs are not touched."""
+    MLflow once with each epoch once, and the finished trials' training runs are not touched. Ray Train
+    executor: its worker-group checkpoints are what a resume must leave alone."""
     import signal
     import time
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out"), "--executor", "train"]
     log = open(tmp_path / "first.log", "w+")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.time() + 600
@@ -199,3 +202,37 @@ def test_report_from_mlflow(smoke_search):
     assert (work / "report" / "best_band_gap.png").stat().st_size > 1000
     best = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))[0]
     assert f"{float(best['test_mae']):.4f}" in text  # numbers come from the store, not typed
+
+
+def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_search):
+    """--retrain-seeds trains the search's best config and a baseline on the same split, logs each run
+    to MLflow under the search, and the README section shows the numbers read back from there."""
+    work, _ = smoke_search
+    base = {"data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
+            "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1}, "train": {"epochs": 2, "batch_size": 32}}
+    (work / "baseline.yaml").write_text(yaml.safe_dump(base))
+    bad = {**base, "data": {**base["data"], "limit": 200}}
+    (work / "bad_baseline.yaml").write_text(yaml.safe_dump(bad))
+    readme = work / "README.md"
+    readme.write_text("# r\n\n<!-- crystaltune:results-smoke -->\n<!-- /crystaltune:results-smoke -->\n")
+    cmd = [sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report2"), "--retrain-seeds", "0", "1"]
+    out = subprocess.run(cmd + ["--baseline", "bad_baseline.yaml"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "data.limit is 200 but the search used 240" in out.stderr
+    out = subprocess.run(cmd + ["--baseline", "baseline.yaml", "--readme", str(readme), "--target-mae", "0.01"], cwd=work,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    client, runs = _runs(work)
+    retrains = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain"]
+    assert sorted((r.data.tags["crystaltune.role"], r.data.tags["crystaltune.seed"]) for r in retrains) == \
+        [("baseline", "0"), ("baseline", "1"), ("best", "0"), ("best", "1")]
+    base_mae = {r.data.tags["crystaltune.seed"]: r.data.metrics["test_mae"] for r in retrains
+                if r.data.tags["crystaltune.role"] == "baseline"}
+    section = readme.read_text()
+    assert f"{base_mae['0']:.4f} / {base_mae['1']:.4f}" in section and "than the baseline's on the same split" in section
+    assert "overhead" in section and "executor `direct`" in section and "against the target <= 0.01: **misses it by" in section
+    assert "## Retrained over seeds" in (work / "report2" / "report.md").read_text()
+    # a second run reads the runs back instead of training again
+    out = subprocess.run(cmd + ["--baseline", "baseline.yaml"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.count("already in MLflow, not retrained") == 4
+    _, runs = _runs(work)
+    assert len([r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain"]) == 4

@@ -120,3 +120,30 @@ def test_train_cli_bad_config_is_one_line(tmp_path):
     cfg.write_text("model:\n  nam: cgcnn\n")
     out = subprocess.run([sys.executable, "-m", "crystaltune.train", "--config", str(cfg)], capture_output=True, text=True)
     assert out.returncode == 2 and "did you mean 'name'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_trial_resumed_from_its_final_checkpoint_still_reports_once(tmp_path):
+    """A trial restored after its last epoch was checkpointed (the driver died before it saw the end)
+    has nothing left to train; it must still give Tune one result with the metric, not none."""
+    import shutil
+
+    import ray.train
+
+    from crystaltune.search.trainable import run_trial
+
+    cfg = TrialConfig.from_dict({"data": {"limit": 120}, "model": {"hidden": 16, "head_hidden": 16, "layers": 1},
+                                 "train": {"epochs": 2, "batch_size": 32}})
+    last = tmp_path / "last"
+
+    def keep(metrics, checkpoint_dir):
+        if checkpoint_dir and metrics["epoch"] == 2:
+            shutil.copytree(checkpoint_dir, last)
+
+    first = fit(TrialConfig.from_dict(cfg.to_dict()), report=keep, checkpoint_every_epoch=True)
+    sent = []
+    run_trial(TrialConfig.from_dict(cfg.to_dict()), {"cpus_per_worker": 1}, ray.train.Checkpoint.from_directory(str(last)),
+              lambda m, ck: sent.append((m, ck)))
+    assert len(sent) == 1
+    metrics, ck = sent[0]
+    assert ck is None and metrics["done"] and metrics["epoch"] == 2
+    assert metrics["best_val_mae"] == pytest.approx(first["val_mae"]) and metrics["test_mae"] == pytest.approx(first["test_mae"])

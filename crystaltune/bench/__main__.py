@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from ..errors import cli_main
+from ..errors import CrystaltuneError, cli_main
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,11 +32,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--amp", action="store_true")
     t.add_argument("--reference", action="store_true", help="also time the reference CGCNN algorithm (cgcnn only)")
+    t.add_argument("--limit", type=int, help="a seeded subset of N crystals")
     t.add_argument("--json", action="store_true")
     a = sub.add_parser("all", help="the whole suite: graphs, cache, training per model, DDP 1->2, search overhead, GPU")
     a.add_argument("--quick", action="store_true", help="small sizes (CI)")
-    a.add_argument("--search", default="smoke", help="search space timed for overhead (default smoke)")
+    a.add_argument("--search", nargs="+", help="search spaces timed for overhead (default: smoke, plus perovskites "
+                                               "unless --quick)")
+    a.add_argument("--output", help="also write the JSON document to this file")
+    a.add_argument("--readme", help="write the Performance section into this README (between its markers)")
     a.add_argument("--json", action="store_true")
+    r = sub.add_parser("render", help="write the Performance section of a README from a saved `bench all` JSON file")
+    r.add_argument("file", help="JSON written by `bench all --output`")
+    r.add_argument("--readme", default="README.md")
     return p
 
 
@@ -46,20 +54,39 @@ def main(argv: list[str] | None = None) -> int:
         from .graphs import bench_graphs
 
         out = bench_graphs(args.dataset, args.limit, args.cutoff, args.max_neighbors, args.data)
+    elif args.cmd == "render":
+        return _render(json.loads(Path(args.file).read_text()), args.readme)
     elif args.cmd == "all":
         from .suite import bench_all
 
-        out = bench_all(args.quick, args.search)
+        out = bench_all(args.quick, tuple(args.search) if args.search else None,
+                        "python -m crystaltune.bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+        if args.output:
+            Path(args.output).write_text(json.dumps(out, indent=1, default=str))
+        if args.readme:
+            _render(out, args.readme)
     elif args.cmd == "train":
         from .train import bench_train
 
         out = bench_train(args.dataset, args.model, args.epochs, args.batch_size, args.threads, args.hidden,
-                          args.head_hidden, args.layers, args.device, args.amp, args.reference)
+                          args.head_hidden, args.layers, args.device, args.amp, args.reference, limit=args.limit)
     if args.json or args.cmd == "all":
         print(json.dumps(out, indent=1, default=str))
     else:
         for k, v in out.items():
             print(f"{k:<45} {v:.4g}" if isinstance(v, float) else f"{k:<45} {v}")
+    return 0
+
+
+def _render(bench: dict, readme: str) -> int:
+    from ..readme import render_performance, splice
+
+    try:
+        text = render_performance(bench)
+    except KeyError as exc:
+        raise CrystaltuneError(f"not a `bench all` result: no key {exc}") from None
+    splice(readme, "performance", text)
+    print(f"README section performance: {readme}", file=sys.stderr)
     return 0
 
 

@@ -3,9 +3,10 @@ DDP scaling, search overhead and ASHA's saving, GPU figures when CUDA is present
 
 from __future__ import annotations
 
-import math
+import json
 import os
-import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,14 +14,17 @@ from typing import Any
 
 import torch
 
+from ..errors import CrystaltuneError
+
 MODELS = ("cgcnn", "csgcnn", "csgann", "csginn", "flowgnn")
 
 
 def search_overhead(space: str, workdir: Path, num_samples: int | None = None) -> dict[str, Any]:
-    """Run a search and split its wall time into training (sum of epoch times over the trial slots)
-    and everything else (Ray start, worker groups, Tune, MLflow, evaluation)."""
+    """Run a search, then split its wall time (from MLflow, as the report does) into training epochs
+    and everything else (trial start-up, Ray, Tune, MLflow, checkpoints)."""
     from mlflow.tracking import MlflowClient
 
+    from ..report import search_timing
     from ..search.engine import SearchOptions, run_search
 
     old = Path.cwd()
@@ -32,20 +36,25 @@ def search_overhead(space: str, workdir: Path, num_samples: int | None = None) -
     finally:
         os.chdir(old)
     client = MlflowClient(summary["tracking_uri"])
-    exp = client.get_experiment_by_name(summary["experiment"])
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
-    train_s = sum(m.value for r in runs for m in client.get_metric_history(r.info.run_id, "epoch_time_s"))
-    spans = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])
-    cur = peak = 0
-    for _, d in spans:
-        cur += d
-        peak = max(peak, cur)
-    slot_s = summary["search_time_s"] * max(peak, 1)
-    return {"space": space, "trials": summary["trials"], "wall_s": wall, "tuner_s": summary["search_time_s"],
-            "concurrent_trials": peak, "training_s": train_s,
-            "overhead_fraction": 1 - train_s / slot_s if slot_s else math.nan,
-            "epochs_run": summary["epochs_run"], "epochs_full_budget": summary["epochs_full_budget"],
-            "asha_epoch_fraction": summary["epochs_run"] / summary["epochs_full_budget"]}
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                                                             "tags.`crystaltune.kind` = 'trial'")
+    timing = search_timing(client, parent, children)
+    return {"space": space, "trials": summary["trials"], "wall_s": wall, "executor": parent.data.params.get("search.executor"),
+            "best_test_mae": summary.get("best_test_mae"),
+            **timing, "asha_epoch_fraction": timing["epochs_run"] / max(timing["epochs_full_budget"], 1)}
+
+
+def train_in_subprocess(model: str, epochs: int, limit: int | None, reference: bool, batch_size: int, threads: int,
+                        device: str = "cpu", amp: bool = False) -> dict[str, Any]:
+    """``bench train`` in a fresh process, so each model's peak memory is its own."""
+    cmd = [sys.executable, "-m", "crystaltune.bench", "train", "--model", model, "--epochs", str(epochs), "--json",
+           "--batch-size", str(batch_size), "--threads", str(threads), "--device", device]
+    cmd += (["--limit", str(limit)] if limit else []) + (["--reference"] if reference else []) + (["--amp"] if amp else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise CrystaltuneError(f"bench train --model {model} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout[out.stdout.index("{"):])
 
 
 def ddp_scaling(limit: int | None, epochs: int) -> dict[str, Any]:
@@ -69,29 +78,28 @@ def ddp_scaling(limit: int | None, epochs: int) -> dict[str, Any]:
     return out
 
 
-def bench_all(quick: bool = False, search_space: str = "smoke") -> dict[str, Any]:
-    import mlflow
-    import ray
-
+def bench_all(quick: bool = False, searches: tuple[str, ...] | None = None, command: str = "") -> dict[str, Any]:
+    """Every speed figure of the README's Performance section, measured now on this machine."""
     from ..data import load_dataset
+    from ..environment import describe_machine, versions_line
     from .graphs import bench_graphs
-    from .train import bench_train
 
-    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                           "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-                           "mlflow": mlflow.__version__, "quick": quick}
+    batch, threads = 256, min(2, os.cpu_count() or 1)
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": describe_machine(), "versions": versions_line(),
+                           "command": command, "quick": quick, "train_batch_size": batch, "train_threads": threads}
     res["graphs"] = bench_graphs("perovskites", 50 if quick else 300)
     load_dataset("perov5")
     t0 = time.perf_counter()
     load_dataset("perov5")
     res["cache_load_perov5_s"] = time.perf_counter() - t0
     limit, epochs = (256, 2) if quick else (None, 3)
-    res["train"] = {m: bench_train("perovskites", m, epochs, 256, 2, limit=limit, reference=(m == "cgcnn"))
-                    for m in MODELS}
+    res["train"] = {m: train_in_subprocess(m, epochs, limit, m == "cgcnn", batch, threads) for m in MODELS}
     res["ddp"] = ddp_scaling(240 if quick else None, 2 if quick else 3)
-    with tempfile.TemporaryDirectory() as tmp:
-        res["search"] = search_overhead(search_space, Path(tmp))
+    res["searches"] = []
+    for space in searches or (("smoke",) if quick else ("smoke", "perovskites")):
+        with tempfile.TemporaryDirectory() as tmp:
+            res["searches"].append(search_overhead(space, Path(tmp)))
     if torch.cuda.is_available():
-        res["gpu"] = {f"{m}_{'amp' if amp else 'fp32'}": bench_train("perovskites", m, 2, 256, 2, device="cuda", amp=amp)
+        res["gpu"] = {f"{m}_{'amp' if amp else 'fp32'}": train_in_subprocess(m, 3, None, False, batch, threads, "cuda", amp)
                       for m in ("cgcnn", "csgcnn") for amp in (False, True)}
     return res

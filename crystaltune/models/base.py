@@ -86,7 +86,10 @@ class CrystalModel(nn.Module):
         raise NotImplementedError
 
     def message_passing(self, x: torch.Tensor, edge_index: torch.Tensor, e: torch.Tensor, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """Default: apply ``self.blocks`` (modules called as ``block(x, edge_index, e)``) in order."""
+        for block in self.blocks:
+            x = block(x, edge_index, e)
+        return x
 
     # shared ---------------------------------------------------------------------------------------
     def edge_features(self, batch: Batch) -> torch.Tensor:

@@ -81,8 +81,3 @@ class CSGANN(CrystalModel):
                            self.activation)
             for _ in range(c.layers)
         )
-
-    def message_passing(self, x, edge_index, e, batch):
-        for block in self.blocks:
-            x = block(x, edge_index, e)
-        return x

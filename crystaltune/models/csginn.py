@@ -71,8 +71,3 @@ class CSGINN(CrystalModel):
                       self.mlp_layers)
             for _ in range(c.layers)
         )
-
-    def message_passing(self, x, edge_index, e, batch):
-        for block in self.blocks:
-            x = block(x, edge_index, e)
-        return x

@@ -22,6 +22,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="leaderboard, best_config.yaml, ... (default: crystaltune-results/NAME)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search to its full budget")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers (DDP ranks) per trial")
+    p.add_argument("--executor", choices=("auto", "train", "direct"),
+                   help="train = a Ray Train worker group per trial; direct = train in the Tune trial itself "
+                        "(one worker); auto (default) = direct for one worker, train for more")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--data", help="dataset file for the space's dataset (e.g. the SNUMAT file)")
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         space=a.space, num_samples=a.num_samples, max_epochs=a.max_epochs, address=a.address,
         tracking_uri=a.tracking_uri, storage=a.storage, output=a.output, resume=a.resume,
         workers_per_trial=a.workers_per_trial, gpus_per_worker=a.gpus_per_worker, seed=a.seed, data=a.data,
-        num_cpus=a.num_cpus))
+        num_cpus=a.num_cpus, executor=a.executor))
     if a.json:
         print(json.dumps(summary, indent=1, default=str))
     return 130 if summary.get("interrupted") else 0

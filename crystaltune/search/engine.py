@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError
-from .space import SearchSpace, load_space
+from .space import SearchSpace, check_executor, load_space
 
 
 @dataclass
@@ -32,6 +33,7 @@ class SearchOptions:
     num_cpus: int | None = None  # local Ray only (logical CPUs; default 2 x cores + 1)
     max_failures: int = 2
     quiet: bool = False
+    executor: str | None = None
 
 
 def prepare_space(opts: SearchOptions) -> SearchSpace:
@@ -52,6 +54,8 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
         space.workers = opts.workers_per_trial
     if opts.gpus_per_worker is not None:
         space.gpus_per_worker = opts.gpus_per_worker
+    if opts.executor or opts.workers_per_trial:
+        space.executor = check_executor("--executor", opts.executor or space.executor, space.workers)
     if opts.data:
         if not Path(opts.data).exists():
             raise CrystaltuneError(f"--data {opts.data}: no such file or folder")
@@ -116,7 +120,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     dataset = load_trial_dataset(base_cfg)
     log(f"[crystaltune] {space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
         f"{time.perf_counter() - t0:.1f}s; {space.num_samples} trials x <= {space.max_epochs} epochs, "
-        f"{space.workers} worker(s)/trial")
+        f"{space.workers} worker(s)/trial ({'Ray Train' if space.uses_ray_train else 'direct'})")
 
     import ray
     from ray import tune
@@ -124,18 +128,19 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     from ray.tune.search.optuna import OptunaSearch
 
     from .tracking import MLflowTracker, redact
-    from .trainable import trial_fn
+    from .trainable import direct_trial_fn, trial_fn
 
     if opts.address:
         ray.init(address=opts.address, log_to_driver=False)
     else:
         refuse_second_local_cluster()
-        # logical CPUs: each trial's function idles on one slot while its workers train on the others
-        ncpu = opts.num_cpus or 2 * (os.cpu_count() or 2) + 1
+        # logical CPUs: a Ray Train trial's function idles on one slot while its workers train on the
+        # others; a direct trial trains on its own slot
+        ncpu = opts.num_cpus or ((2 * (os.cpu_count() or 2) + 1) if space.uses_ray_train else (os.cpu_count() or 1))
         ray.init(num_cpus=ncpu, include_dashboard=True, log_to_driver=False)
     try:
         res = ray.cluster_resources()
-        per_trial_cpu = 1 + space.workers * space.cpus_per_worker
+        per_trial_cpu = (1 + space.workers * space.cpus_per_worker) if space.uses_ray_train else space.cpus_per_worker
         concurrency = max(1, int(res.get("CPU", 1) // per_trial_cpu))
         if space.gpus_per_worker > 0:
             gpus = res.get("GPU", 0)
@@ -147,8 +152,12 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
                     "max_failures": opts.max_failures}
         data_ref = ray.put(dataset)
         # wrapped in a list so with_parameters hands trials the reference, not a copy of the graphs
-        trainable = tune.with_resources(tune.with_parameters(trial_fn, space=space, data_ref=[data_ref], settings=settings),
-                                        {"cpu": 1})
+        if space.uses_ray_train:
+            fn, trial_resources = trial_fn, {"cpu": 1}
+        else:
+            fn, trial_resources = direct_trial_fn, {"cpu": space.cpus_per_worker, "gpu": space.gpus_per_worker}
+        trainable = tune.with_resources(tune.with_parameters(fn, space=space, data_ref=[data_ref], settings=settings),
+                                        trial_resources)
         exp_path = f"{storage.rstrip('/')}/{space.name}"
         state_file = str(output / "tracker_state.json")
         if opts.resume:
@@ -166,7 +175,9 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
                     Path(state_file).rename(f"{old}-tracker_state.json")
             info = {"space": space.name, "num_samples": space.num_samples, "max_epochs": space.max_epochs,
                     "workers_per_trial": space.workers, "gpus_per_worker": space.gpus_per_worker, "seed": opts.seed,
-                    "storage": redact(storage), "crystals": len(dataset)}
+                    "executor": "train" if space.uses_ray_train else "direct",
+                    "storage": redact(storage), "crystals": len(dataset), "machine": describe_machine(),
+                    "versions": versions_line()}
             tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
             from .space import DefineByRun
 
@@ -174,6 +185,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
                 trainable,
                 tune_config=tune.TuneConfig(
                     metric="val_mae", mode="min", num_samples=space.num_samples, max_concurrent_trials=concurrency,
+                    reuse_actors=not space.uses_ray_train,  # a direct trial keeps its warm process
                     search_alg=OptunaSearch(DefineByRun(space), metric="val_mae", mode="min", seed=opts.seed),
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
                                             reduction_factor=space.reduction_factor),
@@ -194,6 +206,8 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
 def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experiment: str, state_file: str, dataset,
                   search_time: float, log) -> dict[str, Any]:
     """Leaderboard, best_config.yaml and the parent run's artifacts (all from the driver)."""
+    from mlflow.entities import Metric
+
     from .leaderboard import build_leaderboard, format_table, write_csv
     from .report_artifacts import log_search_artifacts
     from .space import decode_sampled
@@ -210,6 +224,9 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
                                "epochs_run": sum(int(r["epochs"] or 0) for r in rows),
                                "epochs_full_budget": space.num_samples * space.max_epochs,
                                "interrupted": interrupted}
+    # for the report's overhead / ASHA figures (the latest session's tuner time when --resume was used)
+    tracker.client.log_batch(tracker.parent_run_id, metrics=[
+        Metric(k, float(summary[k]), int(time.time() * 1000), 0) for k in ("search_time_s", "epochs_run", "epochs_full_budget")])
     log("\n" + format_table(rows))
     if ok:
         best = ok[0]

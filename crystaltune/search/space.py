@@ -4,7 +4,7 @@
 name: perovskites
 dataset: {name: perovskites, targets: [band_gap], split_seed: 0, limit: null}
 budget: {num_samples: 40, max_epochs: 30, grace_period: 5, reduction_factor: 3}
-resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, executor: auto}
 fixed: {train.batch_size: 64, optim.schedule: cosine}
 search:
   model.name: {type: categorical, choices: [cgcnn, csgcnn]}
@@ -35,7 +35,10 @@ from ..registry import did_you_mean
 TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search")
 DATASET_KEYS = ("name", "data", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors")
 BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor")
-RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
+RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "executor")
+#: how a trial trains: "train" = a Ray Train worker group (DDP), "direct" = inside the Tune trial's own
+#: (reused) actor, one worker only; "auto" = direct for one worker, train for more
+EXECUTORS = ("auto", "train", "direct")
 PARAM_KEYS = {"categorical": ("type", "choices", "when"), "int": ("type", "low", "high", "step", "log", "when"),
               "float": ("type", "low", "high", "step", "log", "when")}
 
@@ -91,8 +94,14 @@ class SearchSpace:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    executor: str = "auto"
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_ray_train(self) -> bool:
+        """Whether trials run as Ray Train worker groups (else directly in the Tune trial's actor)."""
+        return self.executor == "train" or (self.executor == "auto" and self.workers > 1)
 
     def trial_config(self, sampled: dict[str, Any], output: str | None = None) -> TrialConfig:
         """The full, validated TrialConfig for one set of sampled values."""
@@ -257,6 +266,15 @@ def resolve_space(name_or_path: str | Path) -> Path:
     raise CrystaltuneError(f"unknown search space {text!r}{hint} (built in: {', '.join(sorted(builtin))}; or a path to a .yaml file)")
 
 
+def check_executor(where: str, executor: Any, workers: Any) -> str:
+    if executor not in EXECUTORS:
+        raise CrystaltuneError(f"{where}: expected one of {', '.join(EXECUTORS)}, got {executor!r}"
+                               + did_you_mean(str(executor), EXECUTORS))
+    if executor == "direct" and isinstance(workers, int) and workers > 1:
+        raise CrystaltuneError(f"{where}: 'direct' trains one worker per trial; {workers} workers need 'train' (or 'auto')")
+    return executor
+
+
 def parse_space(raw: Any, source: str = "<space>", default_name: str = "search") -> SearchSpace:
     if not isinstance(raw, dict):
         raise CrystaltuneError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
@@ -293,6 +311,7 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
         workers=_int(f"{source}: resources.workers", res.get("workers", 1)),
         cpus_per_worker=_num(f"{source}: resources.cpus_per_worker", res.get("cpus_per_worker", 1)),
         gpus_per_worker=_num(f"{source}: resources.gpus_per_worker", res.get("gpus_per_worker", 0)),
+        executor=check_executor(f"{source}: resources.executor", res.get("executor", "auto"), res.get("workers", 1)),
         source=source, raw=raw,
     )
     if space.grace_period > space.max_epochs:

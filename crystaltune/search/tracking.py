@@ -181,6 +181,13 @@ class MLflowTracker(tune.Callback):
         self.client.log_batch(rid, metrics=metrics)
         self.save()
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """A direct trial's epoch checkpoint, persisted by Tune after its result (Ray Train trials send
+        the path in the result instead)."""
+        if trial.trial_id in self.last_result:
+            self.last_result[trial.trial_id]["checkpoint_path"] = checkpoint.path
+            self.save()
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finish(trial, "FAILED" if trial.trial_id in self.errors else "FINISHED")
 
