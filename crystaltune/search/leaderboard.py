@@ -9,11 +9,13 @@ from typing import Any
 
 
 def build_leaderboard(tracker, space) -> list[dict[str, Any]]:
-    """One row per trial from the tracker's state (works after --resume too); failed trials last."""
+    """One row per trial from the tracker's state (works after --resume too); failed trials last, lost ones out."""
     from .space import decode_sampled
 
     rows = []
     for tid, run_id in tracker.runs.items():
+        if tracker.status.get(tid) == "LOST":  # never resumed by Tune; its slot was sampled again
+            continue
         last = tracker.last_result.get(tid, {})
         rows.append({
             "trial": tracker.names.get(tid, tid).split(" ")[0], "trial_id": tid, "run_id": run_id,

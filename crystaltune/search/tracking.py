@@ -64,11 +64,13 @@ class MLflowTracker(tune.Callback):
         self.errors: dict[str, str] = {}
         self.configs: dict[str, dict[str, Any]] = {}
         self._client = None
+        self._reconciled = False
 
     # pickling / Tune experiment state ------------------------------------------------------------
     def __getstate__(self):
         d = self.__dict__.copy()
         d["_client"] = None
+        d["_reconciled"] = False
         return d
 
     def get_state(self) -> dict[str, Any]:
@@ -154,6 +156,36 @@ class MLflowTracker(tune.Callback):
         params.update({f"searched.{k}": str(v) for k, v in sampled.items()})
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         return run.info.run_id
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._reconciled:  # the first step after a --resume sees every restored trial
+            self._reconciled = True
+            self.reconcile(trials)
+
+    def reconcile(self, trials) -> None:
+        """Square this state with the trials Tune restored. Tune snapshots its experiment periodically,
+        this tracker on every event, so a driver killed in between leaves trials only this tracker knows.
+        Tune never resumes those: an unfinished one is marked lost (kept in MLflow, out of the
+        leaderboard; Tune samples its slot again), a finished one is kept as it is."""
+        known = {t.trial_id for t in trials}
+        for tid, rid in self.runs.items():
+            if tid in known:
+                continue
+            name = self.names.get(tid, tid)
+            if self.status.get(tid) in ("RUNNING", "INTERRUPTED"):
+                self.client.set_tag(rid, "crystaltune.kind", "lost_trial")
+                self.client.set_tag(rid, "crystaltune.status", "lost")
+                self.client.set_tag(rid, "crystaltune.note", "started after Tune's last experiment snapshot before the "
+                                    "driver died; Tune could not resume it and sampled its slot again")
+                self.client.set_terminated(rid, "KILLED")
+                self.status[tid] = "LOST"
+                if self.verbose:
+                    print(f"[crystaltune] {name}: started after Tune's last snapshot, so it cannot be resumed; "
+                          "kept in MLflow as a lost trial, its slot is sampled again", flush=True)
+            elif self.status.get(tid) in ("FINISHED", "FAILED") and self.verbose:
+                print(f"[crystaltune] {name}: finished after Tune's last snapshot; kept, and Tune samples one more "
+                      "trial than the budget", flush=True)
+        self.save()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.child(trial)
