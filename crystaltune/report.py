@@ -58,9 +58,11 @@ def _f(x, nd=4):
 
 
 def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None = None,
-                 baseline: str | None = None, seeds: list[int] | None = None) -> tuple[Path, dict]:
+                 baseline: str | None = None, seeds: list[int] | None = None,
+                 retrain_epochs: int | None = None) -> tuple[Path, dict]:
     """Write report.md (+ PNGs) for a finished search; retrain best/baseline over ``seeds`` first when
-    asked. Returns the report path and the facts the README section is rendered from."""
+    asked (the best config for ``retrain_epochs`` instead of the search's budget when given). Returns
+    the report path and the facts the README section is rendered from."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -79,10 +81,14 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
         from .config import TrialConfig
 
         best_cfg = study.best_config_of(client, pid)
+        source = "best_config.yaml of the search"
+        if retrain_epochs:
+            best_cfg = study.with_epochs(best_cfg, retrain_epochs)
+            source += f", {retrain_epochs} epochs"
         base_cfg = TrialConfig.from_yaml(baseline) if baseline else None
         if base_cfg is not None:
             study.check_same_split(best_cfg, base_cfg, baseline)  # before any training
-        study.retrain(client, exp.experiment_id, pid, "best", best_cfg, seeds, "best_config.yaml of the search")
+        study.retrain(client, exp.experiment_id, pid, "best", best_cfg, seeds, source)
         if base_cfg is not None:
             study.retrain(client, exp.experiment_id, pid, "baseline", base_cfg, seeds, Path(baseline).as_posix())
     rows = []
@@ -226,12 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="folder for report.md and PNGs (default: crystaltune-results/NAME/report)")
     ap.add_argument("--retrain-seeds", type=int, nargs="+", metavar="SEED",
                     help="first retrain the search's best config (and --baseline) once per seed; logged to MLflow")
+    ap.add_argument("--retrain-epochs", type=int, metavar="N",
+                    help="retrain the best config for N epochs instead of the search's budget (its LR schedule stretched)")
     ap.add_argument("--baseline", help="a trial config YAML to retrain as the baseline (same split as the search)")
     ap.add_argument("--readme", help="also write this search's Results section into that README (between markers)")
     ap.add_argument("--target-mae", type=float, help="a test-MAE target to state the best trial against")
     a = ap.parse_args(argv)
-    if a.baseline and not a.retrain_seeds:
-        raise CrystaltuneError("--baseline needs --retrain-seeds")
+    for flag, value in (("--baseline", a.baseline), ("--retrain-epochs", a.retrain_epochs)):
+        if value is not None and not a.retrain_seeds:
+            raise CrystaltuneError(f"{flag} needs --retrain-seeds")
+    if a.retrain_epochs is not None and a.retrain_epochs < 1:
+        raise CrystaltuneError(f"--retrain-epochs must be >= 1 (got {a.retrain_epochs})")
     for flag, path in (("--baseline", a.baseline), ("--readme", a.readme)):
         if path and not Path(path).is_file():  # checked before any retraining
             raise CrystaltuneError(f"{flag} {path}: no such file")
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CrystaltuneError(f"no MLflow store at {uri}")
     path, facts = build_report(a.name, uri, Path(a.output or f"crystaltune-results/{a.name}/report"), a.run_id,
-                               a.baseline, a.retrain_seeds)
+                               a.baseline, a.retrain_seeds, a.retrain_epochs)
     print(f"report: {path}")
     if a.readme:
         from .readme import render_results, splice

@@ -35,6 +35,15 @@ def check_same_split(best: TrialConfig, baseline: TrialConfig, baseline_source: 
                                f"{a.get(diff[0])!r}; the baseline must train on the search's split")
 
 
+def with_epochs(cfg: TrialConfig, epochs: int) -> TrialConfig:
+    """``cfg`` trained for ``epochs`` epochs; step-schedule milestones scale along (cosine follows by itself)."""
+    d = cfg.to_dict()
+    old = d["train"]["epochs"]
+    d["train"]["epochs"] = epochs
+    d["optim"]["milestones"] = [max(1, round(m * epochs / old)) for m in d["optim"].get("milestones") or []]
+    return TrialConfig.from_dict(d)
+
+
 def config_digest(cfg: TrialConfig) -> str:
     d = cfg.to_dict()
     d.pop("output", None)

@@ -278,3 +278,16 @@ def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_s
     assert out.returncode == 0 and out.stdout.count("already in MLflow, not retrained") == 4
     _, runs = _runs(work)
     assert len([r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain"]) == 4
+    # the best config retrained longer than the search's budget: a new config, so new runs, and the README
+    # states the retrained mean against the target
+    out = subprocess.run(cmd[:-3] + ["--retrain-epochs", "5"], cwd=work, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--retrain-epochs needs --retrain-seeds" in out.stderr
+    out = subprocess.run(cmd[:-1] + ["--retrain-epochs", "5", "--readme", str(readme), "--target-mae", "0.01"], cwd=work,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    _, runs = _runs(work)
+    longer = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.params["train.epochs"] == "5"]
+    assert len(longer) == 1 and longer[0].data.tags["crystaltune.role"] == "best"
+    assert int(longer[0].data.tags["crystaltune.epochs_run"]) == 5
+    section = readme.read_text()
+    assert f"retrained (5 epochs, 1 seed(s)): mean test MAE {longer[0].data.metrics['test_mae']:.4f}" in section
