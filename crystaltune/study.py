@@ -84,15 +84,26 @@ def retrain(client, exp_id: str, parent_run_id: str, role: str, cfg: TrialConfig
         rid = run.info.run_id
         client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in c.flat().items()])
         t0 = time.perf_counter()
+
+        def per_epoch(metrics: dict, _ckpt, rid=rid, seed=seed) -> None:
+            """Epoch curves in MLflow as for a trial, and a progress line every tenth of the run."""
+            step, stamp = int(metrics["epoch"]), int(time.time() * 1000)
+            client.log_batch(rid, metrics=[Metric(k, float(metrics[k]), stamp, step) for k in ("train_mae", "val_mae", "lr")
+                                           if math.isfinite(metrics.get(k, math.nan))])
+            if step % max(1, c.train.epochs // 10) == 0:
+                log(f"[crystaltune] {role} seed {seed}: epoch {step}/{c.train.epochs}, val MAE {metrics['val_mae']:.4f} "
+                    f"(best {metrics['best_val_mae']:.4f}), {time.perf_counter() - t0:.0f} s")
+
         try:
-            m = fit(c, data=data)
+            m = fit(c, per_epoch, data=data)
         except TrialDiverged as exc:
             client.set_tag(rid, "crystaltune.error", str(exc)[:5000])
             client.set_terminated(rid, "FAILED")
             log(f"[crystaltune] {role} seed {seed}: diverged ({exc})")
             continue
         now = int(time.time() * 1000)
-        metrics = {k: m[k] for k in ("val_mae", "test_mae", "test_rmse", "test_r2") if k in m}
+        metrics = {k: m[k] for k in ("test_mae", "test_rmse", "test_r2") if k in m}
+        metrics["best_val_mae"] = m["val_mae"]
         metrics["train_time_s"] = time.perf_counter() - t0
         client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)],
                          tags=[RunTag("crystaltune.epochs_run", str(m.get("epochs_run", "")))])

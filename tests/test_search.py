@@ -288,6 +288,8 @@ def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_s
     _, runs = _runs(work)
     longer = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.params["train.epochs"] == "5"]
     assert len(longer) == 1 and longer[0].data.tags["crystaltune.role"] == "best"
-    assert int(longer[0].data.tags["crystaltune.epochs_run"]) == 5
+    assert int(longer[0].data.tags["crystaltune.epochs_run"]) == 5 and "best seed 0: epoch 5/5, val MAE" in out.stdout
+    history = client.get_metric_history(longer[0].info.run_id, "val_mae")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]
     section = readme.read_text()
     assert f"retrained (5 epochs, 1 seed(s)): mean test MAE {longer[0].data.metrics['test_mae']:.4f}" in section
