@@ -5,7 +5,6 @@ README section it writes, read the numbers back instead of anyone typing them)."
 from __future__ import annotations
 
 import hashlib
-import math
 import statistics
 import tempfile
 import time
@@ -59,8 +58,9 @@ def retrain_runs(client, exp_id: str, parent_run_id: str) -> list:
 def retrain(client, exp_id: str, parent_run_id: str, role: str, cfg: TrialConfig, seeds: list[int],
             source: str, log=print) -> None:
     """Train ``cfg`` once per seed (skipping seeds already logged for this exact config) and log each run."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Param, RunTag
 
+    from .mlflow_metrics import finite_metrics
     from .train.data import prepare_trial_data
     from .train.loop import TrialDiverged, fit
 
@@ -84,31 +84,36 @@ def retrain(client, exp_id: str, parent_run_id: str, role: str, cfg: TrialConfig
         rid = run.info.run_id
         client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in c.flat().items()])
         t0 = time.perf_counter()
-
-        def per_epoch(metrics: dict, _ckpt, rid=rid, seed=seed) -> None:
-            """Epoch curves in MLflow as for a trial, and a progress line every tenth of the run."""
-            step, stamp = int(metrics["epoch"]), int(time.time() * 1000)
-            client.log_batch(rid, metrics=[Metric(k, float(metrics[k]), stamp, step) for k in ("train_mae", "val_mae", "lr")
-                                           if math.isfinite(metrics.get(k, math.nan))])
-            if step % max(1, c.train.epochs // 10) == 0:
-                log(f"[crystaltune] {role} seed {seed}: epoch {step}/{c.train.epochs}, val MAE {metrics['val_mae']:.4f} "
-                    f"(best {metrics['best_val_mae']:.4f}), {time.perf_counter() - t0:.0f} s")
-
         try:
-            m = fit(c, per_epoch, data=data)
+            m = fit(c, _epoch_logger(client, rid, f"{role} seed {seed}", c.train.epochs, log), data=data)
         except TrialDiverged as exc:
             client.set_tag(rid, "crystaltune.error", str(exc)[:5000])
             client.set_terminated(rid, "FAILED")
             log(f"[crystaltune] {role} seed {seed}: diverged ({exc})")
             continue
-        now = int(time.time() * 1000)
-        metrics = {k: m[k] for k in ("test_mae", "test_rmse", "test_r2") if k in m}
-        metrics["best_val_mae"] = m["val_mae"]
-        metrics["train_time_s"] = time.perf_counter() - t0
-        client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)],
+        metrics = {**m, "best_val_mae": m["val_mae"], "train_time_s": time.perf_counter() - t0}
+        client.log_batch(rid, metrics=finite_metrics(metrics, ("test_mae", "test_rmse", "test_r2", "best_val_mae",
+                                                               "train_time_s"), 0),
                          tags=[RunTag("crystaltune.epochs_run", str(m.get("epochs_run", "")))])
         client.set_terminated(rid, "FINISHED")
         log(f"[crystaltune] {role} seed {seed}: test MAE {m['test_mae']:.4f} ({metrics['train_time_s']:.0f} s)")
+
+
+def _epoch_logger(client, run_id: str, label: str, epochs: int, log):
+    """``fit``'s per-epoch callback for a retrain: epoch curves in MLflow as for a trial, and a progress
+    line every tenth of the run."""
+    from .mlflow_metrics import finite_metrics
+
+    t0 = time.perf_counter()
+
+    def per_epoch(metrics: dict, _checkpoint) -> None:
+        step = int(metrics["epoch"])
+        client.log_batch(run_id, metrics=finite_metrics(metrics, ("train_mae", "val_mae", "lr"), step))
+        if step % max(1, epochs // 10) == 0:
+            log(f"[crystaltune] {label}: epoch {step}/{epochs}, val MAE {metrics['val_mae']:.4f} "
+                f"(best {metrics['best_val_mae']:.4f}), {time.perf_counter() - t0:.0f} s")
+
+    return per_epoch
 
 
 def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ the Tune experiment, so ``--resume`` and trial retries never duplicate runs or m
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -17,6 +16,7 @@ from typing import Any
 from ray import tune
 
 from ..config import flatten
+from ..mlflow_metrics import finite_metrics
 from .space import SearchSpace, decode_sampled
 
 EPOCH_METRICS = ("train_mae", "val_mae", "lr", "graphs_per_s", "epoch_time_s")
@@ -194,8 +194,6 @@ class MLflowTracker(tune.Callback):
         self.save()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
-
         rid = self.child(trial)
         if result.get("trial_failed"):  # a diverged / out-of-memory trial, reported by its workers
             self.errors[trial.trial_id] = str(result["trial_failed"])
@@ -207,10 +205,7 @@ class MLflowTracker(tune.Callback):
         self.last_result[trial.trial_id] = {k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS, "epoch", "checkpoint_path")
                                             if k in result}
         self.last_epoch[trial.trial_id] = epoch
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, epoch) for k in EPOCH_METRICS
-                   if k in result and isinstance(result[k], (int, float)) and math.isfinite(result[k])]
-        self.client.log_batch(rid, metrics=metrics)
+        self.client.log_batch(rid, metrics=finite_metrics(result, EPOCH_METRICS, epoch))
         self.save()
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -228,15 +223,11 @@ class MLflowTracker(tune.Callback):
         self.finish(trial, "FAILED")
 
     def finish(self, trial, status: str) -> None:
-        from mlflow.entities import Metric
-
         if self.status.get(trial.trial_id) in ("FINISHED", "FAILED"):
             return  # already recorded before an interruption; --resume must not log it twice
         rid = self.child(trial)
         last = self.last_result.get(trial.trial_id, {})
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(last[k]), now, int(last.get("epoch", 0))) for k in FINAL_METRICS
-                   if k in last and isinstance(last[k], (int, float)) and math.isfinite(last[k])]
+        metrics = finite_metrics(last, FINAL_METRICS, int(last.get("epoch", 0)))
         if metrics:
             self.client.log_batch(rid, metrics=metrics)
         if status == "FAILED":
