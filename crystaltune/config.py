@@ -140,21 +140,24 @@ class TrialConfig:
         _choice("optim.name", o.name, ("adam", "adamw", "sgd"))
         _choice("optim.schedule", o.schedule, ("cosine", "plateau", "onecycle", "step", "none"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-        _positive("model.hidden", m.hidden)
-        _positive("model.head_hidden", m.head_hidden)
-        _positive("model.layers", m.layers)
-        _positive("model.head_layers", m.head_layers)
-        _positive("model.edge_dim", m.edge_dim)
+        # upper bounds keep a few bytes of config from asking for gigabytes of model
+        _range("model.hidden", m.hidden, 1, 4096)
+        _range("model.head_hidden", m.head_hidden, 1, 8192)
+        _range("model.layers", m.layers, 1, 64)
+        _range("model.head_layers", m.head_layers, 1, 16)
+        _range("model.edge_dim", m.edge_dim, 1, 4096)
         _range("model.dropout", m.dropout, 0.0, 0.95)
         _positive("optim.lr", o.lr)
         _range("optim.weight_decay", o.weight_decay, 0.0, 10.0)
         _range("loss.kl_weight", self.loss.kl_weight, 0.0, 1e3)
         _positive("loss.huber_delta", self.loss.huber_delta)
-        _positive("train.epochs", t.epochs)
-        _positive("train.batch_size", t.batch_size)
-        _positive("train.eval_batch_size", t.eval_batch_size)
-        _positive("data.cutoff", d.cutoff)
-        _positive("data.max_neighbors", d.max_neighbors)
+        _range("train.epochs", t.epochs, 1, 100_000)
+        _range("train.batch_size", t.batch_size, 1, 65_536)
+        _range("train.eval_batch_size", t.eval_batch_size, 1, 65_536)
+        if t.num_threads is not None:
+            _range("train.num_threads", t.num_threads, 1, 1024)
+        _range("data.cutoff", d.cutoff, 0.5, 20.0)
+        _range("data.max_neighbors", d.max_neighbors, 1, 64)
         if d.limit is not None:
             _positive("data.limit", d.limit)
         if t.early_stopping is not None:
@@ -163,10 +166,11 @@ class TrialConfig:
             _positive("optim.grad_clip", o.grad_clip)
         if len(d.split) != 3 or min(d.split) < 0 or abs(sum(d.split) - 1) > 1e-6 or d.split[0] == 0:
             raise CrystaltuneError(f"data.split must be 3 non-negative fractions summing to 1, got {d.split}")
-        from .featurizers.edge import EDGE_FEATURIZERS as EF
+        from .featurizers.edge import check_edge_params
+        from .models.params import parse_params
 
-        _check_kwargs("model.edge_params", EF.get(m.edge_featurizer), m.edge_params, skip=("self", "cutoff"))
-        _check_kwargs("model.params", MODELS.get(m.name), m.params, skip=("self", "config", "n_targets", "cutoff"))
+        check_edge_params(m.edge_featurizer, d.cutoff, m.edge_params)
+        parse_params(MODELS.get(m.name).Params, m.params, m)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -258,14 +262,3 @@ def _positive(name: str, value: float) -> None:
 def _range(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
         raise CrystaltuneError(f"{name} must be in [{lo}, {hi}], got {value}")
-
-
-def _check_kwargs(name: str, fn: Any, params: dict[str, Any], skip: tuple = ()) -> None:
-    sig = inspect.signature(fn)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    allowed = [p for p in sig.parameters if p not in skip]
-    for key in params:
-        if key not in allowed:
-            hint = did_you_mean(key, allowed)
-            raise CrystaltuneError(f"{name}: unknown parameter {key!r}{hint} (known: {', '.join(allowed) or 'none'})")

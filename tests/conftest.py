@@ -12,6 +12,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 REF_DIR = Path(__file__).parent / "data" / "reference_cgcnn"
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # before any test imports Ray (it reads this once)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,7 +21,6 @@ def _isolated_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("ct-cache")
     old = os.environ.get("CRYSTALTUNE_CACHE_DIR")
     os.environ["CRYSTALTUNE_CACHE_DIR"] = str(path)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     yield path
     if old is None:
         os.environ.pop("CRYSTALTUNE_CACHE_DIR", None)

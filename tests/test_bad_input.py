@@ -124,3 +124,35 @@ def test_one_bad_crystal_does_not_stop_a_large_run(tmp_path):
     broken["structure"]["sites"][0]["abc"] = ["a", "b", "c"]
     ds = load_dataset(write_jsonl(tmp_path / "big.jsonl", good + [broken]))  # parallel path (>= 200)
     assert len(ds) == 300 and [s["id"] for s in ds.skipped] == ["broken"]
+
+
+@pytest.mark.parametrize("model,key,value,match", [
+    ("csgann", "params", {"heads": 0}, r"model.params.heads: must be in \[1, model.hidden = 64\], got 0"),
+    ("csgann", "params", {"heads": 65}, r"model.params.heads: must be in \[1, model.hidden"),
+    ("csgann", "params", {"heads": "four"}, r"model.params.heads: expected an integer, got 'four'"),
+    ("csgann", "params", {"attention": "dot"}, r"model.params.attention: must be one of transformer, gatv2"),
+    ("csginn", "params", {"mlp_layers": 0}, r"model.params.mlp_layers: must be in \[1, 8\]"),
+    ("flowgnn", "params", {"s_max": -1.0}, r"model.params.s_max: must be in \(0, 20\]"),
+    ("cgcnn", "params", {"heads": 2}, r"model.params: unknown key 'heads'"),
+    ("cgcnn", "edge_params", {"step": 1e-9}, r"model.edge_params.step must be in \[0.001, 10.0\]"),
+    ("cgcnn", "edge_params", {"step": 0.001}, r"gives more than 1024 Gaussians"),
+    ("cgcnn", "edge_params", {"step": "x"}, r"model.edge_params.step: expected a number"),
+    ("cgcnn", "edge_params", {"num_rbf": 8}, r"unknown parameter 'num_rbf' for the gaussian featurizer"),
+    ("cgcnn", "hidden", 10**9, r"model.hidden must be in \[1, 4096\]"),
+])
+def test_model_values_are_checked_when_the_config_is_validated(model, key, value, match):
+    """Typed model parameters, featurizer parameters and sizes fail validation (before Ray starts),
+    with the key in the message, not inside a trial."""
+    from crystaltune.config import TrialConfig
+
+    with pytest.raises(CrystaltuneError, match=match):
+        TrialConfig.from_dict({"model": {"name": model, key: value}})
+
+
+def test_a_space_fixing_a_bad_model_parameter_fails_before_any_trial():
+    from crystaltune.search.space import parse_space
+
+    raw = {"fixed": {"model.name": "csgann", "model.params.heads": 0},
+           "search": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+    with pytest.raises(CrystaltuneError, match="model.params.heads: must be in"):
+        parse_space(raw, "heads.yaml")

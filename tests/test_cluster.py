@@ -4,6 +4,7 @@ the smoke search with 2 DDP workers per trial."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,11 @@ def test_cluster_yaml_validates_offline():
     text = (ROOT / "cluster.yaml").read_text()
     assert "constraints.txt" in text and "--dashboard-host=127.0.0.1" in text and "--host 127.0.0.1" in text
     assert "0.0.0.0 " not in text.replace("0.0.0.0/0", "")  # nothing but SSH faces the internet
+    # token auth on every node, the token shipped to each of them
+    assert "RAY_AUTH_MODE=disabled" not in text
+    assert all("RAY_AUTH_MODE=token" in c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+               if "ray start" in c)
+    assert "~/.ray/auth_token" in config["file_mounts"]
     perms = config["provider"]["security_group"]["IpPermissions"]
     assert [(p["FromPort"], p["ToPort"]) for p in perms] == [(22, 22)]
 
@@ -40,9 +46,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    """`ray start --head` plus `ray start --address` as a second node, both on 127.0.0.1."""
+    """`ray start --head` plus `ray start --address` as a second node, both on 127.0.0.1, with token
+    authentication (a fresh token shared through RAY_AUTH_TOKEN, as a cluster shares its token file)."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     port = _free_port()
     tmp = Path("/tmp") / f"ct-ray-{port}"  # short path: unix socket names are length-limited
     head = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",

@@ -13,7 +13,9 @@ def test_two_cpu_workers_match_one_worker():
                                  "optim": {"lr": 3e-3}, "train": {"epochs": 4, "batch_size": 32}})
     import ray
 
-    ray.init(num_cpus=3, log_to_driver=False)
+    from crystaltune.raysession import start_local_ray
+
+    start_local_ray(num_cpus=3)
     try:
         one = fit_distributed(cfg, num_workers=1)
         two = fit_distributed(cfg, num_workers=2)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 SPACES = Path(__file__).parent / "data" / "spaces"
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+ENV = dict(os.environ)
 
 
 def search(args, cwd, env=ENV, timeout=900):

@@ -4,10 +4,13 @@ records, the leaderboard, best_config.yaml retraining to the same MAE; and space
 from __future__ import annotations
 
 import csv
+import ipaddress
 import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +22,55 @@ from crystaltune.search.space import load_space, parse_space
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _watch_listeners(proc: subprocess.Popen, seen: dict, timeout: float) -> None:
+    """Until ``proc`` ends, record every listening TCP socket of it and its descendants (Ray's GCS,
+    raylet, agents, workers) as ``(pid, name, address) -> environment's RAY_AUTH_MODE``."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            pids = {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+        pids[proc.pid] = psutil.Process(proc.pid)
+        for c in psutil.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN and c.pid in pids and (c.pid, c.laddr.ip) not in seen:
+                try:
+                    p = pids[c.pid]
+                    seen[(c.pid, c.laddr.ip)] = (p.name(), c.laddr.port, p.environ().get("RAY_AUTH_MODE"))
+                except psutil.Error:
+                    pass
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def smoke_search(tmp_path_factory):
-    """Run `python -m crystaltune.search smoke` once, as a user would, in a scratch directory."""
+    """Run `python -m crystaltune.search smoke` once, as a user would, in a scratch directory, and
+    record the sockets it listens on while it runs."""
     work = tmp_path_factory.mktemp("smoke")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(work / "out")],
-                         cwd=work, capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return work, out.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # what a new user has
+    proc = subprocess.Popen([sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(work / "out")],
+                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    listeners: dict = {}
+    watcher = threading.Thread(target=_watch_listeners, args=(proc, listeners, 900), daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate(timeout=900)
+    watcher.join(timeout=10)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return work, stdout, listeners
+
+
+def test_local_search_listens_on_loopback_only_with_token_auth(smoke_search):
+    """Ray's GCS, raylet, agents and workers of a local search: every listening socket on 127.0.0.1,
+    and every Ray process started with token authentication."""
+    listeners = smoke_search[2]
+    names = {name for name, _, _ in listeners.values()}
+    assert {"gcs_server", "raylet"} <= names, listeners  # the watcher saw Ray's servers
+    exposed = {k: v for k, v in listeners.items() if not ipaddress.ip_address(k[1].removeprefix("::ffff:")).is_loopback}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    ray_procs = {v[0]: v[2] for v in listeners.values() if v[0] in ("gcs_server", "raylet")}
+    assert set(ray_procs.values()) == {"token"}, ray_procs
 
 
 def _runs(work):
@@ -39,7 +82,7 @@ def _runs(work):
 
 
 def test_smoke_search_records_every_trial_in_mlflow(smoke_search):
-    work, stdout = smoke_search
+    work, stdout, _ = smoke_search
     client, runs = _runs(work)
     parents = [r for r in runs if r.data.tags.get("crystaltune.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"]
@@ -67,7 +110,7 @@ def test_smoke_search_records_every_trial_in_mlflow(smoke_search):
 
 
 def test_leaderboard_and_best_config_retrain_to_the_same_mae(smoke_search):
-    work, stdout = smoke_search
+    work, stdout, _ = smoke_search
     rows = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))
     assert len(rows) >= 4
     vals = [float(r["val_mae"]) for r in rows if r["val_mae"]]
@@ -85,7 +128,7 @@ def test_leaderboard_and_best_config_retrain_to_the_same_mae(smoke_search):
 
 
 def test_mlflow_pyfunc_model_predicts(smoke_search):
-    work, _ = smoke_search
+    work, _, _ = smoke_search
     import mlflow
     import pandas as pd
 
@@ -128,6 +171,40 @@ def test_bad_search_spaces_fail_before_ray(raw, match):
         parse_space(raw, "bad.yaml")
 
 
+def test_the_default_configuration_is_the_first_trial_and_recorded_as_such(smoke_search):
+    work, stdout, _ = smoke_search
+    client, runs = _runs(work)
+    children = sorted((r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"), key=lambda r: r.info.run_name)
+    space = load_space("smoke")
+    first = children[0]
+    assert first.info.run_name.startswith("t001") and first.info.run_name.endswith("(default)")
+    assert first.data.tags["crystaltune.default"] == "true"
+    assert all(r.data.tags["crystaltune.default"] == "false" for r in children[1:])
+    for key, value in space.default_point.items():  # the run trained exactly the default's values
+        assert first.data.params[key] == str(value), key
+    rows = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))
+    assert [r["trial"] for r in rows if r["default"] == "True"] == ["t001"]
+    assert "* the default configuration" in stdout and "the best is" in stdout
+
+
+def test_default_point_from_a_file_and_its_errors(tmp_path):
+    space = load_space("perovskites")  # default: baselines/cgcnn_default_perovskites.yaml
+    assert space.default_point["optim.name"] == "adam" and space.default_point["train.batch_size"] == 256
+    assert space.default_point["model.edge_params.step"] == 0.2 and "optim.weight_decay" not in space.default_point
+    raw = {"dataset": {"name": "perovskites"}, "fixed": {"optim.name": "sgd"},
+           "search": {"model.hidden": {"type": "int", "low": 32, "high": 96, "step": 32}}}
+    with pytest.raises(CrystaltuneError, match="default is not a point of this space .*optim.name = 'adam'"):
+        parse_space({**raw, "default": "baselines/cgcnn_default_perovskites.yaml"}, "s.yaml")
+    with pytest.raises(CrystaltuneError, match="no such config file 'nope.yaml'"):
+        parse_space({**raw, "default": "nope.yaml"}, "s.yaml")
+    with pytest.raises(CrystaltuneError, match="'model.layers' is not a searched parameter"):
+        parse_space({**raw, "default": {"model.layers": 3}}, "s.yaml")
+    narrow = {**raw, "search": {"model.hidden": {"type": "int", "low": 128, "high": 256}}}
+    with pytest.raises(CrystaltuneError, match=r"trial 0\) has model.hidden = 64, which the search cannot take"):
+        parse_space(narrow, "s.yaml")
+    assert parse_space({**narrow, "default": {"model.hidden": 128}}, "s.yaml").default_point == {"model.hidden": 128}
+
+
 def test_shipped_spaces_validate_and_search_the_required_parameters():
     required = {"model.name", "model.hidden", "model.layers", "model.pooling", "model.dropout", "model.edge_featurizer",
                 "model.node_featurizer", "model.learnable_edge", "model.global_features", "loss.name", "loss.kl_weight",
@@ -156,7 +233,7 @@ def test_sigkilled_search_resumes_without_duplicates_or_retraining(tmp_path):
     import signal
     import time
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = dict(os.environ)
     cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out"), "--executor", "train"]
     log = open(tmp_path / "first.log", "w+")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -233,7 +310,7 @@ def test_resume_sets_apart_trials_that_tune_never_snapshotted(tmp_path):
 
 
 def test_report_from_mlflow(smoke_search):
-    work, _ = smoke_search
+    work, _, _ = smoke_search
     out = subprocess.run([sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report")],
                          cwd=work, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -249,7 +326,7 @@ def test_report_from_mlflow(smoke_search):
 def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_search):
     """--retrain-seeds trains the search's best config and a baseline on the same split, logs each run
     to MLflow under the search, and the README section shows the numbers read back from there."""
-    work, _ = smoke_search
+    work, _, _ = smoke_search
     base = {"data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
             "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1}, "train": {"epochs": 2, "batch_size": 32}}
     (work / "baseline.yaml").write_text(yaml.safe_dump(base))

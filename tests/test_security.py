@@ -59,3 +59,15 @@ def test_no_source_code_unpickles_or_loads_yaml_unsafely():
         if "weights_only=False" in text or "yaml.load(" in text or "pickle.load" in text or "allow_pickle=True" in text:
             offenders.append(str(f))
     assert not offenders
+
+
+def test_ray_without_token_authentication_is_refused(monkeypatch):
+    """crystaltune never starts or joins Ray with authentication switched off."""
+    from crystaltune.errors import CrystaltuneError
+    from crystaltune.raysession import init_ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(CrystaltuneError, match="RAY_AUTH_MODE='disabled'.*token authentication only"):
+        init_ray(None, 1)
+    with pytest.raises(CrystaltuneError, match="token authentication only"):
+        init_ray("127.0.0.1:6379", 1)

@@ -61,11 +61,12 @@ def ddp_scaling(limit: int | None, epochs: int) -> dict[str, Any]:
     import ray
 
     from ..config import TrialConfig
+    from ..raysession import start_local_ray
     from ..train.distributed import fit_distributed
 
     cfg = TrialConfig.from_dict({"data": {"limit": limit}, "train": {"epochs": epochs, "batch_size": 64}})
     out = {}
-    ray.init(num_cpus=3, log_to_driver=False)
+    start_local_ray(num_cpus=3)
     try:
         for w in (1, 2):
             t0 = time.perf_counter()

@@ -129,3 +129,34 @@ def make_edge_featurizer(name: str, cutoff: float = 8.0, **params) -> nn.Module:
     """Instantiate a registered edge featurizer; unknown parameters raise a clear TypeError."""
     cls = EDGE_FEATURIZERS.get(name)
     return cls(cutoff=cutoff, **params)
+
+
+#: allowed ranges of the featurizers' parameters; ``MAX_EDGE_FEATURES`` caps (cutoff - dmin) / step,
+#: so a tiny step cannot ask for millions of Gaussians per edge
+EDGE_PARAM_RANGES = {"step": (1e-3, 10.0), "dmin": (0.0, 100.0), "num_rbf": (1, 512), "num_fourier": (0, 64)}
+MAX_EDGE_FEATURES = 1024
+
+
+def check_edge_params(name: str, cutoff: float, params: dict) -> None:
+    """Names, types and ranges of ``model.edge_params`` for featurizer ``name``, before anything is
+    built; raises CrystaltuneError naming the key."""
+    import inspect
+
+    from ..config import _coerce
+    from ..errors import CrystaltuneError
+    from ..registry import did_you_mean
+
+    sig = {k: p for k, p in inspect.signature(EDGE_FEATURIZERS.get(name)).parameters.items() if k not in ("self", "cutoff")}
+    values = {k: p.default for k, p in sig.items()}
+    for key, value in params.items():
+        if key not in sig:
+            raise CrystaltuneError(f"model.edge_params: unknown parameter {key!r}{did_you_mean(key, list(sig))} for the "
+                                   f"{name} featurizer (known: {', '.join(sig) or 'none'})")
+        values[key] = _coerce(value, type(sig[key].default), f"model.edge_params.{key}")
+    for key, value in values.items():
+        lo, hi = EDGE_PARAM_RANGES.get(key, (None, None))
+        if lo is not None and not lo <= value <= hi:
+            raise CrystaltuneError(f"model.edge_params.{key} must be in [{lo}, {hi}], got {value}")
+    if "step" in values and (cutoff - values.get("dmin", 0.0)) / values["step"] > MAX_EDGE_FEATURES:
+        raise CrystaltuneError(f"model.edge_params.step {values['step']} gives more than {MAX_EDGE_FEATURES} Gaussians "
+                               f"between dmin and the cutoff ({cutoff} Å); use a larger step")

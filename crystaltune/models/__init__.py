@@ -11,8 +11,10 @@ from .registry import MODELS
 
 def build_model(config: ModelConfig, n_targets: int = 1, cutoff: float = 8.0) -> CrystalModel:
     """Instantiate a registered model from its config."""
+    from .params import as_kwargs, parse_params
+
     cls = MODELS.get(config.name)
-    return cls(config, n_targets, cutoff, **config.params)
+    return cls(config, n_targets, cutoff, **as_kwargs(parse_params(cls.Params, config.params, config)))
 
 
 __all__ = ["MODELS", "POOLINGS", "CrystalModel", "build_model"]

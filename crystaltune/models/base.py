@@ -12,6 +12,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..featurizers import NodeFeaturizer, make_edge_featurizer
 from ..graphs.store import Batch
+from .params import ModelParams
 from .pooling import make_pooling
 
 N_CRYSTAL_SYSTEMS = 7
@@ -54,7 +55,10 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 
 
 class CrystalModel(nn.Module):
-    """Base class of every registered model."""
+    """Base class of every registered model. ``Params``: the dataclass of its ``model.params``
+    options (keyword arguments of its constructor), checked before anything is built."""
+
+    Params: type[ModelParams] = ModelParams
 
     def __init__(self, config: ModelConfig, n_targets: int = 1, cutoff: float = 8.0):
         super().__init__()

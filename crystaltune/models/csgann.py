@@ -22,14 +22,17 @@ projected back to ``hidden`` by a linear layer (the usual multi-head output proj
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torch_geometric.nn import GATv2Conv, TransformerConv
 
-from ..errors import CrystaltuneError
 from .base import CrystalModel, make_norm
+from .params import ModelParams, require
 from .registry import MODELS
 
 ACTIVATIONS = {"softplus": nn.Softplus, "silu": nn.SiLU}
+ATTENTIONS = ("transformer", "gatv2")
 
 
 class AttentionBlock(nn.Module):
@@ -53,22 +56,34 @@ class AttentionBlock(nn.Module):
         return self.drop(self.act(x + h if self.residual else h))
 
 
+@dataclass
+class CSGANNParams(ModelParams):
+    heads: int = 4
+    attention: str = "transformer"
+    activation: str = "softplus"
+
+    def check(self, model) -> None:
+        require(1 <= self.heads <= model.hidden, "model.params.heads",
+                f"must be in [1, model.hidden = {model.hidden}], got {self.heads}")
+        require(self.attention in ATTENTIONS, "model.params.attention",
+                f"must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        require(self.activation in ACTIVATIONS, "model.params.activation",
+                f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+
+
 @MODELS.register("csgann")
 class CSGANN(CrystalModel):
     """Attention message passing with edge features (see the module docstring).
 
-    Options (``model.params``): ``heads`` (int, default 4), ``attention`` ("transformer" | "gatv2",
-    default "transformer"), ``activation`` ("softplus" | "silu", default "softplus").
+    Options (``model.params``, :class:`CSGANNParams`): ``heads`` (int in [1, hidden], default 4),
+    ``attention`` ("transformer" | "gatv2", default "transformer"), ``activation`` ("softplus" |
+    "silu", default "softplus").
     """
+
+    Params = CSGANNParams
 
     def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, heads: int = 4,
                  attention: str = "transformer", activation: str = "softplus"):
-        if not (isinstance(heads, int) and heads >= 1):
-            raise CrystaltuneError(f"csgann: heads must be a positive integer, got {heads!r}")
-        if attention not in ("transformer", "gatv2"):
-            raise CrystaltuneError(f"csgann: attention must be 'transformer' or 'gatv2', got {attention!r}")
-        if activation not in ACTIVATIONS:
-            raise CrystaltuneError(f"csgann: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         self.num_heads = heads  # not self.heads: the base class keeps the output heads there
         self.attention = attention
         self.activation = activation

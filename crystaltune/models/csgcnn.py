@@ -21,12 +21,15 @@ parameter names; a ``cgcnn`` state dict loads into it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .base import make_norm
 from .cgcnn import CGCNN, factored_edge_linear
+from .params import ModelParams
 from .registry import MODELS
 
 
@@ -45,6 +48,11 @@ class EdgeUpdate(nn.Module):
         return e + self.fc2(F.softplus(self.norm(h)))
 
 
+@dataclass
+class CSGCNNParams(ModelParams):
+    edge_update: bool = True
+
+
 @MODELS.register("csgcnn")
 class CSGCNN(CGCNN):
     """CGCNN gated convolutions with an edge update between consecutive layers.
@@ -53,6 +61,8 @@ class CSGCNN(CGCNN):
     their end atoms after every convolution but the last; False gives plain CGCNN on whatever
     featurizers the config picks.
     """
+
+    Params = CSGCNNParams
 
     def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, edge_update: bool = True):
         self.edge_update = bool(edge_update)

@@ -14,12 +14,14 @@ The MLP has ``mlp_layers`` linear layers of width ``hidden`` with norm + softplu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torch.nn import functional as F
 from torch_geometric.nn import GINEConv
 
-from ..errors import CrystaltuneError
 from .base import CrystalModel, make_norm
+from .params import ModelParams, require
 from .registry import MODELS
 
 
@@ -45,20 +47,33 @@ class GINEBlock(nn.Module):
         return self.drop(F.softplus(x + h if self.residual else h))
 
 
+AGGREGATIONS = ("add", "sum", "mean", "max")
+
+
+@dataclass
+class CSGINNParams(ModelParams):
+    train_eps: bool = True
+    aggr: str = "add"
+    mlp_layers: int = 2
+
+    def check(self, model) -> None:
+        require(self.aggr in AGGREGATIONS, "model.params.aggr",
+                f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggr!r}")
+        require(1 <= self.mlp_layers <= 8, "model.params.mlp_layers", f"must be in [1, 8], got {self.mlp_layers}")
+
+
 @MODELS.register("csginn")
 class CSGINN(CrystalModel):
     """GINE message passing (see the module docstring).
 
     Options (``model.params``): ``train_eps`` (bool, default True), ``aggr`` ("add" | "mean" | "max",
-    default "add"), ``mlp_layers`` (int >= 1, default 2).
+    default "add"), ``mlp_layers`` (int in [1, 8], default 2).
     """
+
+    Params = CSGINNParams
 
     def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, train_eps: bool = True, aggr: str = "add",
                  mlp_layers: int = 2):
-        if aggr not in ("add", "sum", "mean", "max"):
-            raise CrystaltuneError(f"csginn: aggr must be 'add', 'mean' or 'max', got {aggr!r}")
-        if not (isinstance(mlp_layers, int) and mlp_layers >= 1):
-            raise CrystaltuneError(f"csginn: mlp_layers must be a positive integer, got {mlp_layers!r}")
         self.train_eps = bool(train_eps)
         self.aggr = aggr
         self.mlp_layers = mlp_layers

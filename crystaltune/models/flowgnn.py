@@ -20,12 +20,15 @@ CGCNN would. The per-crystal sum of log-determinants of the last forward pass is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..errors import CrystaltuneError
 from .base import CrystalModel
 from .cgcnn import CGConv
+from .params import ModelParams, require
 from .registry import MODELS
 
 
@@ -67,6 +70,21 @@ class AffineCoupling(nn.Module):
         return self._join(cond, (trans - t) * torch.exp(-s))
 
 
+@dataclass
+class FlowGNNParams(ModelParams):
+    flow_layers: int = 1
+    flow_hidden: int | None = None
+    s_max: float = 2.0
+
+    def check(self, model) -> None:
+        require(0 <= self.flow_layers <= 16, "model.params.flow_layers", f"must be in [0, 16], got {self.flow_layers}")
+        require(self.flow_hidden is None or 1 <= self.flow_hidden <= 4096, "model.params.flow_hidden",
+                f"must be in [1, 4096] (or null: model.hidden), got {self.flow_hidden}")
+        require(0 < self.s_max <= 20, "model.params.s_max", f"must be in (0, 20], got {self.s_max}")
+        require(not self.flow_layers or model.hidden >= 2, "model.params.flow_layers",
+                f"coupling layers need model.hidden >= 2, got {model.hidden}")
+
+
 @MODELS.register("flowgnn")
 class FlowGNN(CrystalModel):
     """CGConv layers each followed by ``flow_layers`` affine couplings (see the module docstring).
@@ -76,16 +94,10 @@ class FlowGNN(CrystalModel):
     log-scale, default 2.0).
     """
 
+    Params = FlowGNNParams
+
     def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, flow_layers: int = 1,
                  flow_hidden: int | None = None, s_max: float = 2.0):
-        if not (isinstance(flow_layers, int) and flow_layers >= 0):
-            raise CrystaltuneError(f"flowgnn: flow_layers must be a non-negative integer, got {flow_layers!r}")
-        if flow_hidden is not None and not (isinstance(flow_hidden, int) and flow_hidden >= 1):
-            raise CrystaltuneError(f"flowgnn: flow_hidden must be a positive integer, got {flow_hidden!r}")
-        if not s_max > 0:
-            raise CrystaltuneError(f"flowgnn: s_max must be > 0, got {s_max!r}")
-        if flow_layers and config.hidden < 2:
-            raise CrystaltuneError("flowgnn: coupling layers need hidden >= 2")
         self.flow_layers = flow_layers
         self.flow_hidden = flow_hidden
         self.s_max = float(s_max)

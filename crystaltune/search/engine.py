@@ -99,7 +99,9 @@ def default_tracking_uri() -> str:
 
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from ..raysession import init_ray, require_token_auth
+
+    require_token_auth()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     space = prepare_space(opts)
     output = Path(opts.output or Path("crystaltune-results") / space.name).resolve()
@@ -130,14 +132,14 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     from .tracking import MLflowTracker, redact
     from .trainable import direct_trial_fn, trial_fn
 
-    if opts.address:
-        ray.init(address=opts.address, log_to_driver=False)
-    else:
+    ncpu = None
+    if not opts.address:
         refuse_second_local_cluster()
         # logical CPUs: a Ray Train trial's function idles on one slot while its workers train on the
         # others; a direct trial trains on its own slot
         ncpu = opts.num_cpus or ((2 * (os.cpu_count() or 2) + 1) if space.uses_ray_train else (os.cpu_count() or 1))
-        ray.init(num_cpus=ncpu, include_dashboard=True, log_to_driver=False)
+    # a local instance listens on 127.0.0.1 only; token authentication either way
+    init_ray(opts.address, ncpu, include_dashboard=True)
     try:
         res = ray.cluster_resources()
         per_trial_cpu = (1 + space.workers * space.cpus_per_worker) if space.uses_ray_train else space.cpus_per_worker
@@ -179,14 +181,16 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
                     "storage": redact(storage), "crystals": len(dataset), "machine": describe_machine(),
                     "versions": versions_line()}
             tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
-            from .space import DefineByRun
+            from .space import DefineByRun, encode_point
 
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
                     metric="val_mae", mode="min", num_samples=space.num_samples, max_concurrent_trials=concurrency,
                     reuse_actors=not space.uses_ray_train,  # a direct trial keeps its warm process
-                    search_alg=OptunaSearch(DefineByRun(space), metric="val_mae", mode="min", seed=opts.seed),
+                    # the default configuration is trial 0, then Optuna's sampler takes over
+                    search_alg=OptunaSearch(DefineByRun(space), metric="val_mae", mode="min", seed=opts.seed,
+                                            points_to_evaluate=[encode_point(space.default_point, space)]),
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
                                             reduction_factor=space.reduction_factor),
                 ),
@@ -246,8 +250,16 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
         tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
     log(f"\n[crystaltune] {len(rows)} trials ({summary['failed']} failed) in {search_time:.0f}s; "
         f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)")
+    default = next((r for r in ok if r["default"]), None)
+    if default:
+        summary.update({"default_trial": default["name"], "default_val_mae": default["val_mae"],
+                        "default_test_mae": default["test_mae"]})
     if ok:
         log(f"[crystaltune] best: {summary['best_trial']}  val_mae {summary['best_val_mae']:.4f}  test_mae {summary['best_test_mae']:.4f}")
+    if default:
+        gain = 100 * (1 - summary["best_val_mae"] / default["val_mae"]) if default["val_mae"] > 0 else 0.0
+        log(f"[crystaltune] default ({space.default_source}): {default['trial']}  val_mae {default['val_mae']:.4f}  "
+            f"test_mae {default['test_mae']:.4f}; the best is {gain:.1f}% lower on val MAE")
         log(f"[crystaltune] wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
         log(f"[crystaltune] retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
     log(f"[crystaltune] MLflow: mlflow ui --backend-store-uri {tracking_uri}  (experiment '{experiment}', "

@@ -14,6 +14,7 @@ def build_leaderboard(tracker, space) -> list[dict[str, Any]]:
 
     rows = []
     for tid, run_id in tracker.runs.items():
+        params = decode_sampled(tracker.configs.get(tid, {}), space)
         if tracker.status.get(tid) == "LOST":  # never resumed by Tune; its slot was sampled again
             continue
         last = tracker.last_result.get(tid, {})
@@ -24,7 +25,7 @@ def build_leaderboard(tracker, space) -> list[dict[str, Any]]:
             "test_rmse": last.get("test_rmse", math.nan), "test_r2": last.get("test_r2", math.nan),
             "epochs": last.get("epoch", 0), "error": tracker.errors.get(tid, ""),
             "checkpoint": last.get("checkpoint_path", ""),
-            "params": decode_sampled(tracker.configs.get(tid, {}), space) if hasattr(tracker, "configs") else {},
+            "params": params, "default": params == space.default_point,
         })
     ok = [r for r in rows if r["status"] != "FAILED" and math.isfinite(r["val_mae"])]
     bad = [r for r in rows if r not in ok]
@@ -40,24 +41,33 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys = sorted({k for r in rows for k in r["params"]})
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["rank", "trial", "status", "val_mae", "test_mae", "test_rmse", "test_r2", "epochs", "run_id", "name",
-                    *keys, "error"])
+        w.writerow(["rank", "trial", "default", "status", "val_mae", "test_mae", "test_rmse", "test_r2", "epochs", "run_id",
+                    "name", *keys, "error"])
         for i, r in enumerate(rows, start=1):
-            w.writerow([i, r["trial"], r["status"], _f(r["val_mae"]), _f(r["test_mae"]), _f(r["test_rmse"]),
+            w.writerow([i, r["trial"], r["default"], r["status"], _f(r["val_mae"]), _f(r["test_mae"]), _f(r["test_rmse"]),
                         _f(r["test_r2"]), r["epochs"], r["run_id"], r["name"], *[r["params"].get(k, "") for k in keys],
                         r["error"]])
 
 
+def column_names(keys: list[str]) -> list[str]:
+    """Short unique headers: the last part of a dotted key, or its section where that part repeats
+    (``loss.name`` -> ``loss``, ``model.name`` -> ``model``)."""
+    last = [k.split(".")[-1] for k in keys]
+    return [k.split(".")[-2] if last.count(k.split(".")[-1]) > 1 and "." in k else k.split(".")[-1] for k in keys]
+
+
 def format_table(rows: list[dict[str, Any]], top: int = 10) -> str:
     diff = differing_params(rows)
-    head = ["#", "trial", "status", "val_mae", "test_mae", "epochs", *[k.split(".")[-1] for k in diff]]
+    head = ["#", "trial", "status", "val_mae", "test_mae", "epochs", *column_names(diff)]
     body = []
-    for i, r in enumerate(rows[:top], start=1):
-        body.append([str(i), r["trial"], r["status"], _f(r["val_mae"]), _f(r["test_mae"]), str(r["epochs"]),
+    shown = rows[:top] + [r for r in rows[top:] if r["default"]]  # the default always, to compare with
+    for r in shown:
+        body.append([str(rows.index(r) + 1), r["trial"] + ("*" if r["default"] else ""), r["status"], _f(r["val_mae"]), _f(r["test_mae"]), str(r["epochs"]),
                      *[_short(r["params"].get(k, "-")) for k in diff]])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+    note = ["* the default configuration (the search's first trial)"] if any(r["default"] for r in shown) else []
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body), *note])
 
 
 def _f(x) -> str:

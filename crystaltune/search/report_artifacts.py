@@ -16,19 +16,9 @@ import numpy as np
 def optuna_study(tracker, space, rows):
     """An in-memory Optuna study rebuilt from the finished trials (works after --resume too)."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    from .space import encode_choice
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    dists = {}
-    for p in space.params:
-        if p.type == "categorical":
-            dists[p.name] = CategoricalDistribution([encode_choice(c) for c in p.choices])
-        elif p.type == "int":
-            dists[p.name] = IntDistribution(int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-        else:
-            dists[p.name] = FloatDistribution(float(p.low), float(p.high), step=p.step, log=p.log)
+    dists = {p.name: p.distribution() for p in space.params}
     study = optuna.create_study(direction="minimize")
     for r in rows:
         if r["status"] == "FAILED" or not math.isfinite(r["val_mae"]):

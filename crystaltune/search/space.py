@@ -32,7 +32,7 @@ from ..config import TrialConfig, flatten
 from ..errors import CrystaltuneError
 from ..registry import did_you_mean
 
-TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search")
+TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search", "default")
 DATASET_KEYS = ("name", "data", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors")
 BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor")
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "executor")
@@ -58,6 +58,29 @@ class Param:
 
     def active(self, sampled: dict[str, Any]) -> bool:
         return all(k in sampled and sampled[k] in vals for k, vals in self.when.items())
+
+    def distribution(self):
+        """The Optuna distribution this parameter is sampled from."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.type == "categorical":
+            return CategoricalDistribution([encode_choice(c) for c in self.choices])
+        if self.type == "int":
+            return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return FloatDistribution(float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def describe(self) -> str:
+        if self.type == "categorical":
+            return f"choices: {self.choices}"
+        return f"{self.low}..{self.high}" + (f" step {self.step}" if self.step else "") + (" log" if self.log else "")
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take (a choice, or on the range and its step)."""
+        dist = self.distribution()
+        try:
+            return bool(dist._contains(dist.to_internal_repr(encode_choice(value))))
+        except (ValueError, TypeError):
+            return False
 
     def suggest(self, trial) -> Any:
         if self.type == "categorical":
@@ -96,7 +119,9 @@ class SearchSpace:
     gpus_per_worker: float = 0.0
     executor: str = "auto"
     source: str = ""
-    raw: dict[str, Any] = field(default_factory=dict)
+    #: the well-trained default as values of the searched parameters: every search evaluates it first
+    default_point: dict[str, Any] = field(default_factory=dict)
+    default_source: str = ""
 
     @property
     def uses_ray_train(self) -> bool:
@@ -126,6 +151,12 @@ class DefineByRun:
             if p.active(sampled):
                 sampled[p.name] = p.suggest(trial)
         return None
+
+
+def encode_point(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """Parameter values -> Optuna's values (for ``points_to_evaluate``); the inverse of decode_sampled."""
+    kinds = {p.name: p.type for p in space.params}
+    return {k: encode_choice(v) if kinds[k] == "categorical" else v for k, v in point.items()}
 
 
 def decode_sampled(config: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
@@ -312,11 +343,14 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
         cpus_per_worker=_num(f"{source}: resources.cpus_per_worker", res.get("cpus_per_worker", 1)),
         gpus_per_worker=_num(f"{source}: resources.gpus_per_worker", res.get("gpus_per_worker", 0)),
         executor=check_executor(f"{source}: resources.executor", res.get("executor", "auto"), res.get("workers", 1)),
-        source=source, raw=raw,
+        source=source,
     )
     if space.grace_period > space.max_epochs:
         raise CrystaltuneError(f"{source}: budget.grace_period ({space.grace_period}) > max_epochs ({space.max_epochs})")
     validate_samples(space)
+    from .default_point import resolve_default
+
+    space.default_point, space.default_source = resolve_default(raw.get("default"), space, source)
     return space
 
 

@@ -145,9 +145,11 @@ class MLflowTracker(tune.Callback):
             return self.runs[tid]
         sampled = decode_sampled(trial.config, self.space)
         self.configs[tid] = dict(trial.config)
-        name = run_name(len(self.runs) + 1, sampled, self.space.base)
+        is_default = sampled == self.space.default_point
+        name = run_name(len(self.runs) + 1, sampled, self.space.base) + (" (default)" if is_default else "")
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": self.parent_run_id, "crystaltune.trial_id": tid, "crystaltune.kind": "trial"})
+            "mlflow.parentRunId": self.parent_run_id, "crystaltune.trial_id": tid, "crystaltune.kind": "trial",
+            "crystaltune.default": str(is_default).lower()})
         self.runs[tid], self.names[tid] = run.info.run_id, name
         cfg = self.space.trial_config(sampled)
         from mlflow.entities import Param

@@ -3,7 +3,6 @@ GPU), without Tune. The same worker loop the search uses."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Any
 
@@ -14,7 +13,6 @@ def fit_distributed(cfg: TrialConfig, num_workers: int = 2, use_gpu: bool = Fals
                     address: str | None = None, storage: str | None = None) -> dict[str, Any]:
     """Train with ``num_workers`` DDP ranks through a real Ray Train TorchTrainer; returns the last
     report (best-val metrics included). Starts a local Ray instance unless one is running."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import ray.train
     import ray.train.torch
@@ -23,8 +21,9 @@ def fit_distributed(cfg: TrialConfig, num_workers: int = 2, use_gpu: bool = Fals
 
     started = False
     if not ray.is_initialized():
-        kwargs = {"address": address} if address else {"num_cpus": max(int(num_workers * cpus_per_worker), 1) + 1}
-        ray.init(log_to_driver=False, **kwargs)
+        from ..raysession import init_ray
+
+        init_ray(address, max(int(num_workers * cpus_per_worker), 1) + 1)
         started = True
     try:
         from ..train.data import load_trial_dataset
