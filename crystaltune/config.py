@@ -28,6 +28,8 @@ class DataConfig:
     cutoff: float = 8.0
     max_neighbors: int = 12
     limit: int | None = None  # use only the first N crystals (seeded subset), for smoke runs
+    folds: int | None = None  # k-fold cross-validation: the test set is fold ``fold`` of ``folds``
+    fold: int = 0
 
 
 @dataclass
@@ -164,6 +166,9 @@ class TrialConfig:
             _positive("train.early_stopping", t.early_stopping)
         if o.grad_clip is not None:
             _positive("optim.grad_clip", o.grad_clip)
+        if d.folds is not None:
+            _range("data.folds", d.folds, 2, 100)
+            _range("data.fold", d.fold, 0, d.folds - 1)
         if len(d.split) != 3 or min(d.split) < 0 or abs(sum(d.split) - 1) > 1e-6 or d.split[0] == 0:
             raise CrystaltuneError(f"data.split must be 3 non-negative fractions summing to 1, got {d.split}")
         from .featurizers.edge import check_edge_params

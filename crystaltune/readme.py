@@ -45,12 +45,16 @@ def render_results(f: dict[str, Any]) -> str:
            f"({100 * t['epochs_run'] / max(t['epochs_full_budget'], 1):.0f}%).", ""]
     r = f.get("retrained") or {}
     if r:
-        out += ["| configuration | test MAE per seed | mean ± sd |", "|---|---|---|"]
-        for role in ("baseline", "best"):
-            if role in r:
-                seeds = " / ".join(f"{v:.4f}" for v in r[role]["seeds"].values())
-                out.append(f"| {role}: {_describe(r[role]['params'])} | {seeds} (seeds {', '.join(map(str, r[role]['seeds']))}) | "
-                           f"{r[role]['mean']:.4f} ± {r[role]['sd']:.4f} |")
+        over = "fold" if r.get("best", {}).get("cv") else "seed"
+        out += [f"| configuration | test MAE per {over} | mean ± sd | mean val MAE |", "|---|---|---|---|"]
+        labels = {"reference": "reference recipe", "baseline": "well-trained default"}
+        rows = [(labels[k], r[k]) for k in ("reference", "baseline") if k in r]
+        rows += [(f"searched, trial {c['trial']}" + (" (chosen by val)" if c is r.get("best") else ""), c)
+                 for c in r.get("candidates", {}).values()]
+        for label, c in rows:
+            reps = " / ".join(f"{v:.4f}" for v in c["seeds"].values())
+            out.append(f"| {label}: {_describe(c['params'])} | {reps} ({over}s {', '.join(map(str, c['seeds']))}) | "
+                       f"{c['mean']:.4f} ± {c['sd']:.4f} | {c['val_mean']:.4f} |")
         if "improvement" in r:
             out += ["", improvement_sentence(r["improvement"])]
         out.append("")

@@ -53,16 +53,38 @@ def search_timing(client, parent, children) -> dict:
             "epochs_run": int(run), "epochs_full_budget": int(full)}
 
 
+def rung_correlation(client, children, max_epochs: int) -> list[dict]:
+    """How well a trial's val MAE at epoch e ranks it by its final (best) val MAE: Spearman rho over
+    the trials that ran the full budget, for the epochs ASHA's rungs could sit at. A search run with
+    ``--grace-period`` = ``--max-epochs`` gives every trial the full budget."""
+    from scipy.stats import spearmanr
+
+    curves = []
+    for r in children:
+        hist = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "val_mae")}
+        if len(hist) >= max_epochs and all(math.isfinite(v) for v in hist.values()):
+            curves.append(hist)
+    if len(curves) < 5:
+        return []
+    final = [min(h.values()) for h in curves]
+    out = []
+    for e in sorted({e for e in (1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 80) if e < max_epochs} | {max_epochs // 3}):
+        rho = spearmanr([h[e] for h in curves], final).statistic
+        out.append({"epoch": e, "rho": float(rho), "trials": len(curves)})
+    return out
+
+
 def _f(x, nd=4):
     return f"{x:.{nd}f}" if isinstance(x, float) and math.isfinite(x) else "-"
 
 
 def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None = None,
                  baseline: str | None = None, seeds: list[int] | None = None,
-                 retrain_epochs: int | None = None) -> tuple[Path, dict]:
-    """Write report.md (+ PNGs) for a finished search; retrain best/baseline over ``seeds`` first when
-    asked (the best config for ``retrain_epochs`` instead of the search's budget when given). Returns
-    the report path and the facts the README section is rendered from."""
+                 retrain_epochs: int | None = None, top_k: int = 1, reference: str | None = None,
+                 cv: int | None = None) -> tuple[Path, dict]:
+    """Write report.md (+ PNGs) for a finished search; first, when ``seeds`` or ``cv`` ask for it,
+    retrain the top-k trials and the baselines on the same split (each seed) or on each of ``cv``
+    folds. Returns the report path and the facts the README section is rendered from."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -76,21 +98,8 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
     if not children:
         raise CrystaltuneError(f"search run {pid} has no trial runs")
     output.mkdir(parents=True, exist_ok=True)
-    if seeds:
-        from . import study
-        from .config import TrialConfig
-
-        best_cfg = study.best_config_of(client, pid)
-        source = "best_config.yaml of the search"
-        if retrain_epochs:
-            best_cfg = study.with_epochs(best_cfg, retrain_epochs)
-            source += f", {retrain_epochs} epochs"
-        base_cfg = TrialConfig.from_yaml(baseline) if baseline else None
-        if base_cfg is not None:
-            study.check_same_split(best_cfg, base_cfg, baseline)  # before any training
-        study.retrain(client, exp.experiment_id, pid, "best", best_cfg, seeds, source)
-        if base_cfg is not None:
-            study.retrain(client, exp.experiment_id, pid, "baseline", base_cfg, seeds, Path(baseline).as_posix())
+    if seeds or cv:
+        _retrain_study(client, exp.experiment_id, pid, baseline, reference, seeds, cv, top_k, retrain_epochs)
     rows = []
     for r in children:
         m, p = r.data.metrics, r.data.params
@@ -132,16 +141,16 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
               f"(including per-epoch evaluation) took {t['training_s']:.0f} s in all, so {100 * t['overhead_fraction']:.1f}% "
               f"of the trial-slot time was overhead (trial start-up, Ray, Tune, MLflow, checkpoints). ASHA ran "
               f"{t['epochs_run']} of the {t['epochs_full_budget']} epochs a full-budget search would run.", ""]
-    if retrained:
-        lines += ["## Retrained over seeds (same split)", "", "| configuration | test MAE per seed | mean ± sd |", "|---|---|---|"]
-        for role in ("baseline", "best"):
-            if role in retrained:
-                r = retrained[role]
-                lines.append(f"| {role} ({r['source']}) | {' / '.join(f'{v:.4f}' for v in r['seeds'].values())} | "
-                             f"{r['mean']:.4f} ± {r['sd']:.4f} |")
-        if "improvement" in retrained:
-            lines += ["", study.improvement_sentence(retrained["improvement"])]
-        lines.append("")
+    lines += _retrained_lines(retrained)
+    rungs = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
+    facts["rungs"] = rungs
+    if rungs:
+        lines += ["## How early val MAE predicts the final one", "",
+                  f"Spearman rank correlation between a trial's val MAE at epoch e and its best val MAE over the full "
+                  f"{facts['max_epochs']} epochs ({rungs[0]['trials']} trials that ran the full budget). ASHA compares "
+                  "trials at its rungs (grace period x reduction factor^i): rungs where rho is low stop trials that "
+                  "would have ended well.", "", "| epoch | " + " | ".join(str(r["epoch"]) for r in rungs) + " |",
+                  "|---|" + "---|" * len(rungs), "| rho | " + " | ".join(f"{r['rho']:.2f}" for r in rungs) + " |", ""]
     lines += ["## Leaderboard", "", "| # | trial | val MAE | test MAE | R² | epochs | model | edge | node | loss | KL | hidden | layers | lr |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(ok, 1):
@@ -180,6 +189,50 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
                                 "test": v[0]["test"]} for k, v in sorted(groups.items(), key=lambda kv: kv[1][0]["val"])]
     (output / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
     return report, facts
+
+
+def _retrained_lines(retrained: dict) -> list[str]:
+    """The report's table of retrained configurations: candidates, the one chosen, the baselines."""
+    if not retrained:
+        return []
+    from . import study
+
+    over = "fold" if retrained.get("best", {}).get("cv") else "seed"
+    lines = [f"## Retrained per {over} (same split{'s' if over == 'fold' else ''})", "",
+             "The searched configuration is the candidate with the lowest mean val MAE; test MAE plays no part.", "",
+             f"| configuration | test MAE per {over} | mean ± sd | mean val MAE |", "|---|---|---|---|"]
+    rows = [(f"candidate {t}" + (" (chosen)" if c is retrained.get("best") else ""), c)
+            for t, c in retrained.get("candidates", {}).items()]
+    rows += [(role, retrained[role]) for role in ("baseline", "reference") if role in retrained]
+    for label, r in rows:
+        lines.append(f"| {label} ({r['source']}) | {' / '.join(f'{v:.4f}' for v in r['seeds'].values())} | "
+                     f"{r['mean']:.4f} ± {r['sd']:.4f} | {r['val_mean']:.4f} |")
+    if "improvement" in retrained:
+        lines += ["", study.improvement_sentence(retrained["improvement"])]
+    return lines + [""]
+
+
+def _retrain_study(client, exp_id: str, pid: str, baseline: str | None, reference: str | None,
+                   seeds: list[int] | None, cv: int | None, top_k: int, retrain_epochs: int | None) -> None:
+    """Retrain the top-k searched configs (candidates), the baseline and the reference on the same
+    replicates; every baseline's split is checked against the search's before any training."""
+    from . import study
+    from .config import TrialConfig
+
+    reps = study.replicates(seeds, cv)
+    candidates = study.top_configs_of(client, pid, top_k)
+    if retrain_epochs:
+        candidates = [(t, study.with_epochs(c, retrain_epochs)) for t, c in candidates]
+    others = [(role, path, TrialConfig.from_yaml(path)) for role, path in (("baseline", baseline), ("reference", reference))
+              if path]
+    for _, path, cfg in others:
+        study.check_same_split(candidates[0][1], cfg, path)
+    suffix = f", {retrain_epochs} epochs" if retrain_epochs else ""
+    for rank, (trial, cfg) in enumerate(candidates, 1):
+        study.retrain(client, exp_id, pid, "candidate", cfg, reps, f"trial {trial} (#{rank} of the search){suffix}",
+                      tags={"crystaltune.trial": trial})
+    for role, path, cfg in others:
+        study.retrain(client, exp_id, pid, role, cfg, reps, Path(path).as_posix())
 
 
 def _best_model_plots(client, best, output: Path) -> list[str]:
@@ -223,6 +276,17 @@ def _best_model_plots(client, best, output: Path) -> list[str]:
     return out
 
 
+def _space_default_file(name: str) -> str | None:
+    """The default configuration file a built-in space names (``default:``), if any."""
+    from .search.space import load_space
+
+    try:
+        source = load_space(name).default_source
+    except CrystaltuneError:
+        return None
+    return source if Path(source).is_file() else None
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m crystaltune.report", description=__doc__)
@@ -231,19 +295,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-id", help="a specific search (parent) run; default: the latest")
     ap.add_argument("--output", help="folder for report.md and PNGs (default: crystaltune-results/NAME/report)")
     ap.add_argument("--retrain-seeds", type=int, nargs="+", metavar="SEED",
-                    help="first retrain the search's best config (and --baseline) once per seed; logged to MLflow")
+                    help="first retrain the search's top-k configs and the baselines once per seed; logged to MLflow")
+    ap.add_argument("--top-k", type=int, default=1, metavar="K",
+                    help="retrain the K best trials of the search and keep the one with the lowest mean val MAE")
+    ap.add_argument("--cv", type=int, metavar="K", help="retrain on each fold of a K-fold partition instead of per seed")
+    ap.add_argument("--reference", help="a second baseline config YAML (e.g. the reference code's own recipe)")
     ap.add_argument("--retrain-epochs", type=int, metavar="N",
                     help="retrain the best config for N epochs instead of the search's budget (its LR schedule stretched)")
-    ap.add_argument("--baseline", help="a trial config YAML to retrain as the baseline (same split as the search)")
+    ap.add_argument("--baseline", help="the well-trained default to retrain as the baseline (same split as the search; "
+                                       "default: the space's `default:` file, when it has one)")
     ap.add_argument("--readme", help="also write this search's Results section into that README (between markers)")
     ap.add_argument("--target-mae", type=float, help="a test-MAE target to state the best trial against")
     a = ap.parse_args(argv)
-    for flag, value in (("--baseline", a.baseline), ("--retrain-epochs", a.retrain_epochs)):
-        if value is not None and not a.retrain_seeds:
-            raise CrystaltuneError(f"{flag} needs --retrain-seeds")
-    if a.retrain_epochs is not None and a.retrain_epochs < 1:
-        raise CrystaltuneError(f"--retrain-epochs must be >= 1 (got {a.retrain_epochs})")
-    for flag, path in (("--baseline", a.baseline), ("--readme", a.readme)):
+    for flag, value in (("--baseline", a.baseline), ("--retrain-epochs", a.retrain_epochs), ("--reference", a.reference)):
+        if value is not None and not (a.retrain_seeds or a.cv):
+            raise CrystaltuneError(f"{flag} needs --retrain-seeds or --cv")
+    for flag, value, lo in (("--retrain-epochs", a.retrain_epochs, 1), ("--top-k", a.top_k, 1), ("--cv", a.cv, 2)):
+        if value is not None and value < lo:
+            raise CrystaltuneError(f"{flag} must be >= {lo} (got {value})")
+    if (a.retrain_seeds or a.cv) and not a.baseline:
+        a.baseline = _space_default_file(a.name)
+    for flag, path in (("--baseline", a.baseline), ("--reference", a.reference), ("--readme", a.readme)):
         if path and not Path(path).is_file():  # checked before any retraining
             raise CrystaltuneError(f"{flag} {path}: no such file")
     from .search.engine import default_tracking_uri
@@ -252,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CrystaltuneError(f"no MLflow store at {uri}")
     path, facts = build_report(a.name, uri, Path(a.output or f"crystaltune-results/{a.name}/report"), a.run_id,
-                               a.baseline, a.retrain_seeds, a.retrain_epochs)
+                               a.baseline, a.retrain_seeds, a.retrain_epochs, a.top_k, a.reference, a.cv)
     print(f"report: {path}")
     if a.readme:
         from .readme import render_results, splice

@@ -130,3 +130,20 @@ def test_gzip_json_list(tmp_path, small_records):
     p = tmp_path / "l.json.gz"
     p.write_bytes(gzip.compress(json.dumps(small_records).encode()))
     assert len(load_dataset(p)) == 12
+
+
+def test_cross_validation_folds_are_disjoint_and_cover_the_set(small_records, tmp_path):
+    """k-fold splits: the test folds partition the set; each fold's train/val/test are disjoint."""
+    path = write_jsonl(tmp_path / "d.jsonl", small_records)
+    ds = load_dataset(path, "band_gap")
+    k = 5
+    tests = []
+    for fold in range(k):
+        s = ds.split(seed=3, folds=k, fold=fold)
+        parts = [set(ds.store.ids[i]) for i in (s.train, s.val, s.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert set().union(*parts) == set(ds.store.ids)
+        assert len(parts[1]) >= 1 and len(parts[0]) > len(parts[1])
+        tests.append(parts[2])
+    assert set().union(*tests) == set(ds.store.ids) and sum(map(len, tests)) == len(ds)
+    assert ds.split(seed=3, folds=k, fold=0).ids == ds.split(seed=3, folds=k, fold=0, cache=False).ids

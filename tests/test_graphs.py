@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import random_cell, record, rocksalt, write_jsonl
 
+from crystaltune.errors import CrystaltuneError
 from crystaltune.graphs import GraphParams, graph_from_structure, load_graphs, neighbor_list
 from crystaltune.graphs.cache import cache_dir
 
@@ -145,3 +146,36 @@ def test_parallel_build_equals_serial(tmp_path):
     ser = load_graphs(path, use_cache=False, workers=1)
     for k in ("dist", "src", "dst", "z"):
         np.testing.assert_array_equal(par.store.arrays[k], ser.store.arrays[k])
+
+
+def test_trimming_a_larger_neighbour_graph_equals_building_with_fewer_neighbours():
+    """A search over data.max_neighbors builds its graphs with the largest k; each trial's trimmed copy
+    must equal the graph built with its own k, edge for edge (ties included: cubic cells)."""
+    from crystaltune.graphs.build import graph_from_structure
+    from crystaltune.graphs.store import GraphStore
+    from crystaltune.graphs.trim import trim_neighbors
+
+    structures = [rocksalt(), random_cell(1, n=5), random_cell(2, n=3), rocksalt(4.2, ("Cs", "Cl"))]
+    ids = [f"s{i}" for i in range(len(structures))]
+    props = [{"band_gap": 1.0}] * len(structures)
+
+    def store(k):
+        return GraphStore.from_graphs(ids, [graph_from_structure(s, 8.0, k) for s in structures], props)
+
+    wide = store(24)
+    for k in (12, 16, 24):
+        trimmed, built = trim_neighbors(wide, k), store(k)
+        assert np.array_equal(trimmed.edge_ptr, built.edge_ptr)
+        for key in ("src", "dst", "image", "dist"):
+            assert np.array_equal(trimmed.arrays[key], built.arrays[key]), (k, key)
+    assert trim_neighbors(wide, 24) is wide
+
+
+def test_searching_max_neighbors_builds_the_graphs_once_with_the_largest_k():
+    from crystaltune.search.space import parse_space
+
+    raw = {"dataset": {"name": "perovskites"}, "search": {"data.max_neighbors": {"type": "categorical", "choices": [12, 16, 20]}}}
+    space = parse_space(raw, "k.yaml")
+    assert space.graph_config().data.max_neighbors == 20 and space.default_point == {"data.max_neighbors": 12}
+    with pytest.raises(CrystaltuneError, match="only data.max_neighbors can be searched"):
+        parse_space({**raw, "search": {"data.cutoff": {"type": "float", "low": 5, "high": 8}}}, "k.yaml")

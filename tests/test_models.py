@@ -12,7 +12,7 @@ from crystaltune.graphs.store import Batch
 from crystaltune.models import MODELS, build_model
 from crystaltune.models.flowgnn import AffineCoupling
 
-MODEL_NAMES = ["cgcnn", "csgcnn", "csgann", "csginn", "flowgnn"]
+MODEL_NAMES = ["cgcnn", "csgcnn", "csgann", "csginn", "egcnn", "flowgnn"]
 
 # (config overrides, n_targets)
 OPTIONS = {
@@ -41,6 +41,8 @@ PARAMS = [
     ("csginn", {"aggr": "max", "mlp_layers": 3}),
     ("flowgnn", {"flow_layers": 0}),
     ("flowgnn", {"flow_layers": 2, "flow_hidden": 8, "s_max": 1.0}),
+    ("egcnn", {"angles": True, "angle_bins": 4, "activation": "softplus"}),
+    ("egcnn", {"angles": True, "angle_layers": 1}),
 ]
 
 
@@ -107,6 +109,8 @@ def test_model_specific_params(name, params, batch16):
     ("csginn", {"mlp_layers": 0}),
     ("flowgnn", {"flow_layers": -1}),
     ("flowgnn", {"s_max": 0.0}),
+    ("egcnn", {"angle_bins": 1}),
+    ("egcnn", {"angles": "yes"}),
 ])
 def test_bad_params_raise(name, params):
     with pytest.raises(CrystaltuneError):

@@ -343,13 +343,13 @@ def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_s
     client, runs = _runs(work)
     retrains = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain"]
     assert sorted((r.data.tags["crystaltune.role"], r.data.tags["crystaltune.seed"]) for r in retrains) == \
-        [("baseline", "0"), ("baseline", "1"), ("best", "0"), ("best", "1")]
+        [("baseline", "0"), ("baseline", "1"), ("candidate", "0"), ("candidate", "1")]
     base_mae = {r.data.tags["crystaltune.seed"]: r.data.metrics["test_mae"] for r in retrains
                 if r.data.tags["crystaltune.role"] == "baseline"}
     section = readme.read_text()
-    assert f"{base_mae['0']:.4f} / {base_mae['1']:.4f}" in section and "than the baseline's on the same split" in section
+    assert f"{base_mae['0']:.4f} / {base_mae['1']:.4f}" in section and "than the well-trained default's on the same split" in section
     assert "overhead" in section and "executor `direct`" in section and "against the target <= 0.01: **misses it by" in section
-    assert "## Retrained over seeds" in (work / "report2" / "report.md").read_text()
+    assert "## Retrained per seed" in (work / "report2" / "report.md").read_text()
     # a second run reads the runs back instead of training again
     out = subprocess.run(cmd + ["--baseline", "baseline.yaml"], cwd=work, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.count("already in MLflow, not retrained") == 4
@@ -358,15 +358,35 @@ def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_s
     # the best config retrained longer than the search's budget: a new config, so new runs, and the README
     # states the retrained mean against the target
     out = subprocess.run(cmd[:-3] + ["--retrain-epochs", "5"], cwd=work, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--retrain-epochs needs --retrain-seeds" in out.stderr
+    assert out.returncode == 2 and "--retrain-epochs needs --retrain-seeds or --cv" in out.stderr
     out = subprocess.run(cmd[:-1] + ["--retrain-epochs", "5", "--readme", str(readme), "--target-mae", "0.01"], cwd=work,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     _, runs = _runs(work)
     longer = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.params["train.epochs"] == "5"]
-    assert len(longer) == 1 and longer[0].data.tags["crystaltune.role"] == "best"
-    assert int(longer[0].data.tags["crystaltune.epochs_run"]) == 5 and "best seed 0: epoch 5/5, val MAE" in out.stdout
+    assert len(longer) == 1 and longer[0].data.tags["crystaltune.role"] == "candidate"
+    assert int(longer[0].data.tags["crystaltune.epochs_run"]) == 5 and "candidate seed 0: epoch 5/5, val MAE" in out.stdout
     history = client.get_metric_history(longer[0].info.run_id, "val_mae")
     assert [m.step for m in history] == [1, 2, 3, 4, 5]
     section = readme.read_text()
     assert f"retrained (5 epochs, 1 seed(s)): mean test MAE {longer[0].data.metrics['test_mae']:.4f}" in section
+
+
+def test_report_top_k_candidates_are_chosen_by_val_on_cross_validation_folds(smoke_search):
+    """--top-k 2 --cv 2: both top trials trained on each fold (test folds disjoint), the chosen one is the
+    candidate with the lower mean val MAE, and the report says per fold."""
+    work, _, _ = smoke_search
+    out = subprocess.run([sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report-cv"),
+                          "--top-k", "2", "--cv", "2"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    _, runs = _runs(work)
+    folds = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.tags.get("crystaltune.fold")]
+    assert sorted((r.data.tags["crystaltune.trial"], r.data.tags["crystaltune.fold"]) for r in folds) == \
+        sorted((t, f) for t in {r.data.tags["crystaltune.trial"] for r in folds} for f in ("0", "1"))
+    assert len({r.data.tags["crystaltune.trial"] for r in folds}) == 2
+    val = {}
+    for r in folds:
+        val.setdefault(r.data.tags["crystaltune.trial"], []).append(r.data.metrics["best_val_mae"])
+    chosen = min(val, key=lambda t: sum(val[t]) / len(val[t]))
+    report = (work / "report-cv" / "report.md").read_text()
+    assert "## Retrained per fold" in report and f"candidate {chosen} (chosen)" in report

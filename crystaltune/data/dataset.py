@@ -39,12 +39,15 @@ class Dataset:
         return len(self.store)
 
     def split(self, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-              cache: bool = True) -> Split:
+              cache: bool = True, folds: int | None = None, fold: int = 0) -> Split:
         """Seeded random split, made once per (dataset content, targets, seed, fractions) and stored as
-        id lists so every trial of a search sees the same crystals."""
+        id lists so every trial of a search sees the same crystals. With ``folds`` the test set is
+        fold ``fold`` of a seeded k-fold partition and train/val share the rest as fractions[0:2] do."""
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0:
             raise CrystaltuneError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
         tag = f"{self.name}-{self.key}-{'+'.join(self.targets)}-s{seed}-{'-'.join(f'{f:g}' for f in fractions)}"
+        if folds:
+            tag += f"-cv{folds}.{fold}"
         file = cache_dir() / "splits" / f"{tag}.json"
         ids = None
         if cache and file.exists():
@@ -55,11 +58,7 @@ class Dataset:
             except (OSError, ValueError):
                 ids = None
         if ids is None:
-            order = np.random.default_rng(seed).permutation(np.sort(self.store.ids))
-            n_train = int(round(fractions[0] * len(order)))
-            n_val = int(round(fractions[1] * len(order)))
-            ids = {"train": order[:n_train].tolist(), "val": order[n_train:n_train + n_val].tolist(),
-                   "test": order[n_train + n_val:].tolist()}
+            ids = _split_ids(np.random.default_rng(seed).permutation(np.sort(self.store.ids)), fractions, folds, fold)
             if cache:
                 file.parent.mkdir(parents=True, exist_ok=True)
                 tmp = file.with_suffix(f".{os.getpid()}.tmp")
@@ -87,6 +86,19 @@ class Dataset:
             raise CrystaltuneError(f"{len(bad)} crystal(s) have elements without {featurizer!r} features: {skipped[-1]['reason']}")
         keep = np.setdiff1d(np.arange(len(self.store)), bad)
         return Dataset(self.name, self.source, self.targets, self.store.subset(keep), skipped, self.key, self.params)
+
+
+def _split_ids(order: np.ndarray, fractions, folds: int | None, fold: int) -> dict[str, list[str]]:
+    """train/val/test id lists from a shuffled id order (see Dataset.split)."""
+    if folds:
+        parts = np.array_split(order, folds)
+        test, rest = parts[fold], np.concatenate([p for i, p in enumerate(parts) if i != fold])
+        n_val = int(round(fractions[1] / (fractions[0] + fractions[1]) * len(rest)))
+        return {"train": rest[n_val:].tolist(), "val": rest[:n_val].tolist(), "test": test.tolist()}
+    n_train = int(round(fractions[0] * len(order)))
+    n_val = int(round(fractions[1] * len(order)))
+    return {"train": order[:n_train].tolist(), "val": order[n_train:n_train + n_val].tolist(),
+            "test": order[n_train + n_val:].tolist()}
 
 
 def load_dataset(name_or_path: str | Path, targets: list[str] | str | None = None, *, data: str | Path | None = None,

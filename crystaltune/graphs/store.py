@@ -30,6 +30,7 @@ class Batch:
     y: torch.Tensor  # (B, T) targets, NaN where missing
     num_graphs: int
     degree: int = 0  # k when edges are sorted by target and every atom has exactly k (fast paths); else 0
+    vec: torch.Tensor | None = None  # (E, 3) bond vectors in Å, centre (target) -> neighbour image (source)
 
     def to(self, device: torch.device | str) -> Batch:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -142,13 +143,16 @@ class GraphStore:
         shift = np.repeat(node_ptr[:-1], n_edges)
         src = self.arrays["src"][edge_idx].astype(np.int64) + shift
         dst = self.arrays["dst"][edge_idx].astype(np.int64) + shift
+        pos = self.arrays["pos"][node_idx]
         if noise > 0:
             rng = rng or np.random.default_rng(0)
-            pos = self.arrays["pos"][node_idx] + rng.normal(0.0, noise, size=(len(node_idx), 3))
-            lattice = self.arrays["lattice"][index]
-            graph_of_edge = np.repeat(np.arange(len(index)), n_edges)
-            offset = np.einsum("ei,eij->ej", self.arrays["image"][edge_idx].astype(np.float64), lattice[graph_of_edge])
-            dist = np.linalg.norm(pos[src] + offset - pos[dst], axis=1).astype(np.float32)
+            pos = pos + rng.normal(0.0, noise, size=(len(node_idx), 3))
+        # bond vectors pos[src] + image @ lattice - pos[dst] (centre -> neighbour image; angle features use them)
+        lattice = np.repeat(self.arrays["lattice"][index], n_edges, axis=0)
+        offset = np.einsum("ei,eij->ej", self.arrays["image"][edge_idx].astype(np.float64), lattice)
+        vec = np.take(pos, src, axis=0) + offset - np.take(pos, dst, axis=0)
+        if noise > 0:
+            dist = np.linalg.norm(vec, axis=1).astype(np.float32)
         else:
             dist = self.arrays["dist"][edge_idx]
         y = np.stack([self.props[t][index] for t in targets], axis=1) if targets else np.zeros((len(index), 0))
@@ -168,6 +172,7 @@ class GraphStore:
             y=torch.from_numpy(y.astype(np.float32)),
             num_graphs=len(index),
             degree=degree,
+            vec=torch.from_numpy(vec.astype(np.float32)),
         )
 
 

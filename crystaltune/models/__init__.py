@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from . import cgcnn, csgann, csgcnn, csginn, flowgnn  # noqa: F401  (each registers its model)
+from . import cgcnn, csgann, csgcnn, csginn, egcnn, flowgnn  # noqa: F401  (each registers its model)
 from .base import CrystalModel
 from .pooling import POOLINGS
 from .registry import MODELS

@@ -16,6 +16,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="search space: a name in search_spaces/ (smoke, perovskites, perov5, sunmat) or a .yaml path")
     p.add_argument("--num-samples", type=int, help="number of trials (overrides budget.num_samples)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial at most (overrides budget.max_epochs)")
+    p.add_argument("--grace-period", type=int,
+                   help="ASHA's first rung in epochs (overrides budget.grace_period; = --max-epochs runs every trial "
+                        "to the full budget, as `report` needs to measure how well early rungs predict the final MAE)")
     p.add_argument("--address", help="Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     p.add_argument("--storage", help="Ray Tune/Train storage: a path or s3://bucket/prefix (default: OUTPUT/ray)")
@@ -37,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     summary = run_search(SearchOptions(
-        space=a.space, num_samples=a.num_samples, max_epochs=a.max_epochs, address=a.address,
+        space=a.space, num_samples=a.num_samples, max_epochs=a.max_epochs, grace_period=a.grace_period,
+        address=a.address,
         tracking_uri=a.tracking_uri, storage=a.storage, output=a.output, resume=a.resume,
         workers_per_trial=a.workers_per_trial, gpus_per_worker=a.gpus_per_worker, seed=a.seed, data=a.data,
         num_cpus=a.num_cpus, executor=a.executor))

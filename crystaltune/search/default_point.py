@@ -20,26 +20,27 @@ from ..errors import CrystaltuneError
 FREE_KEYS = ("data.", "train.epochs", "train.seed", "output")
 
 
-def _signature_default(key: str, flat: dict[str, Any]) -> Any:
-    """Default of an open ``model.edge_params.X`` / ``model.params.X`` key: the keyword default of
-    the featurizer or model class that takes it."""
+def _open_key_default(key: str, flat: dict[str, Any]) -> Any:
+    """Default of an open ``model.edge_params.X`` / ``model.params.X`` key: the keyword default of the
+    featurizer, or the field default of the model's typed Params."""
+    import dataclasses
+
     from ..featurizers import EDGE_FEATURIZERS
     from ..models import MODELS
 
     section, name = key.rsplit(".", 1)
-    fn = EDGE_FEATURIZERS.get(flat["model.edge_featurizer"]) if section == "model.edge_params" \
-        else MODELS.get(flat["model.name"])
-    param = inspect.signature(fn).parameters.get(name)
-    if param is None or param.default is inspect.Parameter.empty:
-        return None
-    return param.default
+    if section == "model.params":
+        fields = {f.name: f.default for f in dataclasses.fields(MODELS.get(flat["model.name"]).Params)}
+        return fields.get(name)
+    param = inspect.signature(EDGE_FEATURIZERS.get(flat["model.edge_featurizer"])).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def _value(key: str, flat: dict[str, Any]) -> Any:
     if key in flat:
         return flat[key]
     if key.startswith(("model.edge_params.", "model.params.")):
-        return _signature_default(key, flat)
+        return _open_key_default(key, flat)
     return None
 
 

@@ -21,6 +21,7 @@ class SearchOptions:
     space: str
     num_samples: int | None = None
     max_epochs: int | None = None
+    grace_period: int | None = None
     address: str | None = None
     tracking_uri: str | None = None
     storage: str | None = None
@@ -38,7 +39,7 @@ class SearchOptions:
 
 def prepare_space(opts: SearchOptions) -> SearchSpace:
     """Load the space and apply CLI overrides; everything validated before Ray starts."""
-    for name in ("num_samples", "max_epochs", "workers_per_trial"):
+    for name in ("num_samples", "max_epochs", "grace_period", "workers_per_trial"):
         v = getattr(opts, name)
         if v is not None and v < 1:
             raise CrystaltuneError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -50,6 +51,10 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
     if opts.max_epochs:
         space.max_epochs = opts.max_epochs
         space.grace_period = min(space.grace_period, space.max_epochs)
+    if opts.grace_period:
+        if opts.grace_period > space.max_epochs:
+            raise CrystaltuneError(f"--grace-period {opts.grace_period} > max epochs ({space.max_epochs})")
+        space.grace_period = opts.grace_period
     if opts.workers_per_trial:
         space.workers = opts.workers_per_trial
     if opts.gpus_per_worker is not None:
@@ -117,7 +122,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     # graphs built once per search, in the driver, before Ray starts; every trial shares them
     from ..train.data import load_trial_dataset
 
-    base_cfg = space.trial_config({})
+    base_cfg = space.graph_config()
     t0 = time.perf_counter()
     dataset = load_trial_dataset(base_cfg)
     log(f"[crystaltune] {space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
@@ -149,9 +154,13 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             if gpus < space.workers * space.gpus_per_worker:
                 raise CrystaltuneError(f"each trial needs {space.workers * space.gpus_per_worker:g} GPU(s); the cluster has {gpus:g}")
             concurrency = max(1, min(concurrency, int(gpus // (space.workers * space.gpus_per_worker))))
+        exp_path = f"{storage.rstrip('/')}/{space.name}"
+        state_file = str(output / "tracker_state.json")
         settings = {"workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
                     "gpus_per_worker": space.gpus_per_worker, "train_storage": str(Path(storage) / "train") if "://" not in storage else f"{storage.rstrip('/')}/train",
                     "max_failures": opts.max_failures}
+        if opts.resume and Path(state_file).exists():  # trials done before the interruption never train again
+            settings["finished"] = finished_trials(state_file)
         data_ref = ray.put(dataset)
         # wrapped in a list so with_parameters hands trials the reference, not a copy of the graphs
         if space.uses_ray_train:
@@ -160,8 +169,6 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             fn, trial_resources = direct_trial_fn, {"cpu": space.cpus_per_worker, "gpu": space.gpus_per_worker}
         trainable = tune.with_resources(tune.with_parameters(fn, space=space, data_ref=[data_ref], settings=settings),
                                         trial_resources)
-        exp_path = f"{storage.rstrip('/')}/{space.name}"
-        state_file = str(output / "tracker_state.json")
         if opts.resume:
             if not tune.Tuner.can_restore(exp_path):
                 raise CrystaltuneError(f"--resume: no interrupted search at {exp_path}")
@@ -176,6 +183,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
                 if Path(state_file).exists():
                     Path(state_file).rename(f"{old}-tracker_state.json")
             info = {"space": space.name, "num_samples": space.num_samples, "max_epochs": space.max_epochs,
+                    "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
                     "workers_per_trial": space.workers, "gpus_per_worker": space.gpus_per_worker, "seed": opts.seed,
                     "executor": "train" if space.uses_ray_train else "direct",
                     "storage": redact(storage), "crystals": len(dataset), "machine": describe_machine(),
@@ -205,6 +213,27 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     finally:
         ray.shutdown()
     return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time, log)
+
+
+def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
+    """trial id -> last recorded result, for the trials the tracker saw finish or fail."""
+    import json
+
+    state = json.loads(Path(state_file).read_text())
+    return {tid: state.get("last_result", {}).get(tid, {}) for tid, st in state.get("status", {}).items()
+            if st in ("FINISHED", "FAILED")}
+
+
+def write_top_configs(tracker, space: SearchSpace, ok: list[dict[str, Any]], path: Path, k: int = 10) -> None:
+    """The full configs of the best ``k`` trials by val MAE, for ``report --top-k`` to retrain."""
+    import yaml
+
+    from .space import decode_sampled
+
+    top = [{"trial": r["trial"], "val_mae": r["val_mae"], "default": r["default"],
+            "config": space.trial_config(decode_sampled(tracker.configs[r["trial_id"]], space)).to_dict()}
+           for r in ok[:k]]
+    path.write_text(yaml.safe_dump(top, sort_keys=False))
 
 
 def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experiment: str, state_file: str, dataset,
@@ -237,6 +266,7 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
         cfg = space.trial_config(decode_sampled(tracker.configs[best["trial_id"]], space),
                                  output=str(output / "best_model.pt"))
         cfg.to_yaml(output / "best_config.yaml")
+        write_top_configs(tracker, space, ok, output / "top_configs.yaml")
         summary.update({"best_trial": best["name"], "best_val_mae": best["val_mae"], "best_test_mae": best["test_mae"],
                         "best_run_id": best["run_id"]})
         log_search_artifacts(tracker, space, rows, best, cfg, dataset, output)

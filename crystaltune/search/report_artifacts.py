@@ -58,6 +58,7 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
     shutil.copy(output / "leaderboard.csv", art / "leaderboard.csv")
     (art / "search_space.yaml").write_text(Path(space.source).read_text() if Path(space.source).is_file() else "")
     shutil.copy(output / "best_config.yaml", art / "best_config.yaml")
+    shutil.copy(output / "top_configs.yaml", art / "top_configs.yaml")
     try:
         study = optuna_study(tracker, space, rows)
         import matplotlib

@@ -33,7 +33,7 @@ from ..errors import CrystaltuneError
 from ..registry import did_you_mean
 
 TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search", "default")
-DATASET_KEYS = ("name", "data", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors")
+DATASET_KEYS = ("name", "data", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors", "folds", "fold")
 BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor")
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "executor")
 #: how a trial trains: "train" = a Ray Train worker group (DDP), "direct" = inside the Tune trial's own
@@ -137,6 +137,15 @@ class SearchSpace:
         if output:
             d["output"] = output
         return TrialConfig.from_dict(d, where=f"{self.source} (trial)")
+
+
+    def graph_config(self) -> TrialConfig:
+        """The config the search's shared graphs are built with: the largest ``data.max_neighbors``
+        any trial can ask for (each trial keeps its own k nearest of them)."""
+        k = next((p for p in self.params if p.name == "data.max_neighbors"), None)
+        if k is None:
+            return self.trial_config({})
+        return self.trial_config({"data.max_neighbors": int(max(k.choices) if k.type == "categorical" else k.high)})
 
 
 class DefineByRun:
@@ -330,6 +339,9 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
         raise CrystaltuneError(f"{source}: search: expected a non-empty mapping of parameters")
     params: dict[str, Param] = {}
     for k, spec in search.items():
+        if k.startswith("data.") and k != "data.max_neighbors":
+            raise CrystaltuneError(f"{source}: search.{k}: only data.max_neighbors can be searched (the graphs and the "
+                                   "split are built once and shared by every trial); set the others under dataset:")
         if k in fixed:
             raise CrystaltuneError(f"{source}: {k!r} is both fixed and searched")
         params[k] = parse_param(f"{source}: search.{k}", k, spec, params)

@@ -139,14 +139,22 @@ class MLflowTracker(tune.Callback):
         return self.parent_run_id
 
     # child runs --------------------------------------------------------------------------------
-    def child(self, trial) -> str:
+    def child(self, trial, trials=None) -> str:
+        """The trial's MLflow run, created on first sight and named by Tune's creation order (``trials``),
+        so the default configuration, created first, is t001 whichever trial starts first."""
         tid = trial.trial_id
         if tid in self.runs:
             return self.runs[tid]
+        number = len(self.runs) + 1
+        if trials is not None and trial in trials:
+            taken = {int(n.split()[0][1:]) for n in self.names.values() if n[1:4].isdigit()}
+            number = trials.index(trial) + 1
+            while number in taken:
+                number += 1
         sampled = decode_sampled(trial.config, self.space)
         self.configs[tid] = dict(trial.config)
         is_default = sampled == self.space.default_point
-        name = run_name(len(self.runs) + 1, sampled, self.space.base) + (" (default)" if is_default else "")
+        name = run_name(number, sampled, self.space.base) + (" (default)" if is_default else "")
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             "mlflow.parentRunId": self.parent_run_id, "crystaltune.trial_id": tid, "crystaltune.kind": "trial",
             "crystaltune.default": str(is_default).lower()})
@@ -190,13 +198,13 @@ class MLflowTracker(tune.Callback):
         self.save()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.child(trial)
+        self.child(trial, trials)
         if self.status.get(trial.trial_id) not in ("FINISHED", "FAILED"):  # a --resume restart of a done trial
             self.status[trial.trial_id] = "RUNNING"
         self.save()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        rid = self.child(trial)
+        rid = self.child(trial, trials)
         if result.get("trial_failed"):  # a diverged / out-of-memory trial, reported by its workers
             self.errors[trial.trial_id] = str(result["trial_failed"])
             self.save()

@@ -91,11 +91,23 @@ def _maybe_inject_fault(fault: str, rank: int, epoch: int) -> None:
         os._exit(17)
 
 
+def finished_before_resume(settings: dict[str, Any]) -> bool:
+    """On --resume: a trial the tracker saw finish after Tune's last snapshot (so Tune restarts it)
+    repeats its recorded last result instead of training on; the tracker drops the duplicate."""
+    last = (settings.get("finished") or {}).get(tune.get_context().get_trial_id())
+    if last is None:
+        return False
+    tune.report({**last, "done": True})
+    return True
+
+
 def trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: dict[str, Any] | None = None) -> None:
     """The Tune function trainable: one TorchTrainer (W workers, DDP) per trial."""
     from .space import decode_sampled
 
     settings = settings or {}
+    if finished_before_resume(settings):
+        return
     trial_id = tune.get_context().get_trial_id()
     cfg = space.trial_config(decode_sampled(config, space))
     use_gpu = settings.get("gpus_per_worker", 0) > 0
@@ -124,6 +136,8 @@ def direct_trial_fn(config: dict[str, Any], space=None, data_ref=None, settings:
     from .space import decode_sampled
 
     settings = settings or {}
+    if finished_before_resume(settings):
+        return
     cfg = space.trial_config(decode_sampled(config, space))
 
     def send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -11,6 +11,7 @@ from ..data.dataset import Dataset, load_dataset
 from ..featurizers import supported_elements
 from ..graphs.cache import GraphParams
 from ..graphs.store import GraphStore
+from ..graphs.trim import trim_neighbors
 
 
 @dataclass
@@ -38,8 +39,13 @@ def load_trial_dataset(cfg: TrialConfig, progress: bool | None = None) -> Datase
 
 
 def prepare_trial_data(cfg: TrialConfig, dataset: Dataset | None = None) -> TrialData:
+    """The trial's graphs and split. ``dataset`` may hold graphs built with more neighbours than the
+    config asks for (a search over ``data.max_neighbors`` builds them once, with its largest k)."""
     ds = dataset if dataset is not None else load_trial_dataset(cfg)
-    split = ds.split(cfg.data.split_seed, tuple(cfg.data.split))
+    if ds.params.max_neighbors is None or ds.params.max_neighbors > cfg.data.max_neighbors:
+        ds = replace(ds, store=trim_neighbors(ds.store, cfg.data.max_neighbors))
+    d = cfg.data
+    split = ds.split(d.split_seed, tuple(d.split), folds=d.folds, fold=d.fold)
     supported = supported_elements(cfg.model.node_featurizer)
     z, ptr = ds.store.arrays["z"], ds.store.node_ptr
     ok_atom = np.isin(z, np.array(sorted(supported)))
