@@ -63,7 +63,10 @@ def predict(checkpoint: str, inputs: list[str]) -> tuple[list[str], list[dict]]:
     """Header and rows (id, one column per target, error) in input order."""
     loaded = load_checkpoint(checkpoint)
     raw = read_inputs(inputs)
-    store, skipped, _ = build_store(raw, GraphParams(loaded.cutoff, loaded.max_neighbors), progress=False)
+    # a reference CGCNN checkpoint gets the reference code's own neighbours (ties included), so its
+    # published predictions are reproduced exactly
+    mode = "reference" if loaded.kind == "reference-cgcnn" else "crystaltune"
+    store, skipped, _ = build_store(raw, GraphParams(loaded.cutoff, loaded.max_neighbors, mode), progress=False)
     from .featurizers import supported_elements
 
     preds = predict_store(loaded, store) if len(store) else np.zeros((0, len(loaded.targets)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -10,15 +11,20 @@ import numpy as np
 
 os.environ.setdefault("SPGLIB_WARNING", "OFF")  # spglib prints C-level warnings for near-symmetric cells
 import moyopy  # noqa: E402
+
+# moyopy logs (through Python logging) a warning per conventional cubic cell about omitted primitive-cell
+# operations: nothing a user can act on, and it would otherwise go to stderr for every such crystal
+logging.getLogger("moyo").setLevel(logging.ERROR)
 import spglib  # noqa: E402
 
-from .neighbors import neighbor_list  # noqa: E402
-from .structure import MIN_DISTANCE, Crystal, RecordError, parse_crystal
+from .neighbors import neighbor_list, reference_neighbor_list  # noqa: E402
+from .structure import MIN_DISTANCE, Crystal, RecordError, parse_crystal  # noqa: E402
 
 
-def build_graph(record: dict[str, Any], cutoff: float, max_neighbors: int | None) -> dict[str, Any]:
+def build_graph(record: dict[str, Any], cutoff: float, max_neighbors: int | None,
+                neighbors: str = "crystaltune") -> dict[str, Any]:
     """Parse, validate and turn a raw record into arrays; raises RecordError with a reason."""
-    return graph_from_crystal(parse_crystal(record["structure"], record.get("fmt")), cutoff, max_neighbors)
+    return graph_from_crystal(parse_crystal(record["structure"], record.get("fmt")), cutoff, max_neighbors, neighbors)
 
 
 def graph_from_structure(structure, cutoff: float = 8.0, max_neighbors: int | None = 12) -> dict[str, Any]:
@@ -26,11 +32,16 @@ def graph_from_structure(structure, cutoff: float = 8.0, max_neighbors: int | No
     return graph_from_crystal(Crystal.from_structure(structure), cutoff, max_neighbors)
 
 
-def graph_from_crystal(crystal: Crystal, cutoff: float, max_neighbors: int | None) -> dict[str, Any]:
-    """Arrays for one crystal. Edges run from ``src`` (neighbour) to ``dst`` (centre atom)."""
+def graph_from_crystal(crystal: Crystal, cutoff: float, max_neighbors: int | None,
+                       neighbors: str = "crystaltune") -> dict[str, Any]:
+    """Arrays for one crystal. Edges run from ``src`` (neighbour) to ``dst`` (centre atom).
+    ``neighbors="reference"``: the reference CGCNN code's neighbour choice (see reference_neighbor_list)."""
     cart = crystal.cart
-    dst, src, image, dist = neighbor_list(cart, crystal.lattice, cutoff, max_neighbors)
     z = crystal.z
+    if neighbors == "reference":
+        dst, src, image, dist = reference_neighbor_list(crystal.frac, crystal.lattice, z, cutoff, max_neighbors or 12)
+    else:
+        dst, src, image, dist = neighbor_list(cart, crystal.lattice, cutoff, max_neighbors, z)
     n = len(z)
     if len(dist) and dist.min() < MIN_DISTANCE:
         k = int(np.argmin(dist))

@@ -21,7 +21,7 @@ from .store import GraphStore
 from .structure import RecordError
 
 #: Bump when the stored arrays change meaning; old cache files are then ignored.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4  # 4: ties at the k-th neighbour broken by element
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class GraphParams:
 
     cutoff: float = 8.0
     max_neighbors: int | None = 12
+    #: "crystaltune" (deterministic, invariant tie-break) or "reference" (the reference CGCNN code's
+    #: choice, for predicting with its checkpoints exactly)
+    neighbors: str = "crystaltune"
 
     def __post_init__(self):
         if not (self.cutoff > 0):
@@ -73,7 +76,7 @@ def load_graphs(path: str | Path, params: GraphParams = GraphParams(), *, use_ca
     path = Path(path)
     check_source(path)
     key = hashlib.sha256(
-        json.dumps({"content": content_hash(path), "params": asdict(params), "format": CACHE_FORMAT}).encode()
+        json.dumps({"content": content_hash(path), "params": _key_params(params), "format": CACHE_FORMAT}).encode()
     ).hexdigest()[:20]
     file = cache_dir() / "graphs" / f"{path.name.split('.')[0]}-{key}.npz"
     if use_cache and file.exists():
@@ -100,7 +103,7 @@ def build_store(raw: RawDataset, params: GraphParams, workers: int | None = None
             continue
         seen[rec["id"]] = rec["line"]
         todo.append(rec)
-    jobs = [(rec, params.cutoff, params.max_neighbors) for rec in todo]
+    jobs = [(rec, params.cutoff, params.max_neighbors, params.neighbors) for rec in todo]
     workers = workers or min(os.cpu_count() or 1, 8)
     # tqdm's disable=None: a bar only when stderr is a terminal
     bar = dict(total=len(jobs), desc=f"crystal graphs ({raw.source.name})", unit="crystal",
@@ -122,10 +125,18 @@ def build_store(raw: RawDataset, params: GraphParams, workers: int | None = None
     return GraphStore.from_graphs(ids, graphs, props), skipped, bad
 
 
-def _build_one(job: tuple[dict[str, Any], float, int | None]) -> tuple[dict[str, Any] | None, str | None]:
-    rec, cutoff, max_neighbors = job
+def _key_params(params: GraphParams) -> dict[str, Any]:
+    """GraphParams as the cache key sees them (the default neighbour mode keeps earlier keys valid)."""
+    d = asdict(params)
+    if d["neighbors"] == "crystaltune":
+        del d["neighbors"]
+    return d
+
+
+def _build_one(job: tuple[dict[str, Any], float, int | None, str]) -> tuple[dict[str, Any] | None, str | None]:
+    rec, cutoff, max_neighbors, neighbors = job
     try:
-        return build_graph(rec, cutoff, max_neighbors), None
+        return build_graph(rec, cutoff, max_neighbors, neighbors), None
     except RecordError as exc:
         return None, str(exc)
     except Exception as exc:  # never let one crystal kill a 10k-crystal run
