@@ -390,3 +390,29 @@ def test_report_top_k_candidates_are_chosen_by_val_on_cross_validation_folds(smo
     chosen = min(val, key=lambda t: sum(val[t]) / len(val[t]))
     report = (work / "report-cv" / "report.md").read_text()
     assert "## Retrained per fold" in report and f"candidate {chosen} (chosen)" in report
+
+
+def test_a_space_whose_trials_cannot_fit_is_refused_in_seconds(tmp_path, small_records):
+    """sunmat (2 GPUs x 4 CPUs per trial) on a machine without them: as shipped, and with the CPU-only
+    overrides a user tries next, the search stops with one error line before building any graph or
+    starting Ray, instead of waiting for resources forever."""
+    import time
+
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "sunmat.jsonl", small_records)
+    for extra, match in (([], "each trial needs 2 GPU(s)"),
+                         (["--gpus-per-worker", "0", "--workers-per-trial", "1", "--num-cpus", "2"],
+                          "each trial needs 4 CPUs (1 worker(s) x 4 CPU); the cluster has 2")):
+        t0 = time.time()
+        out = subprocess.run([sys.executable, "-m", "crystaltune.search", "sunmat", "--data", str(data),
+                              "--output", str(tmp_path / "out"), *extra], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert time.time() - t0 < 60
+    # what fits runs: the same overrides with one CPU per worker pass the check
+    from crystaltune.search.engine import SearchOptions, plan_concurrency, prepare_space
+
+    space = prepare_space(SearchOptions("sunmat", gpus_per_worker=0, workers_per_trial=1, cpus_per_worker=1,
+                                        data=str(data)))
+    assert plan_concurrency(space, {"CPU": 2}) == 2

@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
                    help="train = a Ray Train worker group per trial; direct = train in the Tune trial itself "
                         "(one worker); auto (default) = direct for one worker, train for more")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (overrides resources.cpus_per_worker)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--data", help="dataset file for the space's dataset (e.g. the SNUMAT file)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray instance (default: 2 x cores + 1)")
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         space=a.space, num_samples=a.num_samples, max_epochs=a.max_epochs, grace_period=a.grace_period,
         address=a.address,
         tracking_uri=a.tracking_uri, storage=a.storage, output=a.output, resume=a.resume,
-        workers_per_trial=a.workers_per_trial, gpus_per_worker=a.gpus_per_worker, seed=a.seed, data=a.data,
+        workers_per_trial=a.workers_per_trial, gpus_per_worker=a.gpus_per_worker,
+        cpus_per_worker=a.cpus_per_worker, seed=a.seed, data=a.data,
         num_cpus=a.num_cpus, executor=a.executor))
     if a.json:
         print(json.dumps(summary, indent=1, default=str))

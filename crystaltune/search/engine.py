@@ -29,6 +29,7 @@ class SearchOptions:
     resume: bool = False
     workers_per_trial: int | None = None
     gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
     seed: int = 0
     data: str | None = None
     num_cpus: int | None = None  # local Ray only (logical CPUs; default 2 x cores + 1)
@@ -39,10 +40,12 @@ class SearchOptions:
 
 def prepare_space(opts: SearchOptions) -> SearchSpace:
     """Load the space and apply CLI overrides; everything validated before Ray starts."""
-    for name in ("num_samples", "max_epochs", "grace_period", "workers_per_trial"):
+    for name in ("num_samples", "max_epochs", "grace_period", "workers_per_trial", "cpus_per_worker", "num_cpus"):
         v = getattr(opts, name)
         if v is not None and v < 1:
             raise CrystaltuneError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if opts.seed < 0:
+        raise CrystaltuneError(f"--seed must be >= 0, got {opts.seed}")
     if opts.gpus_per_worker is not None and opts.gpus_per_worker < 0:
         raise CrystaltuneError(f"--gpus-per-worker must be >= 0, got {opts.gpus_per_worker}")
     space = load_space(opts.space)
@@ -59,6 +62,8 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
         space.workers = opts.workers_per_trial
     if opts.gpus_per_worker is not None:
         space.gpus_per_worker = opts.gpus_per_worker
+    if opts.cpus_per_worker is not None:
+        space.cpus_per_worker = opts.cpus_per_worker
     if opts.executor or opts.workers_per_trial:
         space.executor = check_executor("--executor", opts.executor or space.executor, space.workers)
     if opts.data:
@@ -119,6 +124,15 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     experiment = f"crystaltune-{space.name}"
     log = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
 
+    ncpu = None
+    if not opts.address:
+        # logical CPUs: a Ray Train trial's function idles on one slot while its workers train on the
+        # others; a direct trial trains on its own slot
+        ncpu = opts.num_cpus or ((2 * (os.cpu_count() or 2) + 1) if space.uses_ray_train else (os.cpu_count() or 1))
+        import torch
+
+        plan_concurrency(space, {"CPU": ncpu, "GPU": torch.cuda.device_count()})  # refuse before any work
+
     # graphs built once per search, in the driver, before Ray starts; every trial shares them
     from ..train.data import load_trial_dataset
 
@@ -137,23 +151,12 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     from .tracking import MLflowTracker, redact
     from .trainable import direct_trial_fn, trial_fn
 
-    ncpu = None
     if not opts.address:
         refuse_second_local_cluster()
-        # logical CPUs: a Ray Train trial's function idles on one slot while its workers train on the
-        # others; a direct trial trains on its own slot
-        ncpu = opts.num_cpus or ((2 * (os.cpu_count() or 2) + 1) if space.uses_ray_train else (os.cpu_count() or 1))
     # a local instance listens on 127.0.0.1 only; token authentication either way
     init_ray(opts.address, ncpu, include_dashboard=True)
     try:
-        res = ray.cluster_resources()
-        per_trial_cpu = (1 + space.workers * space.cpus_per_worker) if space.uses_ray_train else space.cpus_per_worker
-        concurrency = max(1, int(res.get("CPU", 1) // per_trial_cpu))
-        if space.gpus_per_worker > 0:
-            gpus = res.get("GPU", 0)
-            if gpus < space.workers * space.gpus_per_worker:
-                raise CrystaltuneError(f"each trial needs {space.workers * space.gpus_per_worker:g} GPU(s); the cluster has {gpus:g}")
-            concurrency = max(1, min(concurrency, int(gpus // (space.workers * space.gpus_per_worker))))
+        concurrency = plan_concurrency(space, ray.cluster_resources())
         exp_path = f"{storage.rstrip('/')}/{space.name}"
         state_file = str(output / "tracker_state.json")
         settings = {"workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
@@ -213,6 +216,24 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     finally:
         ray.shutdown()
     return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time, log)
+
+
+def plan_concurrency(space: SearchSpace, res: dict[str, float]) -> int:
+    """How many trials run at once on resources ``res``; a CrystaltuneError naming both sides when one
+    trial can never fit (Ray would otherwise wait for resources forever)."""
+    cpu = (1 + space.workers * space.cpus_per_worker) if space.uses_ray_train else space.cpus_per_worker
+    gpu = space.workers * space.gpus_per_worker
+    how = (f"{space.workers} worker(s) x {space.cpus_per_worker:g} CPU" + (" + 1 for the trial's driver" if space.uses_ray_train
+                                                                            else ""))
+    if gpu > res.get("GPU", 0):
+        raise CrystaltuneError(f"each trial needs {gpu:g} GPU(s) ({space.workers} worker(s) x {space.gpus_per_worker:g}); "
+                               f"the cluster has {res.get('GPU', 0):g}: use --gpus-per-worker 0 to train on CPUs")
+    if cpu > res.get("CPU", 0):
+        raise CrystaltuneError(f"each trial needs {cpu:g} CPUs ({how}); the cluster has {res.get('CPU', 0):g}: lower "
+                               "resources.cpus_per_worker (--cpus-per-worker) or --workers-per-trial, or start Ray with "
+                               "more (--num-cpus)")
+    fits = int(res["CPU"] // cpu)
+    return max(1, min(fits, int(res.get("GPU", 0) // gpu)) if gpu else fits)
 
 
 def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
