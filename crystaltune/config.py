@@ -128,6 +128,8 @@ class TrialConfig:
         from .featurizers import EDGE_FEATURIZERS, NODE_TABLES
         from .losses import LOSSES
         from .models import MODELS, POOLINGS
+        from .models.base import GLOBAL_FEATURES, NORMS
+        from .train.optim import OPTIMIZERS, SCHEDULES
 
         m, t, o, d = self.model, self.train, self.optim, self.data
         MODELS.get(m.name)
@@ -136,11 +138,12 @@ class TrialConfig:
         for part in m.node_featurizer.split("+"):
             NODE_TABLES.get(part)
         LOSSES.get(self.loss.name)
-        _choice("model.norm", m.norm, ("batch", "layer", "none"))
+        for name, registry, value in (("model.norm", NORMS, m.norm), ("optim.name", OPTIMIZERS, o.name),
+                                      ("optim.schedule", SCHEDULES, o.schedule)):
+            if value not in registry:
+                raise CrystaltuneError(f"{name}: {registry.unknown_message(value)}")
         for g in m.global_features:
-            _choice("model.global_features", g, ("lattice", "symmetry"))
-        _choice("optim.name", o.name, ("adam", "adamw", "sgd"))
-        _choice("optim.schedule", o.schedule, ("cosine", "plateau", "onecycle", "step", "none"))
+            _choice("model.global_features", g, GLOBAL_FEATURES)
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         # upper bounds keep a few bytes of config from asking for gigabytes of model
         _range("model.hidden", m.hidden, 1, 4096)

@@ -156,3 +156,21 @@ def test_a_space_fixing_a_bad_model_parameter_fails_before_any_trial():
            "search": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
     with pytest.raises(CrystaltuneError, match="model.params.heads: must be in"):
         parse_space(raw, "heads.yaml")
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("model", "norm", "btach", r"model.norm: unknown norm 'btach'; did you mean 'batch'\?"),
+    ("optim", "name", "adamx", r"optim.name: unknown optimizer 'adamx'"),
+    ("optim", "schedule", "cos", r"optim.schedule: unknown schedule 'cos'; did you mean 'cosine'\?"),
+])
+def test_names_validate_against_the_registries_that_build_them(section, key, value, match):
+    """One list per choice: validation reads the registry construction uses, and an unknown norm is an
+    error, never a silent Identity."""
+    from crystaltune.config import ModelConfig, TrialConfig
+    from crystaltune.models.base import make_norm
+
+    with pytest.raises(CrystaltuneError, match=match):
+        TrialConfig.from_dict({section: {key: value}})
+    with pytest.raises(CrystaltuneError, match="unknown norm"):
+        make_norm("btach", 8)
+    assert ModelConfig().norm == "batch"

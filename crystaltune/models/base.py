@@ -12,10 +12,13 @@ from torch import nn
 from ..config import ModelConfig
 from ..featurizers import NodeFeaturizer, make_edge_featurizer
 from ..graphs.store import Batch
+from ..registry import Registry
 from .params import ModelParams
 from .pooling import make_pooling
 
 N_CRYSTAL_SYSTEMS = 7
+#: crystal-level descriptors a model can append to its pooled vector (``model.global_features``)
+GLOBAL_FEATURES = ("lattice", "symmetry")
 
 
 def crystal_system(spacegroup: torch.Tensor) -> torch.Tensor:
@@ -46,12 +49,15 @@ class GlobalFeatures(nn.Module):
         return torch.cat(parts, 1) if parts else None
 
 
+NORMS: Registry = Registry("norm")
+NORMS.register("batch")(nn.BatchNorm1d)
+NORMS.register("layer")(nn.LayerNorm)
+NORMS.register("none")(lambda dim: nn.Identity())
+
+
 def make_norm(kind: str, dim: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm1d(dim)
-    if kind == "layer":
-        return nn.LayerNorm(dim)
-    return nn.Identity()
+    """A normalisation layer by name (``model.norm``); unknown names raise, they never mean none."""
+    return NORMS.get(kind)(dim)
 
 
 class CrystalModel(nn.Module):

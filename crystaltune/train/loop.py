@@ -29,6 +29,7 @@ from ..losses import Loss
 from ..models import build_model
 from .data import TrialData, prepare_trial_data
 from .metrics import embedding_metrics, predict_indices, regression_metrics
+from .optim import make_optimizer
 
 Report = Callable[[dict[str, Any], str | None], None]
 
@@ -49,28 +50,6 @@ def pick_device(name: str) -> torch.device:
             raise CrystaltuneError("train.device is 'cuda' but no CUDA device is available")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def make_optimizer(cfg: TrialConfig, params, steps_per_epoch: int):
-    o = cfg.optim
-    if o.name == "sgd":
-        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    elif o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    epochs = cfg.train.epochs
-    if o.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    elif o.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=epochs * steps_per_epoch)
-    elif o.schedule == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=5)
-    elif o.schedule == "step":
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[m * steps_per_epoch for m in o.milestones], gamma=0.1)
-    else:
-        sched = None
-    return opt, sched
 
 
 def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | None = None,
