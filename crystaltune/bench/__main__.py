@@ -31,11 +31,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=int, default=3)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--amp", action="store_true")
-    t.add_argument("--reference", action="store_true", help="also time the reference CGCNN algorithm (cgcnn only)")
+    t.add_argument("--reference-code", metavar="DIR",
+                   help="also run the reference CGCNN code itself (its folder, with main.py) on the same crystals")
     t.add_argument("--limit", type=int, help="a seeded subset of N crystals")
     t.add_argument("--json", action="store_true")
     a = sub.add_parser("all", help="the whole suite: graphs, cache, training per model, DDP 1->2, search overhead, GPU")
     a.add_argument("--quick", action="store_true", help="small sizes (CI)")
+    a.add_argument("--reference-code", metavar="DIR",
+                   help="the reference CGCNN code's folder: cgcnn's throughput is compared with that code run here")
     a.add_argument("--search", nargs="+", help="search spaces timed for overhead (default: smoke, plus perovskites "
                                                "unless --quick)")
     a.add_argument("--output", help="also write the JSON document to this file")
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         from .suite import bench_all
 
         out = bench_all(args.quick, tuple(args.search) if args.search else None,
-                        "python -m crystaltune.bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+                        "python -m crystaltune.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                        args.reference_code)
         if args.output:
             Path(args.output).write_text(json.dumps(out, indent=1, default=str))
         if args.readme:
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         from .train import bench_train
 
         out = bench_train(args.dataset, args.model, args.epochs, args.batch_size, args.threads, args.hidden,
-                          args.head_hidden, args.layers, args.device, args.amp, args.reference, limit=args.limit)
+                          args.head_hidden, args.layers, args.device, args.amp, limit=args.limit,
+                          reference_code=args.reference_code)
     if args.json or args.cmd == "all":
         print(json.dumps(out, indent=1, default=str))
     else:

@@ -45,12 +45,12 @@ def search_overhead(space: str, workdir: Path, num_samples: int | None = None) -
             **timing, "asha_epoch_fraction": timing["epochs_run"] / max(timing["epochs_full_budget"], 1)}
 
 
-def train_in_subprocess(model: str, epochs: int, limit: int | None, reference: bool, batch_size: int, threads: int,
-                        device: str = "cpu", amp: bool = False) -> dict[str, Any]:
+def train_in_subprocess(model: str, epochs: int, limit: int | None, reference_code: str | None, batch_size: int,
+                        threads: int, device: str = "cpu", amp: bool = False) -> dict[str, Any]:
     """``bench train`` in a fresh process, so each model's peak memory is its own."""
     cmd = [sys.executable, "-m", "crystaltune.bench", "train", "--model", model, "--epochs", str(epochs), "--json",
            "--batch-size", str(batch_size), "--threads", str(threads), "--device", device]
-    cmd += (["--limit", str(limit)] if limit else []) + (["--reference"] if reference else []) + (["--amp"] if amp else [])
+    cmd += (["--limit", str(limit)] if limit else []) + (["--reference-code", reference_code] if reference_code else []) + (["--amp"] if amp else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise CrystaltuneError(f"bench train --model {model} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -79,8 +79,10 @@ def ddp_scaling(limit: int | None, epochs: int) -> dict[str, Any]:
     return out
 
 
-def bench_all(quick: bool = False, searches: tuple[str, ...] | None = None, command: str = "") -> dict[str, Any]:
-    """Every speed figure of the README's Performance section, measured now on this machine."""
+def bench_all(quick: bool = False, searches: tuple[str, ...] | None = None, command: str = "",
+              reference_code: str | None = None) -> dict[str, Any]:
+    """Every speed figure of the README's Performance section, measured now on this machine; with
+    ``reference_code`` (the reference CGCNN code's folder) cgcnn's figure is compared with that code."""
     from ..data import load_dataset
     from ..environment import describe_machine, versions_line
     from .graphs import bench_graphs
@@ -94,13 +96,14 @@ def bench_all(quick: bool = False, searches: tuple[str, ...] | None = None, comm
     load_dataset("perov5")
     res["cache_load_perov5_s"] = time.perf_counter() - t0
     limit, epochs = (256, 2) if quick else (None, 3)
-    res["train"] = {m: train_in_subprocess(m, epochs, limit, m == "cgcnn", batch, threads) for m in MODELS}
+    res["train"] = {m: train_in_subprocess(m, epochs, limit, reference_code if m == "cgcnn" else None, batch, threads)
+                    for m in MODELS}
     res["ddp"] = ddp_scaling(240 if quick else None, 2 if quick else 3)
     res["searches"] = []
     for space in searches or (("smoke",) if quick else ("smoke", "perovskites")):
         with tempfile.TemporaryDirectory() as tmp:
             res["searches"].append(search_overhead(space, Path(tmp)))
     if torch.cuda.is_available():
-        res["gpu"] = {f"{m}_{'amp' if amp else 'fp32'}": train_in_subprocess(m, 3, None, False, batch, threads, "cuda", amp)
+        res["gpu"] = {f"{m}_{'amp' if amp else 'fp32'}": train_in_subprocess(m, 3, None, None, batch, threads, "cuda", amp)
                       for m in ("cgcnn", "csgcnn") for amp in (False, True)}
     return res
