@@ -392,27 +392,41 @@ def test_report_top_k_candidates_are_chosen_by_val_on_cross_validation_folds(smo
     assert "## Retrained per fold" in report and f"candidate {chosen} (chosen)" in report
 
 
-def test_a_space_whose_trials_cannot_fit_is_refused_in_seconds(tmp_path, small_records):
-    """sunmat (2 GPUs x 4 CPUs per trial) on a machine without them: as shipped, and with the CPU-only
-    overrides a user tries next, the search stops with one error line before building any graph or
-    starting Ray, instead of waiting for resources forever."""
+def test_sunmat_on_a_two_core_machine_runs_as_shipped_and_refuses_what_cannot_fit(tmp_path, small_records):
+    """sunmat's resources are `auto`: on a machine without GPUs its trials become CPU trials and the
+    search runs; explicit requests that can never fit stop with one error line before any graph is
+    built or Ray starts, instead of waiting for resources forever."""
     import time
 
     from conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "sunmat.jsonl", small_records)
-    for extra, match in (([], "each trial needs 2 GPU(s)"),
-                         (["--gpus-per-worker", "0", "--workers-per-trial", "1", "--num-cpus", "2"],
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    base = [sys.executable, "-m", "crystaltune.search", "sunmat", "--data", str(data), "--output", str(tmp_path / "out")]
+    for extra, match in ((["--gpus-per-worker", "1"], "each trial needs 1 GPU(s)"),
+                         (["--workers-per-trial", "2", "--gpus-per-worker", "1"], "each trial needs 2 GPU(s)"),
+                         (["--cpus-per-worker", "4", "--num-cpus", "2"],
                           "each trial needs 4 CPUs (1 worker(s) x 4 CPU); the cluster has 2")):
         t0 = time.time()
-        out = subprocess.run([sys.executable, "-m", "crystaltune.search", "sunmat", "--data", str(data),
-                              "--output", str(tmp_path / "out"), *extra], capture_output=True, text=True, cwd=tmp_path,
-                             timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        out = subprocess.run(base + extra, capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
         assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert time.time() - t0 < 60
-    # what fits runs: the same overrides with one CPU per worker pass the check
-    from crystaltune.search.engine import SearchOptions, plan_concurrency, prepare_space
+    out = subprocess.run(base + ["--num-samples", "1", "--max-epochs", "1", "--json"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert '"trials": 1' in out.stdout and '"failed": 0' in out.stdout
 
-    space = prepare_space(SearchOptions("sunmat", gpus_per_worker=0, workers_per_trial=1, cpus_per_worker=1,
-                                        data=str(data)))
-    assert plan_concurrency(space, {"CPU": 2}) == 2
+
+def test_auto_resources_pack_trials_on_gpus_and_fall_back_to_cpus():
+    from crystaltune.search.engine import SearchOptions, prepare_space
+    from crystaltune.search.plan import plan_concurrency, resolve_auto
+
+    def planned(res, **kw):
+        space = prepare_space(SearchOptions("sunmat", data=str(ROOT / "README.md"), **kw))
+        resolve_auto(space, res)
+        return space.gpus_per_worker, space.cpus_per_worker, plan_concurrency(space, res)
+
+    assert planned({"CPU": 2}) == (0.0, 1.0, 2)  # no GPU: CPU trials
+    assert planned({"CPU": 16, "GPU": 1}) == (0.25, 4.0, 4)  # 4 trials share the GPU, 4 cores each
+    assert planned({"CPU": 64, "GPU": 8}) == (0.25, 2.0, 32)
+    assert planned({"CPU": 16, "GPU": 2}, trials_per_gpu=8) == (0.125, 1.0, 16)

@@ -30,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
                         "(one worker); auto (default) = direct for one worker, train for more")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (overrides resources.cpus_per_worker)")
+    p.add_argument("--trials-per-gpu", type=int, help="pack N one-worker trials on each GPU (1/N GPU each)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--data", help="dataset file for the space's dataset (e.g. the SNUMAT file)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray instance (default: 2 x cores + 1)")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         address=a.address,
         tracking_uri=a.tracking_uri, storage=a.storage, output=a.output, resume=a.resume,
         workers_per_trial=a.workers_per_trial, gpus_per_worker=a.gpus_per_worker,
-        cpus_per_worker=a.cpus_per_worker, seed=a.seed, data=a.data,
+        cpus_per_worker=a.cpus_per_worker, trials_per_gpu=a.trials_per_gpu, seed=a.seed, data=a.data,
         num_cpus=a.num_cpus, executor=a.executor))
     if a.json:
         print(json.dumps(summary, indent=1, default=str))

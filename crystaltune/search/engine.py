@@ -13,6 +13,7 @@ from typing import Any
 
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError
+from .plan import plan_concurrency, resolve_auto
 from .space import SearchSpace, check_executor, load_space
 
 
@@ -30,6 +31,7 @@ class SearchOptions:
     workers_per_trial: int | None = None
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
+    trials_per_gpu: int | None = None
     seed: int = 0
     data: str | None = None
     num_cpus: int | None = None  # local Ray only (logical CPUs; default 2 x cores + 1)
@@ -40,7 +42,8 @@ class SearchOptions:
 
 def prepare_space(opts: SearchOptions) -> SearchSpace:
     """Load the space and apply CLI overrides; everything validated before Ray starts."""
-    for name in ("num_samples", "max_epochs", "grace_period", "workers_per_trial", "cpus_per_worker", "num_cpus"):
+    for name in ("num_samples", "max_epochs", "grace_period", "workers_per_trial", "cpus_per_worker", "num_cpus",
+                 "trials_per_gpu"):
         v = getattr(opts, name)
         if v is not None and v < 1:
             raise CrystaltuneError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -64,6 +67,11 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
         space.gpus_per_worker = opts.gpus_per_worker
     if opts.cpus_per_worker is not None:
         space.cpus_per_worker = opts.cpus_per_worker
+    if opts.trials_per_gpu is not None:
+        if space.workers != 1:
+            raise CrystaltuneError("--trials-per-gpu packs one-worker trials; this search has "
+                                   f"{space.workers} workers per trial")
+        space.gpus_per_worker = 1.0 / opts.trials_per_gpu
     if opts.executor or opts.workers_per_trial:
         space.executor = check_executor("--executor", opts.executor or space.executor, space.workers)
     if opts.data:
@@ -131,7 +139,9 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         ncpu = opts.num_cpus or ((2 * (os.cpu_count() or 2) + 1) if space.uses_ray_train else (os.cpu_count() or 1))
         import torch
 
-        plan_concurrency(space, {"CPU": ncpu, "GPU": torch.cuda.device_count()})  # refuse before any work
+        local = {"CPU": ncpu, "GPU": torch.cuda.device_count()}
+        resolve_auto(space, local, opts.trials_per_gpu)
+        plan_concurrency(space, local)  # refuse before any work
 
     # graphs built once per search, in the driver, before Ray starts; every trial shares them
     from ..train.data import load_trial_dataset
@@ -156,6 +166,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     # a local instance listens on 127.0.0.1 only; token authentication either way
     init_ray(opts.address, ncpu, include_dashboard=True)
     try:
+        resolve_auto(space, ray.cluster_resources(), opts.trials_per_gpu)  # a cluster: planned from what it has
         concurrency = plan_concurrency(space, ray.cluster_resources())
         exp_path = f"{storage.rstrip('/')}/{space.name}"
         state_file = str(output / "tracker_state.json")
@@ -216,24 +227,6 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     finally:
         ray.shutdown()
     return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time, log)
-
-
-def plan_concurrency(space: SearchSpace, res: dict[str, float]) -> int:
-    """How many trials run at once on resources ``res``; a CrystaltuneError naming both sides when one
-    trial can never fit (Ray would otherwise wait for resources forever)."""
-    cpu = (1 + space.workers * space.cpus_per_worker) if space.uses_ray_train else space.cpus_per_worker
-    gpu = space.workers * space.gpus_per_worker
-    how = (f"{space.workers} worker(s) x {space.cpus_per_worker:g} CPU" + (" + 1 for the trial's driver" if space.uses_ray_train
-                                                                            else ""))
-    if gpu > res.get("GPU", 0):
-        raise CrystaltuneError(f"each trial needs {gpu:g} GPU(s) ({space.workers} worker(s) x {space.gpus_per_worker:g}); "
-                               f"the cluster has {res.get('GPU', 0):g}: use --gpus-per-worker 0 to train on CPUs")
-    if cpu > res.get("CPU", 0):
-        raise CrystaltuneError(f"each trial needs {cpu:g} CPUs ({how}); the cluster has {res.get('CPU', 0):g}: lower "
-                               "resources.cpus_per_worker (--cpus-per-worker) or --workers-per-trial, or start Ray with "
-                               "more (--num-cpus)")
-    fits = int(res["CPU"] // cpu)
-    return max(1, min(fits, int(res.get("GPU", 0) // gpu)) if gpu else fits)
 
 
 def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:

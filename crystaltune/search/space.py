@@ -4,7 +4,7 @@
 name: perovskites
 dataset: {name: perovskites, targets: [band_gap], split_seed: 0, limit: null}
 budget: {num_samples: 40, max_epochs: 30, grace_period: 5, reduction_factor: 3}
-resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, executor: auto}
+resources: {workers: 1, cpus_per_worker: auto, gpus_per_worker: auto, executor: auto}
 fixed: {train.batch_size: 64, optim.schedule: cosine}
 search:
   model.name: {type: categorical, choices: [cgcnn, csgcnn]}
@@ -115,8 +115,8 @@ class SearchSpace:
     grace_period: int = 3
     reduction_factor: int = 3
     workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = 1.0  # None: "auto", planned from the cluster at launch (plan.py)
+    gpus_per_worker: float | None = 0.0  # None: "auto"; a fraction packs several trials on one GPU
     executor: str = "auto"
     source: str = ""
     #: the well-trained default as values of the searched parameters: every search evaluates it first
@@ -211,6 +211,11 @@ def _num(where: str, v: Any, lo: float = 0.0) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
         raise CrystaltuneError(f"{where} must be a number >= {lo}, got {v!r}")
     return float(v)
+
+
+def _auto_num(where: str, v: Any, lo: float) -> float | None:
+    """A resource amount, or ``auto`` (None: planned from the cluster's resources at launch)."""
+    return None if v == "auto" else _num(where, v, lo)
 
 
 def config_paths() -> set[str]:
@@ -352,8 +357,8 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
         grace_period=_int(f"{source}: budget.grace_period", budget.get("grace_period", 3)),
         reduction_factor=_int(f"{source}: budget.reduction_factor", budget.get("reduction_factor", 3), lo=2),
         workers=_int(f"{source}: resources.workers", res.get("workers", 1)),
-        cpus_per_worker=_num(f"{source}: resources.cpus_per_worker", res.get("cpus_per_worker", 1)),
-        gpus_per_worker=_num(f"{source}: resources.gpus_per_worker", res.get("gpus_per_worker", 0)),
+        cpus_per_worker=_auto_num(f"{source}: resources.cpus_per_worker", res.get("cpus_per_worker", 1), 0.1),
+        gpus_per_worker=_auto_num(f"{source}: resources.gpus_per_worker", res.get("gpus_per_worker", 0), 0.0),
         executor=check_executor(f"{source}: resources.executor", res.get("executor", "auto"), res.get("workers", 1)),
         source=source,
     )
