@@ -212,3 +212,20 @@ def test_crystaltune_graphs_are_invariant_on_crystals_with_tied_neighbours(name)
     supercell = s.copy()
     supercell.make_supercell([2, 1, 1])
     assert predict(shifted) == pytest.approx(base, abs=1e-4) and predict(supercell) == pytest.approx(base, abs=1e-4)
+
+
+def test_device_store_batches_equal_host_batches(tmp_path, small_records):
+    """Batches gathered from the device-resident copy (here on the CPU) are the host batches, field by
+    field, uniform-degree flag included."""
+    import torch
+
+    from crystaltune.graphs.device_store import DeviceGraphStore
+
+    store = load_graphs(write_jsonl(tmp_path / "d.jsonl", small_records), GraphParams(8.0, 12)).store
+    dev = DeviceGraphStore(store, "cpu")
+    for idx in (np.array([3, 0, 7]), np.arange(len(store)), np.array([5])):
+        a, b = store.batch(idx, ["band_gap"]), dev.batch(idx, ["band_gap"])
+        assert a.num_graphs == b.num_graphs and a.degree == b.degree
+        for key in ("z", "edge_index", "dist", "batch", "cell", "spacegroup", "y", "vec"):
+            x, y = getattr(a, key), getattr(b, key)
+            assert x.dtype == y.dtype and torch.equal(x, y), key

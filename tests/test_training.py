@@ -161,3 +161,15 @@ def test_trial_resumed_from_its_final_checkpoint_still_reports_once(tmp_path):
     metrics, ck = sent[0]
     assert ck is None and metrics["done"] and metrics["epoch"] == 2
     assert metrics["best_val_mae"] == pytest.approx(first["val_mae"]) and metrics["test_mae"] == pytest.approx(first["test_mae"])
+
+
+def test_training_from_the_device_store_gives_the_same_losses():
+    """fit with batches from the device-resident store (forced on the CPU) matches the host path."""
+    cfg = small_cfg()
+    seen_host, seen_dev = [], []
+    host = fit(cfg, report=lambda m, c: seen_host.append(m), device_store=False)
+    dev = fit(cfg, report=lambda m, c: seen_dev.append(m), device_store=True)
+    for a, b in zip(seen_host, seen_dev):
+        assert a["train_mae"] == pytest.approx(b["train_mae"], rel=1e-5)
+        assert a["val_mae"] == pytest.approx(b["val_mae"], rel=1e-5)
+    assert host["test_mae"] == pytest.approx(dev["test_mae"], rel=1e-5)

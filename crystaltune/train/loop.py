@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..checkpoint import Normalizer, save_checkpoint
 from ..config import TrialConfig
 from ..errors import CrystaltuneError
+from ..graphs.device_store import DeviceGraphStore, on_device
 from ..losses import Loss
 from ..models import build_model
 from .data import TrialData, prepare_trial_data
@@ -53,8 +54,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | None = None,
-        resume: dict[str, Any] | None = None, checkpoint_every_epoch: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Train one configuration; returns the final summary (best-val epoch's test metrics)."""
+        resume: dict[str, Any] | None = None, checkpoint_every_epoch: bool = False, verbose: bool = False,
+        device_store: bool | None = None) -> dict[str, Any]:
+    """Train one configuration; returns the final summary (best-val epoch's test metrics).
+    ``device_store``: gather batches from a copy of the graphs on the training device (default: on a
+    GPU when the graphs fit its budget; True forces it, also on the CPU, as the tests do)."""
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -66,6 +70,10 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     store, targets = data.store, data.targets
+    if device_store is None:
+        batches = on_device(store, device) or store
+    else:
+        batches = DeviceGraphStore(store, device) if device_store else store
 
     y_train = torch.from_numpy(np.stack([store.props[k][data.train] for k in targets], 1)).float()
     normalizer = Normalizer.fit(y_train)
@@ -102,7 +110,7 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
         seen = 0
         for s in range(steps):
             idx = order[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank]
-            batch = store.batch(idx, targets).to(device)
+            batch = batches.batch(idx, targets).to(device)
             seen += len(idx)
             y = normalizer.norm(batch.y)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -135,7 +143,7 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
             dist.all_reduce(stats)
             abs_err, count = stats.cpu()[: len(targets)], stats.cpu()[len(targets):]
         train_mae = float((abs_err / count.clamp_min(1))[count > 0].mean())
-        pv, yv = predict_indices(model, store, data.val, targets, normalizer, device, t.eval_batch_size)
+        pv, yv = predict_indices(model, batches, data.val, targets, normalizer, device, t.eval_batch_size)
         val = regression_metrics(pv, yv, targets, "val")
         if not math.isfinite(val["val_mae"]):
             raise TrialDiverged(f"validation MAE is {val['val_mae']} at epoch {epoch + 1}")
@@ -145,7 +153,7 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
         if improved:
             bad_epochs = 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            pt, yt = predict_indices(model, store, data.test, targets, normalizer, device, t.eval_batch_size)
+            pt, yt = predict_indices(model, batches, data.test, targets, normalizer, device, t.eval_batch_size)
             best = {"val_mae": val["val_mae"], "best_epoch": epoch + 1,
                     **regression_metrics(pt, yt, targets, "test"),
                     **embedding_metrics(model, store, data.test, device, seed=t.seed)}
