@@ -112,3 +112,23 @@ def test_unwritable_output_or_storage_fails_before_any_trial(tmp_path):
         assert out.returncode == 2 and "is not writable" in out.stderr and flag in out.stderr, out.stderr
         assert "Traceback" not in out.stderr and time.time() - t0 < 60
         assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_watchdog_stops_a_hung_trial_and_the_search_finishes(tmp_path):
+    """A trial that stops reporting (it sleeps at epoch 2, on every retry) is stopped by the driver's
+    watchdog after max(floor, factor x its slowest epoch), retried, and finally recorded FAILED with the
+    watchdog's reason; the other trials finish and the search exits normally."""
+    marker = tmp_path / "hung-trial"
+    env = {**ENV, "CRYSTALTUNE_TEST_FAULT": f"hang_epoch2:{marker}"}
+    out = search([str(SPACES / "faults.yaml"), "--output", str(tmp_path / "out"), "--watchdog-floor", "8",
+                  "--watchdog-factor", "3"], tmp_path, env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    hung = marker.read_text()
+    client, trials, _ = mlflow_runs(tmp_path, "crystaltune-faults")
+    assert len(trials) == 4
+    by_id = {r.data.tags["crystaltune.trial_id"]: r for r in trials}
+    assert by_id[hung].info.status == "FAILED"
+    assert by_id[hung].data.tags["crystaltune.error"].startswith("watchdog: no report for")
+    assert "(limit 8 s: 3 x its slowest epoch, at least 8 s)" in by_id[hung].data.tags["crystaltune.error"]
+    assert any(r.info.status == "FINISHED" for r in trials)
+    assert out.stdout.count("watchdog: no report for") >= 1

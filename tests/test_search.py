@@ -113,7 +113,7 @@ def test_leaderboard_and_best_config_retrain_to_the_same_mae(smoke_search):
     work, stdout, _ = smoke_search
     rows = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))
     assert len(rows) >= 4
-    vals = [float(r["val_mae"]) for r in rows if r["val_mae"]]
+    vals = [float(r["best_val_mae"]) for r in rows if r["best_val_mae"]]
     assert vals == sorted(vals)
     best_test = float(rows[0]["test_mae"])
     cfg = yaml.safe_load((work / "out" / "best_config.yaml").read_text())
@@ -169,6 +169,23 @@ def _space(**over):
 def test_bad_search_spaces_fail_before_ray(raw, match):
     with pytest.raises(CrystaltuneError, match=match):
         parse_space(raw, "bad.yaml")
+
+
+def test_mlflow_sorted_by_the_selection_metric_is_the_leaderboard_and_the_readme_filter_works(smoke_search):
+    """metrics.best_val_mae (best val MAE so far, logged every epoch) orders the MLflow runs exactly as
+    the leaderboard; the README's example filter returns runs of the default search."""
+    import re
+
+    work, _, _ = smoke_search
+    client, runs = _runs(work)
+    exp = client.get_experiment_by_name("crystaltune-smoke")
+    by_mlflow = client.search_runs([exp.experiment_id], "tags.`crystaltune.kind` = 'trial' and attributes.status = 'FINISHED'",
+                                   order_by=["metrics.best_val_mae ASC"])
+    rows = [r for r in csv.DictReader(open(work / "out" / "leaderboard.csv")) if r["status"] == "FINISHED"]
+    assert [r.info.run_name.split()[0] for r in by_mlflow] == [r["trial"] for r in rows]
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"Filter with e\.g\.\s+`([^`]+)`", readme).group(1)
+    assert client.search_runs([exp.experiment_id], example), example
 
 
 def test_the_default_configuration_is_the_first_trial_and_recorded_as_such(smoke_search):

@@ -34,6 +34,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--data", help="dataset file for the space's dataset (e.g. the SNUMAT file)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray instance (default: 2 x cores + 1)")
+    p.add_argument("--watchdog-factor", type=float, default=10.0,
+                   help="stop a trial silent for this many times its slowest epoch (default 10)")
+    p.add_argument("--watchdog-floor", type=float, default=600.0,
+                   help="... but never before this many seconds (default 600; also the limit before its first epoch)")
+    p.add_argument("--stall-timeout", type=float, default=1800.0,
+                   help="stop the search (resumable) when no trial could run for this many seconds (default 1800)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     return p
 
@@ -46,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         address=a.address,
         tracking_uri=a.tracking_uri, storage=a.storage, output=a.output, resume=a.resume,
         workers_per_trial=a.workers_per_trial, gpus_per_worker=a.gpus_per_worker,
-        cpus_per_worker=a.cpus_per_worker, trials_per_gpu=a.trials_per_gpu, seed=a.seed, data=a.data,
+        cpus_per_worker=a.cpus_per_worker, trials_per_gpu=a.trials_per_gpu, seed=a.seed,
+        watchdog_factor=a.watchdog_factor, watchdog_floor_s=a.watchdog_floor, stall_timeout_s=a.stall_timeout, data=a.data,
         num_cpus=a.num_cpus, executor=a.executor))
     if a.json:
         print(json.dumps(summary, indent=1, default=str))

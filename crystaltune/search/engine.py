@@ -37,6 +37,9 @@ class SearchOptions:
     num_cpus: int | None = None  # local Ray only (logical CPUs; default 2 x cores + 1)
     max_failures: int = 2
     quiet: bool = False
+    watchdog_factor: float = 10.0  # a trial silent for this x its slowest epoch is stopped (search/watchdog.py)
+    watchdog_floor_s: float = 600.0  # ... but never sooner than this
+    stall_timeout_s: float = 1800.0  # no trial can run for this long: stop, resumable
     executor: str | None = None
 
 
@@ -47,6 +50,9 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
         v = getattr(opts, name)
         if v is not None and v < 1:
             raise CrystaltuneError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    for name in ("watchdog_factor", "watchdog_floor_s", "stall_timeout_s"):
+        if not getattr(opts, name) > 0:
+            raise CrystaltuneError(f"--{name.replace('_', '-').removesuffix('-s')} must be > 0, got {getattr(opts, name)}")
     if opts.seed < 0:
         raise CrystaltuneError(f"--seed must be >= 0, got {opts.seed}")
     if opts.gpus_per_worker is not None and opts.gpus_per_worker < 0:
@@ -160,6 +166,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
 
     from .tracking import MLflowTracker, redact
     from .trainable import direct_trial_fn, trial_fn
+    from .watchdog import Watchdog
 
     if not opts.address:
         refuse_second_local_cluster()
@@ -208,17 +215,20 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    metric="val_mae", mode="min", num_samples=space.num_samples, max_concurrent_trials=concurrency,
+                    metric="best_val_mae", mode="min", num_samples=space.num_samples, max_concurrent_trials=concurrency,
                     reuse_actors=not space.uses_ray_train,  # a direct trial keeps its warm process
                     # the default configuration is trial 0, then Optuna's sampler takes over
-                    search_alg=OptunaSearch(DefineByRun(space), metric="val_mae", mode="min", seed=opts.seed,
+                    search_alg=OptunaSearch(DefineByRun(space), metric="best_val_mae", mode="min", seed=opts.seed,
                                             points_to_evaluate=[encode_point(space.default_point, space)]),
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
                                             reduction_factor=space.reduction_factor),
                 ),
                 # a trial whose actor dies with its node is retried elsewhere; its Ray Train run resumes
                 # from the last epoch checkpoint
-                run_config=tune.RunConfig(name=space.name, storage_path=storage, callbacks=[tracker], verbose=0,
+                run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=0,
+                                          callbacks=[tracker, Watchdog(tracker, opts.watchdog_factor,
+                                                                       opts.watchdog_floor_s, opts.stall_timeout_s,
+                                                                       not opts.quiet)],
                                           failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
             )
         t0 = time.perf_counter()
@@ -307,5 +317,5 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
         log(f"[crystaltune] wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
         log(f"[crystaltune] retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
     log(f"[crystaltune] MLflow: mlflow ui --backend-store-uri {tracking_uri}  (experiment '{experiment}', "
-        f"parent run {tracker.parent_run_id}; sort the child runs by metrics.val_mae / metrics.test_mae)")
+        f"parent run {tracker.parent_run_id}; sort the child runs by metrics.best_val_mae, the selection metric)")
     return summary

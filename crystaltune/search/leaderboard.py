@@ -41,7 +41,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys = sorted({k for r in rows for k in r["params"]})
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["rank", "trial", "default", "status", "val_mae", "test_mae", "test_rmse", "test_r2", "epochs", "run_id",
+        w.writerow(["rank", "trial", "default", "status", "best_val_mae", "test_mae", "test_rmse", "test_r2", "epochs", "run_id",
                     "name", *keys, "error"])
         for i, r in enumerate(rows, start=1):
             w.writerow([i, r["trial"], r["default"], r["status"], _f(r["val_mae"]), _f(r["test_mae"]), _f(r["test_rmse"]),
@@ -58,7 +58,7 @@ def column_names(keys: list[str]) -> list[str]:
 
 def format_table(rows: list[dict[str, Any]], top: int = 10) -> str:
     diff = differing_params(rows)
-    head = ["#", "trial", "status", "val_mae", "test_mae", "epochs", *column_names(diff)]
+    head = ["#", "trial", "status", "best_val_mae", "test_mae", "epochs", *column_names(diff)]
     body = []
     shown = rows[:top] + [r for r in rows[top:] if r["default"]]  # the default always, to compare with
     for r in shown:

@@ -19,7 +19,9 @@ from ..config import flatten
 from ..mlflow_metrics import finite_metrics
 from .space import SearchSpace, decode_sampled
 
-EPOCH_METRICS = ("train_mae", "val_mae", "lr", "graphs_per_s", "epoch_time_s")
+#: per epoch; best_val_mae (the best val MAE so far) is the selection metric everywhere: leaderboard,
+#: Optuna's objective, ASHA's rungs and the MLflow column to sort by
+EPOCH_METRICS = ("train_mae", "val_mae", "best_val_mae", "lr", "graphs_per_s", "epoch_time_s")
 FINAL_METRICS = ("best_val_mae", "test_mae", "test_rmse", "test_r2", "alignment", "uniformity", "best_epoch")
 SECRET = re.compile(r"(?i)(://)([^/@:\s]+):([^/@\s]+)@")
 
@@ -63,6 +65,7 @@ class MLflowTracker(tune.Callback):
         self.status: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.configs: dict[str, dict[str, Any]] = {}
+        self.watchdog: dict[str, str] = {}  # trial_id -> why the watchdog stopped it
         self._client = None
         self._reconciled = False
 
@@ -75,7 +78,7 @@ class MLflowTracker(tune.Callback):
 
     def get_state(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("parent_run_id", "experiment_id", "runs", "names", "last_epoch",
-                                               "last_result", "status", "errors", "configs")}
+                                               "last_result", "status", "errors", "configs", "watchdog")}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore after --resume. Tune's snapshot of this state can lag behind (it is taken
@@ -228,8 +231,13 @@ class MLflowTracker(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finish(trial, "FAILED" if trial.trial_id in self.errors else "FINISHED")
 
+    def note_watchdog(self, trial_id: str, reason: str) -> None:
+        """The watchdog stopped this trial (Tune may retry it): the reason if it ends in error."""
+        self.watchdog[trial_id] = reason
+        self.save()
+
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.errors[trial.trial_id] = trial_error_message(trial)
+        self.errors[trial.trial_id] = self.watchdog.get(trial.trial_id) or trial_error_message(trial)
         self.finish(trial, "FAILED")
 
     def finish(self, trial, status: str) -> None:

@@ -78,10 +78,22 @@ def run_trial(cfg: TrialConfig, config: dict[str, Any], checkpoint, send, rank: 
         # deterministic failures: report them (the trial is recorded as failed with this reason) instead
         # of raising, which would make Ray retry the same doomed run max_failures times
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        send({"epoch": last_epoch[0] + 1, "val_mae": float("inf"), "trial_failed": reason, "done": True}, None)
+        send({"epoch": last_epoch[0] + 1, "val_mae": float("inf"), "best_val_mae": float("inf"), "trial_failed": reason,
+              "done": True}, None)
 
 
 def _maybe_inject_fault(fault: str, rank: int, epoch: int) -> None:
+    if fault.startswith("hang_epoch"):  # the first trial to reach that epoch hangs there, on every try
+        spec, _, marker = fault.partition(":")
+        me = tune.get_context().get_trial_id()
+        if epoch == int(spec.removeprefix("hang_epoch")) and marker:
+            if not Path(marker).exists():
+                Path(marker).write_text(me)
+            if Path(marker).read_text() == me:
+                import time
+
+                time.sleep(3600)
+        return
     if not fault.startswith("rank"):
         return
     spec, _, marker = fault.partition(":")
