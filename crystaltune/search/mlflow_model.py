@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mlflow.models
 import mlflow.pyfunc
+import pandas as pd
 
 
 class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
@@ -19,11 +20,10 @@ class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
 
         self.loaded = load_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):  # noqa: D401
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:  # noqa: D401
         import json
 
         import numpy as np
-        import pandas as pd
 
         from crystaltune.data.readers import RawDataset
         from crystaltune.graphs.cache import GraphParams, build_store
