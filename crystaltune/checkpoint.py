@@ -112,7 +112,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     if ck.get("format") == FORMAT:
         cfg = TrialConfig.from_dict(ck["config"])
         targets = list(ck["targets"])
-        model = build_model(cfg.model, len(targets), cfg.data.cutoff)
+        model = _build_checked(cfg, len(targets), ck["model_state"], path)
         _load_state(model, ck["model_state"], path)
         kind = "crystaltune"
     elif {"state_dict", "normalizer", "args"} <= set(ck):
@@ -127,12 +127,35 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     else:
         raise CrystaltuneError(f"{path}: not a crystaltune or reference CGCNN checkpoint (keys: {', '.join(sorted(map(str, ck))[:8])})")
     model.eval()
-    return LoadedModel(model, Normalizer.from_dict(ck["normalizer"]), targets, cfg, cfg.data.cutoff,
+    return LoadedModel(model, _checked_normalizer(ck["normalizer"], len(targets), path), targets, cfg, cfg.data.cutoff,
                        cfg.data.max_neighbors, dict(ck.get("metrics", {})), kind)
 
 
-def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    own = model.state_dict()
+def _checked_normalizer(d: Any, n_targets: int, path) -> Normalizer:
+    """The target normaliser, one finite mean and positive std per target, or a one-line error
+    (a wrong one would turn every prediction into garbage without a word)."""
+    try:
+        norm = Normalizer.from_dict(d)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CrystaltuneError(f"{path}: unreadable target normaliser ({type(exc).__name__})") from None
+    if norm.mean.numel() != n_targets or norm.std.numel() != n_targets:
+        raise CrystaltuneError(f"{path}: the normaliser has {norm.mean.numel()} mean(s) / {norm.std.numel()} std(s) for "
+                               f"{n_targets} target(s)")
+    if not (torch.isfinite(norm.mean).all() and torch.isfinite(norm.std).all() and (norm.std > 0).all()):
+        raise CrystaltuneError(f"{path}: the normaliser has non-finite values or a std <= 0")
+    return norm
+
+
+def _build_checked(cfg: TrialConfig, n_targets: int, state: dict[str, torch.Tensor], path) -> torch.nn.Module:
+    """The model of ``cfg``, built only after its shapes (on PyTorch's meta device: no memory) match the
+    checkpoint's weights: a few-KB checkpoint cannot make us allocate a model of gigabytes."""
+    with torch.device("meta"):
+        meta = build_model(cfg.model, n_targets, cfg.data.cutoff)
+    _check_state(meta.state_dict(), state, path)
+    return build_model(cfg.model, n_targets, cfg.data.cutoff)
+
+
+def _check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path) -> None:
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -140,4 +163,8 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path) ->
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                   else f"shape mismatch {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
         raise CrystaltuneError(f"{path}: weights do not fit the architecture in its config ({detail})")
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    _check_state(model.state_dict(), state, path)
     model.load_state_dict(state, strict=False)

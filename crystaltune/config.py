@@ -105,13 +105,10 @@ class TrialConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrialConfig:
+        from .yamlfile import load_yaml
+
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise CrystaltuneError(f"{path}: no such config file") from None
-        except yaml.YAMLError as exc:
-            raise CrystaltuneError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = load_yaml(path, "config file")
         if data is not None and not isinstance(data, dict):
             raise CrystaltuneError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return cls.from_dict(data or {}, where=str(path))

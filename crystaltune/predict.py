@@ -43,7 +43,21 @@ def read_inputs(inputs: list[str]):
         out.records.append({"id": cif.stem, "line": i, "structure": cif.read_text(errors="replace"), "props": {}, "fmt": "cif"})
     if not out.records and not out.skipped:
         raise CrystaltuneError(f"no crystals found in {', '.join(inputs)}")
+    _refuse_duplicate_ids(out.records, cifs)
     return out
+
+
+def _refuse_duplicate_ids(records: list[dict], cifs: list[Path]) -> None:
+    """Two inputs with the same id would get one prediction between them: refuse, naming both."""
+    where = {c.stem: c for c in cifs}
+    seen: dict[str, int] = {}
+    for rec in records:
+        rid = rec["id"]
+        if rid in seen:
+            first = where.get(rid, f"record {seen[rid]}")
+            raise CrystaltuneError(f"two inputs have the id {rid!r} ({first} and another); rename one so each crystal "
+                                   "gets its own prediction")
+        seen[rid] = rec["line"]
 
 
 @torch.no_grad()

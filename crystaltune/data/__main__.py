@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from ..errors import cli_main
+from ..errors import CrystaltuneError, cli_main
 from ..graphs.cache import GraphParams
 from .dataset import load_dataset
 from .info import dataset_info, format_info
@@ -25,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--max-neighbors", type=int, default=12)
         s.add_argument("--strict", action="store_true", help="fail if any record is skipped")
         s.add_argument("--no-cache", action="store_true")
+        s.add_argument("--max-records", type=int, help="accept files of up to N records (default 1,000,000)")
         s.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -32,6 +34,10 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.max_records is not None:
+        if args.max_records < 1:
+            raise CrystaltuneError(f"--max-records must be >= 1, got {args.max_records}")
+        os.environ["CRYSTALTUNE_MAX_RECORDS"] = str(args.max_records)
     ds = load_dataset(args.dataset, args.targets, data=args.data, strict=args.strict, use_cache=not args.no_cache,
                       params=GraphParams(args.cutoff, args.max_neighbors or None))
     info = dataset_info(ds)

@@ -9,9 +9,9 @@ raise :class:`CrystaltuneError`.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import math
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,7 @@ def read_source(path: str | Path) -> RawDataset:
             raise CrystaltuneError(f"{path}: the JSON list holds no records")
         for i, item in enumerate(items, start=1):
             _add(out, item, line=i, where=f"record {i}")
+            _check_count(path, out)
         return out
     if not stripped.startswith("{"):
         raise CrystaltuneError(f"{path}: not JSON or JSON lines (expected {FORMATS_HELP})")
@@ -84,23 +85,54 @@ def read_source(path: str | Path) -> RawDataset:
             out.skipped.append({"id": f"line {lineno}", "reason": f"line {lineno}: not valid JSON ({exc.msg})"})
             continue
         _add(out, item, line=lineno, where=f"line {lineno}")
+        _check_count(path, out)
     return out
+
+
+def limit(name: str) -> int:
+    """Reading budgets, raised with CRYSTALTUNE_MAX_RECORDS / CRYSTALTUNE_MAX_BYTES (or --max-records)."""
+    return int(os.environ.get(f"CRYSTALTUNE_MAX_{name.upper()}", LIMITS[name]))
+
+
+LIMITS = {"records": 1_000_000, "bytes": 4 << 30}  # per dataset file (bytes: after decompression)
 
 
 def _read_text(path: Path) -> str:
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes() if path.stat().st_size <= limit("bytes") else None
     except OSError as exc:
         raise CrystaltuneError(f"{path}: cannot read ({exc.strerror})") from None
+    if raw is None:
+        raise CrystaltuneError(f"{path}: larger than {limit('bytes')} bytes (CRYSTALTUNE_MAX_BYTES raises the limit)")
     if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise CrystaltuneError(f"{path}: corrupt or truncated gzip file ({exc})") from None
+        raw = _gunzip(path, raw, limit("bytes"))
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is tolerated
     except UnicodeDecodeError:
         raise CrystaltuneError(f"{path}: not a text file (not UTF-8)") from None
+
+
+def _gunzip(path: Path, raw: bytes, cap: int) -> bytes:
+    """Decompress at most ``cap`` bytes: a small gzip cannot expand into all of the memory."""
+    out = bytearray()
+    try:
+        while raw:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member at a time (files may hold several)
+            out += d.decompress(raw, cap + 1 - len(out))
+            if len(out) > cap:
+                raise CrystaltuneError(f"{path}: expands to more than {cap} bytes (CRYSTALTUNE_MAX_BYTES raises the limit)")
+            if not d.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            raw = d.unused_data
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CrystaltuneError(f"{path}: corrupt or truncated gzip file ({exc})") from None
+    return bytes(out)
+
+
+def _check_count(path: Path, out: RawDataset) -> None:
+    if len(out.records) + len(out.skipped) > limit("records"):
+        raise CrystaltuneError(f"{path}: more than {limit('records')} records (--max-records or CRYSTALTUNE_MAX_RECORDS "
+                               "raises the limit)")
 
 
 def _is_single_json(text: str) -> bool:
@@ -128,12 +160,20 @@ def _top_level_records(path: Path, data: Any) -> list[Any]:
     )
 
 
+def _printable(rid: str, cap: int = 200) -> str:
+    """An id fit for messages and CSV rows: control characters escaped (a newline in an id would split
+    a one-line reason), at most ``cap`` characters."""
+    if not rid.isprintable():
+        rid = rid.encode("unicode_escape").decode("ascii")
+    return rid if len(rid) <= cap else rid[:cap] + "..."
+
+
 def _add(out: RawDataset, item: Any, line: int, where: str) -> None:
     if not isinstance(item, dict):
         out.skipped.append({"id": where, "reason": f"{where}: record is a {type(item).__name__}, not an object"})
         return
     rid = next((item[k] for k in ID_KEYS if k in item and item[k] not in (None, "")), None)
-    rid = str(rid) if rid is not None else where
+    rid = _printable(str(rid)) if rid is not None else where
     skey = next((k for k in STRUCTURE_KEYS if k in item), None)
     if skey is None or item[skey] in (None, "", {}):
         out.skipped.append({"id": rid, "reason": f"{where} ({rid}): no structure (keys tried: {', '.join(STRUCTURE_KEYS)})"})
@@ -188,18 +228,30 @@ def _read_json_folder(folder: Path, files: list[Path]) -> RawDataset:
     return out
 
 
+def _inside(folder: Path, rid: str, cif: Path) -> bool:
+    """Whether ``rid`` is a plain file name whose CIF (links followed) lies in ``folder`` itself: only
+    files there are read, and the cache key (a hash of the folder's files) covers every one of them."""
+    if not rid or "/" in rid or "\\" in rid or rid in (".", "..") or Path(rid).is_absolute():
+        return False
+    return cif.resolve().parent == folder.resolve()
+
+
 def _read_cif_folder(folder: Path) -> RawDataset:
     """The reference CGCNN layout: ``id_prop.csv`` rows ``id,target[,target...]`` and ``<id>.cif``."""
     out = RawDataset(folder)
-    with open(folder / "id_prop.csv", newline="") as fh:
+    with open(folder / "id_prop.csv", newline="", encoding="utf-8-sig") as fh:  # BOM: not part of the first id
         rows = list(csv.reader(fh))
     if not rows:
         raise CrystaltuneError(f"{folder / 'id_prop.csv'}: file is empty")
     for lineno, row in enumerate(rows, start=1):
         if not row or not row[0].strip():
             continue
-        rid = row[0].strip()
+        rid = _printable(row[0].strip())
         cif = folder / f"{rid}.cif"
+        if not _inside(folder, rid, cif):
+            out.skipped.append({"id": rid, "reason": f"id_prop.csv line {lineno} ({rid[:80]}): the id names a file outside "
+                                                     f"{folder} (ids are file names in that folder)"})
+            continue
         if not cif.exists():
             out.skipped.append({"id": rid, "reason": f"id_prop.csv line {lineno} ({rid}): {cif.name} not found"})
             continue

@@ -15,6 +15,10 @@ import numpy as np
 
 #: Atoms closer than this (Å) are treated as overlapping: a broken structure, not a crystal.
 MIN_DISTANCE = 0.5
+#: the densest real solids have ~5 Å^3 per atom (diamond 5.7); below this a record is corrupt, and the
+#: atoms within 8 Å of each (the neighbour search's work) would exceed ~2000
+MIN_VOLUME_PER_ATOM = 1.0
+MAX_SITES = 5000  # per structure: larger cells are not what a crystal-graph model is trained on
 
 
 class RecordError(ValueError):
@@ -129,13 +133,20 @@ def check_pymatgen(structure) -> None:
 
 
 def check_arrays(c: Crystal) -> None:
-    """Raise RecordError for empty structures, NaN coordinates or a singular lattice."""
+    """Raise RecordError for empty, oversized or implausibly dense structures, NaN coordinates or a
+    singular lattice: checked before any neighbour search, whose cost grows with the atoms per volume
+    (a few hundred bytes of record could otherwise ask for gigabytes of neighbour pairs)."""
     if len(c.z) == 0:
         raise RecordError("structure has no sites")
+    if len(c.z) > MAX_SITES:
+        raise RecordError(f"structure has {len(c.z)} sites; at most {MAX_SITES} are accepted")
     if not np.isfinite(c.lattice).all():
         raise RecordError("lattice has NaN or infinite entries")
     volume = abs(float(np.linalg.det(c.lattice)))
     if volume < 1e-3 * len(c.z):
         raise RecordError(f"singular lattice (cell volume {volume:.3g} Å^3)")
+    if volume / len(c.z) < MIN_VOLUME_PER_ATOM:
+        raise RecordError(f"{volume / len(c.z):.3g} Å^3 per atom: denser than any real crystal "
+                          f"(at least {MIN_VOLUME_PER_ATOM} Å^3 per atom are accepted)")
     if not np.isfinite(c.frac).all():
         raise RecordError("NaN or infinite atomic coordinates")

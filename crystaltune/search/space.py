@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import TrialConfig, flatten
 from ..errors import CrystaltuneError
 from ..registry import did_you_mean
@@ -282,11 +280,10 @@ def parse_param(where: str, name: str, spec: Any, earlier: dict[str, Param]) -> 
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
     """A SearchSpace from search_spaces/NAME.yaml or a path; raises one clear CrystaltuneError."""
+    from ..yamlfile import load_yaml
+
     path = resolve_space(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CrystaltuneError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = load_yaml(path, "search-space file")
     return parse_space(raw, str(path), default_name=path.stem)
 
 

@@ -1,0 +1,151 @@
+"""Hostile inputs as a table: each is given to the real CLI in a process capped at 3 GiB of address
+space (a regression cannot take the machine down), and must end in its one-line error or skip reason,
+quickly, without a traceback."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REF_DIR, record, rocksalt, write_jsonl
+
+MEMORY = 3 << 30
+
+
+def _limit() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+
+def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_limit, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def dense_record(tmp: Path) -> list[str]:
+    """A few hundred bytes: 2 atoms in a 0.03 Å^3 cell (tens of millions of neighbours within 8 Å)."""
+    s = rocksalt(0.5).as_dict()
+    write_jsonl(tmp / "d.jsonl", [record("dense", s, band_gap=1.0), record("ok", rocksalt(), band_gap=2.0)])
+    return ["crystaltune.data", "info", str(tmp / "d.jsonl")]
+
+
+def ids_outside(tmp: Path) -> list[str]:
+    (tmp / "f").mkdir()
+    cif = (REF_DIR / "sample-regression" / "1000041.cif").read_text()
+    (tmp / "secret.cif").write_text(cif)
+    (tmp / "f" / "ok.cif").write_text(cif)
+    (tmp / "f" / "id_prop.csv").write_text("ok,1\n../secret,2\n")
+    return ["crystaltune.data", "info", str(tmp / "f")]
+
+
+def anchor_bomb(tmp: Path) -> list[str]:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (tmp / "bomb.yaml").write_text("\n".join(lines) + "\nsearch: {optim.lr: {type: float, low: 0.001, high: 0.01}}\n")
+    return ["crystaltune.search", str(tmp / "bomb.yaml")]
+
+
+def deep_yaml(tmp: Path) -> list[str]:
+    (tmp / "deep.yaml").write_text("search: " + "[" * 50_000)
+    return ["crystaltune.search", str(tmp / "deep.yaml")]
+
+
+def not_utf8(tmp: Path) -> list[str]:
+    (tmp / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    return ["crystaltune.search", str(tmp / "latin1.yaml")]
+
+
+def folder_as_space(tmp: Path) -> list[str]:
+    (tmp / "space.yaml").mkdir()
+    return ["crystaltune.search", str(tmp / "space.yaml")]
+
+
+def gzip_of_many_records(tmp: Path) -> list[str]:
+    """A small gzip that expands to more records than the reader accepts."""
+    line = json.dumps(record("x", rocksalt(), band_gap=1.0)) + "\n"
+    with gzip.open(tmp / "many.jsonl.gz", "wt") as fh:
+        for i in range(2_000):
+            fh.write(line.replace('"x"', f'"x{i}"'))
+    return ["crystaltune.data", "info", str(tmp / "many.jsonl.gz"), "--max-records", "1000"]
+
+
+def checkpoint_bigger_than_its_weights(tmp: Path) -> list[str]:
+    """A small file whose config asks for a 4096-wide, 64-layer model: refused before it is built."""
+    from crystaltune.checkpoint import FORMAT
+    from crystaltune.config import TrialConfig
+
+    cfg = TrialConfig.from_dict({"model": {"hidden": 4096, "layers": 64, "head_hidden": 8192}}).to_dict()
+    torch.save({"format": FORMAT, "config": cfg, "targets": ["band_gap"], "model_state": {},
+                "normalizer": {"mean": [0.0], "std": [1.0]}}, tmp / "big.pt")
+    return ["crystaltune.predict", "--checkpoint", str(tmp / "big.pt"), "--input",
+            str(REF_DIR / "sample-regression"), "--output", str(tmp / "out.csv")]
+
+
+def nan_normalizer(tmp: Path) -> list[str]:
+    from crystaltune.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(REF_DIR / "band-gap.pth.tar")
+    ck["normalizer"] = {"mean": float("nan"), "std": 1.0}
+    torch.save(ck, tmp / "nan.pth.tar")
+    return ["crystaltune.predict", "--checkpoint", str(tmp / "nan.pth.tar"), "--input",
+            str(REF_DIR / "sample-regression"), "--output", str(tmp / "out.csv")]
+
+
+def duplicate_stems(tmp: Path) -> list[str]:
+    for d in ("a", "b"):
+        (tmp / d).mkdir()
+        (tmp / d / "x.cif").write_text((REF_DIR / "sample-regression" / f"{'1000041' if d == 'a' else '1000050'}.cif").read_text())
+    return ["crystaltune.predict", "--checkpoint", str(REF_DIR / "band-gap.pth.tar"), "--input", str(tmp / "a" / "x.cif"),
+            str(tmp / "b" / "x.cif"), "--output", str(tmp / "out.csv")]
+
+
+def negative_seed(tmp: Path) -> list[str]:
+    return ["crystaltune.search", "smoke", "--seed", "-1"]
+
+
+def tiny_featurizer_step(tmp: Path) -> list[str]:
+    (tmp / "s.yaml").write_text("fixed: {model.edge_params.step: 1.0e-9}\n"
+                                "search: {optim.lr: {type: float, low: 0.001, high: 0.01}}\n")
+    return ["crystaltune.search", str(tmp / "s.yaml")]
+
+
+def zero_threads(tmp: Path) -> list[str]:
+    (tmp / "c.yaml").write_text("train: {num_threads: 0}\n")
+    return ["crystaltune.train", "--config", str(tmp / "c.yaml")]
+
+
+CASES = [  # (input, exit code, what the output must say)
+    (dense_record, 0, "denser than any real crystal (at least 1.0 Å^3 per atom are accepted)"),
+    (ids_outside, 0, "the id names a file outside"),
+    (anchor_bomb, 2, "YAML nodes once aliases are expanded"),
+    (deep_yaml, 2, "nested too deeply"),
+    (not_utf8, 2, "not UTF-8 text"),
+    (folder_as_space, 2, "no such search-space file"),
+    (gzip_of_many_records, 2, "more than 1000 records (--max-records"),
+    (checkpoint_bigger_than_its_weights, 2, "weights do not fit the architecture in its config"),
+    (nan_normalizer, 2, "the normaliser has non-finite values"),
+    (duplicate_stems, 2, "two inputs have the id 'x'"),
+    (negative_seed, 2, "--seed must be >= 0"),
+    (tiny_featurizer_step, 2, "model.edge_params.step must be in [0.001, 10.0]"),
+    (zero_threads, 2, "train.num_threads must be in [1, 1024]"),
+]
+
+
+@pytest.mark.parametrize("make, code, message", CASES, ids=[c[0].__name__ for c in CASES])
+def test_hostile_input_gets_its_one_line_answer(tmp_path, make, code, message):
+    args = make(tmp_path)
+    t0 = time.time()
+    out = run(args, tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == code, text[-2000:]
+    assert message in text and "Traceback" not in text, text[-2000:]
+    if code == 2:
+        assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: "), out.stderr
+    assert time.time() - t0 < 60
