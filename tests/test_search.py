@@ -188,6 +188,18 @@ def test_mlflow_sorted_by_the_selection_metric_is_the_leaderboard_and_the_readme
     assert client.search_runs([exp.experiment_id], example), example
 
 
+def test_optuna_history_is_in_run_order(smoke_search):
+    """optuna_history (JSON and PNG) lists trials in the order they ran, not ranked."""
+    import json
+
+    work, _, _ = smoke_search
+    history = json.loads((work / "out" / "artifacts" / "optuna_history.json").read_text())
+    rows = sorted((r for r in csv.DictReader(open(work / "out" / "leaderboard.csv")) if r["status"] == "FINISHED"),
+                  key=lambda r: r["trial"])
+    assert [round(h["value"], 4) for h in history] == [float(r["best_val_mae"]) for r in rows]
+    assert [h["number"] for h in history] == list(range(len(rows)))
+
+
 def test_the_default_configuration_is_the_first_trial_and_recorded_as_such(smoke_search):
     work, stdout, _ = smoke_search
     client, runs = _runs(work)

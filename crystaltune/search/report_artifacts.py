@@ -20,7 +20,7 @@ def optuna_study(tracker, space, rows):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = {p.name: p.distribution() for p in space.params}
     study = optuna.create_study(direction="minimize")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["trial"]):  # the order the trials ran (t001, t002, ...), not rank order
         if r["status"] == "FAILED" or not math.isfinite(r["val_mae"]):
             continue
         raw = tracker.configs.get(r["trial_id"], {})
@@ -69,7 +69,8 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ax = ovm.plot_optimization_history(study)
+            ax = ovm.plot_optimization_history(study)  # trials in run order, with the best-so-far line
+            ax.set_title("Best val MAE per trial, in the order they ran")
             ax.figure.savefig(art / "optuna_history.png", dpi=110, bbox_inches="tight")
             plt.close(ax.figure)
             history = [{"number": t.number, "value": t.value, "params": t.params} for t in study.trials]
@@ -77,10 +78,12 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
             if len(study.trials) >= 3:
                 import optuna
 
+                # one method for the JSON, the PNG and the report: fANOVA, seeded
                 imp = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
                 (art / "param_importances.json").write_text(json.dumps(imp, indent=1))
                 made["importances"] = imp
-                ax = ovm.plot_param_importances(study)
+                ax = ovm.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+                ax.set_title("Hyperparameter importances (fANOVA on best val MAE)")
                 ax.figure.savefig(art / "param_importances.png", dpi=110, bbox_inches="tight")
                 plt.close(ax.figure)
     except Exception as exc:  # a plotting problem must not lose the search
