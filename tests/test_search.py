@@ -188,6 +188,30 @@ def test_mlflow_sorted_by_the_selection_metric_is_the_leaderboard_and_the_readme
     assert client.search_runs([exp.experiment_id], example), example
 
 
+def test_registered_model_describes_the_best_trial(smoke_search):
+    """The registered version: alias `best`, description and tags naming the trial and its MAEs, the
+    best trial's own parameters on the logged model, a signature from an input example; the trial run
+    links to it; the parent lists as fixed only what no trial varied; no parameter is logged twice."""
+    work, _, _ = smoke_search
+    client, runs = _runs(work)
+    version = client.get_model_version_by_alias("crystaltune-smoke", "best")
+    best_row = next(csv.DictReader(open(work / "out" / "leaderboard.csv")))
+    best_run = client.get_run(best_row["run_id"])
+    assert best_row["trial"] in version.description and version.tags["trial_run_id"] == best_run.info.run_id
+    assert abs(float(version.tags["best_val_mae"]) - float(best_row["best_val_mae"])) < 1e-4
+    logged = client.get_logged_model(version.model_id)
+    for key in ("model.name", "model.layers", "optim.lr", "model.node_featurizer"):
+        assert logged.params[key] == best_run.data.params[key], key
+    from mlflow.models import get_model_info
+
+    assert get_model_info(logged.model_uri).signature is not None
+    assert "models:/crystaltune-smoke@best" in best_run.data.tags["crystaltune.registered_model"]
+    parent = next(r for r in runs if r.data.tags.get("crystaltune.kind") == "search")
+    searched = {p.name for p in load_space("smoke").params}
+    assert not any(k.removeprefix("fixed.") in searched for k in parent.data.params if k.startswith("fixed."))
+    assert not any(k.startswith("searched.") for r in runs for k in r.data.params)
+
+
 def test_optuna_history_is_in_run_order(smoke_search):
     """optuna_history (JSON and PNG) lists trials in the order they ran, not ranked."""
     import json

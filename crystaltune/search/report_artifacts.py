@@ -49,6 +49,38 @@ def parity_plot(y: np.ndarray, p: np.ndarray, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _input_example(dataset, data):
+    """One test crystal as the pyfunc takes it: a DataFrame with ``id`` and ``structure`` (CIF text)."""
+    import pandas as pd
+
+    from ..data import read_source
+
+    rid = str(data.store.ids[data.test[0]])
+    rec = next(r for r in read_source(dataset.source).records if r["id"] == rid)
+    if isinstance(rec["structure"], str):
+        text = rec["structure"]
+    else:
+        from pymatgen.core import Structure
+
+        text = Structure.from_dict(rec["structure"]).to(fmt="cif")
+    return pd.DataFrame({"id": [rid], "structure": [text]})
+
+
+def describe_registered_model(client, name: str, info, space, best) -> None:
+    """The registered version says what it is: search, trial, MAEs; alias ``best``; the trial links to it."""
+    version = info.registered_model_version
+    if version is None:
+        return
+    text = (f"Best trial `{best['name']}` of the `{space.name}` search (selection: lowest best_val_mae). "
+            f"best_val_mae {best['val_mae']:.4f}, test_mae {best['test_mae']:.4f}. Trial run {best['run_id']}.")
+    client.update_model_version(name, str(version), description=text)
+    for key, value in (("best_val_mae", f"{best['val_mae']:.6g}"), ("test_mae", f"{best['test_mae']:.6g}"),
+                       ("trial", best["name"]), ("trial_run_id", best["run_id"]), ("search", space.name)):
+        client.set_model_version_tag(name, str(version), key, value)
+    client.set_registered_model_alias(name, "best", str(version))
+    client.set_tag(best["run_id"], "crystaltune.registered_model", f"models:/{name}@best (version {version})")
+
+
 def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path) -> dict[str, Any]:
     """Write the artifacts into ``output`` and log them to the parent run; failures become tags."""
     client, parent = tracker.client, tracker.parent_run_id
@@ -108,11 +140,16 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
             mlflow.set_tracking_uri(tracker.tracking_uri)
             with mlflow.start_run(run_id=parent), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                info = mlflow.pyfunc.log_model(name="best_model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                                               artifacts={"checkpoint": str(output / "best_trial.pt")},
-                                               registered_model_name=f"crystaltune-{space.name}",
-                                               pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"])
+                info = mlflow.pyfunc.log_model(
+                    name="best_model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                    artifacts={"checkpoint": str(output / "best_trial.pt")},
+                    registered_model_name=f"crystaltune-{space.name}",
+                    pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
+                    params={k: str(v)[:500] for k, v in cfg.flat().items()},  # the best trial's own config
+                    input_example=_input_example(dataset, data),  # MLflow infers the signature from it
+                    tags={"crystaltune.trial": best["name"], "crystaltune.trial_run": best["run_id"]})
             made["model_uri"] = info.model_uri
+            describe_registered_model(client, f"crystaltune-{space.name}", info, space, best)
         except Exception as exc:
             client.set_tag(parent, "crystaltune.model_log_error", str(exc)[:500])
     client.log_artifacts(parent, str(art), artifact_path="search")

@@ -135,7 +135,8 @@ class MLflowTracker(tune.Callback):
             from mlflow.entities import Param
 
             params = {f"search.{k}": v for k, v in self.search_info.items()}
-            params.update({f"fixed.{k}": v for k, v in flatten(self.space.base).items()})
+            searched = {p.name for p in self.space.params}  # the parent lists only what no trial varies
+            params.update({f"fixed.{k}": v for k, v in flatten(self.space.base).items() if k not in searched})
             self.client.log_batch(self.parent_run_id, params=[Param(k, redact(v)[:6000]) for k, v in params.items()])
         else:
             self.client.update_run(self.parent_run_id, status="RUNNING")
@@ -165,8 +166,7 @@ class MLflowTracker(tune.Callback):
         cfg = self.space.trial_config(sampled)
         from mlflow.entities import Param
 
-        params = {k: redact(v)[:6000] for k, v in cfg.flat().items()}
-        params.update({f"searched.{k}": str(v) for k, v in sampled.items()})
+        params = {k: redact(v)[:6000] for k, v in cfg.flat().items()}  # each once: what the trial really used
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         return run.info.run_id
 
