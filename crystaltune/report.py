@@ -111,7 +111,9 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
                      "node": p.get("model.node_featurizer"), "kl": p.get("loss.kl"), "loss": p.get("loss.name"),
                      "hidden": p.get("model.hidden"), "layers": p.get("model.layers"), "lr": p.get("optim.lr"),
                      "error": r.data.tags.get("crystaltune.error", "")})
-    ok = sorted([r for r in rows if r["status"] == "FINISHED" and math.isfinite(r["val"])], key=lambda r: r["val"])
+    from .search.leaderboard import ranked
+
+    ok = sorted([r for r in rows if ranked(r["status"], r["val"])], key=lambda r: r["val"])
     failed = [r for r in rows if r not in ok]
     from . import study
 

@@ -3,7 +3,6 @@ trials, then write the leaderboard, best_config.yaml and the search-level MLflow
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -265,7 +264,7 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
     """Leaderboard, best_config.yaml and the parent run's artifacts (all from the driver)."""
     from mlflow.entities import Metric
 
-    from .leaderboard import build_leaderboard, format_table, write_csv
+    from .leaderboard import build_leaderboard, format_table, ranked, write_csv
     from .report_artifacts import log_search_artifacts
     from .space import decode_sampled
     from .tracking import MLflowTracker
@@ -274,7 +273,7 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
     rows = build_leaderboard(tracker, space)
     interrupted = len(rows) < space.num_samples or any(r["status"] in ("INTERRUPTED", "RUNNING") for r in rows)
     write_csv(rows, output / "leaderboard.csv")
-    ok = [r for r in rows if r["status"] != "FAILED" and math.isfinite(r["val_mae"])]
+    ok = [r for r in rows if ranked(r["status"], r["val_mae"])]
     summary: dict[str, Any] = {"trials": len(rows), "failed": sum(r["status"] == "FAILED" for r in rows),
                                "search_time_s": search_time, "output": str(output), "tracking_uri": tracking_uri,
                                "experiment": experiment, "parent_run_id": tracker.parent_run_id,

@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 
+def ranked(status: str, val_mae: float) -> bool:
+    """The one rule for "this trial has a result": it did not fail and has a finite selection metric.
+    Interrupted trials count with the epochs they ran; failed ones are listed last, unranked."""
+    return status != "FAILED" and math.isfinite(val_mae)
+
+
 def build_leaderboard(tracker, space) -> list[dict[str, Any]]:
     """One row per trial from the tracker's state (works after --resume too); failed trials last, lost ones out."""
     from .space import decode_sampled
@@ -27,7 +33,7 @@ def build_leaderboard(tracker, space) -> list[dict[str, Any]]:
             "checkpoint": last.get("checkpoint_path", ""),
             "params": params, "default": params == space.default_point,
         })
-    ok = [r for r in rows if r["status"] != "FAILED" and math.isfinite(r["val_mae"])]
+    ok = [r for r in rows if ranked(r["status"], r["val_mae"])]
     bad = [r for r in rows if r not in ok]
     return sorted(ok, key=lambda r: r["val_mae"]) + bad
 

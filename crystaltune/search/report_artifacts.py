@@ -17,11 +17,13 @@ def optuna_study(tracker, space, rows):
     """An in-memory Optuna study rebuilt from the finished trials (works after --resume too)."""
     import optuna
 
+    from .leaderboard import ranked
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = {p.name: p.distribution() for p in space.params}
     study = optuna.create_study(direction="minimize")
     for r in sorted(rows, key=lambda r: r["trial"]):  # the order the trials ran (t001, t002, ...), not rank order
-        if r["status"] == "FAILED" or not math.isfinite(r["val_mae"]):
+        if not ranked(r["status"], r["val_mae"]):
             continue
         raw = tracker.configs.get(r["trial_id"], {})
         params = {k: v for k, v in raw.items() if k in dists}
