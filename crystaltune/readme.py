@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CrystaltuneError
-from .study import improvement_sentence
+from .retraining import improvement_sentence
 
 
 def splice(readme: str | Path, section: str, text: str) -> None:

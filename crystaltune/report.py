@@ -115,10 +115,10 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
 
     ok = sorted([r for r in rows if ranked(r["status"], r["val"])], key=lambda r: r["val"])
     failed = [r for r in rows if r not in ok]
-    from . import study
+    from . import retraining
 
     timing = search_timing(client, parent, children)
-    retrained = study.summarize(client, exp.experiment_id, pid)
+    retrained = retraining.summarize(client, exp.experiment_id, pid)
     pp = parent.data.params
     facts = {"name": name, "run_id": pid, "tracking_uri": tracking_uri, "date": time.strftime("%Y-%m-%d", time.localtime(parent.info.start_time / 1000)),
              "machine": pp.get("search.machine", "-"), "versions": pp.get("search.versions", "-"),
@@ -197,7 +197,7 @@ def _retrained_lines(retrained: dict) -> list[str]:
     """The report's table of retrained configurations: candidates, the one chosen, the baselines."""
     if not retrained:
         return []
-    from . import study
+    from . import retraining
 
     over = "fold" if retrained.get("best", {}).get("cv") else "seed"
     lines = [f"## Retrained per {over} (same split{'s' if over == 'fold' else ''})", "",
@@ -210,7 +210,7 @@ def _retrained_lines(retrained: dict) -> list[str]:
         lines.append(f"| {label} ({r['source']}) | {' / '.join(f'{v:.4f}' for v in r['seeds'].values())} | "
                      f"{r['mean']:.4f} ± {r['sd']:.4f} | {r['val_mean']:.4f} |")
     if "improvement" in retrained:
-        lines += ["", study.improvement_sentence(retrained["improvement"])]
+        lines += ["", retraining.improvement_sentence(retrained["improvement"])]
     return lines + [""]
 
 
@@ -218,23 +218,23 @@ def _retrain_study(client, exp_id: str, pid: str, baseline: str | None, referenc
                    seeds: list[int] | None, cv: int | None, top_k: int, retrain_epochs: int | None) -> None:
     """Retrain the top-k searched configs (candidates), the baseline and the reference on the same
     replicates; every baseline's split is checked against the search's before any training."""
-    from . import study
+    from . import retraining
     from .config import TrialConfig
 
-    reps = study.replicates(seeds, cv)
-    candidates = study.top_configs_of(client, pid, top_k)
+    reps = retraining.replicates(seeds, cv)
+    candidates = retraining.top_configs_of(client, pid, top_k)
     if retrain_epochs:
-        candidates = [(t, study.with_epochs(c, retrain_epochs)) for t, c in candidates]
+        candidates = [(t, retraining.with_epochs(c, retrain_epochs)) for t, c in candidates]
     others = [(role, path, TrialConfig.from_yaml(path)) for role, path in (("baseline", baseline), ("reference", reference))
               if path]
     for _, path, cfg in others:
-        study.check_same_split(candidates[0][1], cfg, path)
+        retraining.check_same_split(candidates[0][1], cfg, path)
     suffix = f", {retrain_epochs} epochs" if retrain_epochs else ""
     for rank, (trial, cfg) in enumerate(candidates, 1):
-        study.retrain(client, exp_id, pid, "candidate", cfg, reps, f"trial {trial} (#{rank} of the search){suffix}",
+        retraining.retrain(client, exp_id, pid, "candidate", cfg, reps, f"trial {trial} (#{rank} of the search){suffix}",
                       tags={"crystaltune.trial": trial})
     for role, path, cfg in others:
-        study.retrain(client, exp_id, pid, role, cfg, reps, Path(path).as_posix())
+        retraining.retrain(client, exp_id, pid, role, cfg, reps, Path(path).as_posix())
 
 
 def _best_model_plots(client, best, output: Path) -> list[str]:
@@ -244,8 +244,8 @@ def _best_model_plots(client, best, output: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     from .checkpoint import load_checkpoint
-    from .train.data import prepare_trial_data
     from .train.metrics import predict_indices
+    from .train.trial_data import prepare_trial_data
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

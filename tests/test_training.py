@@ -70,8 +70,8 @@ def test_checkpoint_round_trip_predicts_the_same(tmp_path):
     assert loaded.config.to_dict() == cfg.to_dict()
     assert loaded.metrics["test_mae"] == pytest.approx(summary["test_mae"])
     # the checkpoint alone (no training data) reproduces the test MAE
-    from crystaltune.train.data import prepare_trial_data
     from crystaltune.train.metrics import predict_indices, regression_metrics
+    from crystaltune.train.trial_data import prepare_trial_data
 
     data = prepare_trial_data(loaded.config)
     p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")

@@ -56,7 +56,7 @@ def _reference_code_figures(cfg, data, code: str, epochs: int, batch_size: int, 
                             head_hidden: int, layers: int, ours: float) -> dict[str, Any]:
     """The reference code run on this benchmark's training crystals, and our speed-up over it."""
     from ..data import read_source
-    from ..train.data import load_trial_dataset
+    from ..train.trial_data import load_trial_dataset
     from .reference_code import reference_throughput
 
     wanted = set(data.store.ids[data.train].tolist())

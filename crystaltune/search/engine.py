@@ -149,7 +149,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         plan_concurrency(space, local)  # refuse before any work
 
     # graphs built once per search, in the driver, before Ray starts; every trial shares them
-    from ..train.data import load_trial_dataset
+    from ..train.trial_data import load_trial_dataset
 
     base_cfg = space.graph_config()
     t0 = time.perf_counter()

@@ -126,8 +126,8 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
     if ck is not None and ck.exists():
         shutil.copy(ck, output / "best_trial.pt")
         from ..checkpoint import load_checkpoint
-        from ..train.data import prepare_trial_data
         from ..train.metrics import predict_indices
+        from ..train.trial_data import prepare_trial_data
 
         loaded = load_checkpoint(output / "best_trial.pt")
         data = prepare_trial_data(loaded.config, dataset)

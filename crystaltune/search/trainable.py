@@ -44,8 +44,8 @@ def run_trial(cfg: TrialConfig, config: dict[str, Any], checkpoint, send, rank: 
     from ``checkpoint``, fit, and every epoch's metrics (+ checkpoint directory) to ``send``."""
     import torch
 
-    from ..train.data import prepare_trial_data
     from ..train.loop import TrialDiverged, fit, load_epoch_checkpoint
+    from ..train.trial_data import prepare_trial_data
 
     cfg.train.device = "cuda" if config.get("use_gpu") else "cpu"
     if not config.get("use_gpu"):

@@ -52,8 +52,8 @@ def config_from_args(args) -> TrialConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
-    from .data import prepare_trial_data
     from .loop import TrialDiverged, fit
+    from .trial_data import prepare_trial_data
 
     data = prepare_trial_data(cfg)
     print(f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test crystals, "

@@ -26,7 +26,7 @@ def fit_distributed(cfg: TrialConfig, num_workers: int = 2, use_gpu: bool = Fals
         init_ray(address, max(int(num_workers * cpus_per_worker), 1) + 1)
         started = True
     try:
-        from ..train.data import load_trial_dataset
+        from ..train.trial_data import load_trial_dataset
 
         data_ref = ray.put(load_trial_dataset(cfg))
         resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}

@@ -28,9 +28,9 @@ from ..errors import CrystaltuneError
 from ..graphs.device_store import DeviceGraphStore, on_device
 from ..losses import Loss
 from ..models import build_model
-from .data import TrialData, prepare_trial_data
 from .metrics import embedding_metrics, predict_indices, regression_metrics
 from .optim import make_optimizer
+from .trial_data import TrialData, prepare_trial_data
 
 Report = Callable[[dict[str, Any], str | None], None]
 

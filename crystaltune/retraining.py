@@ -1,6 +1,7 @@
-"""Retraining study: the search's best config and a baseline config, each retrained over several
-seeds on the search's split, every run logged to MLflow under the search run (so the report, and the
-README section it writes, read the numbers back instead of anyone typing them)."""
+"""Retraining after a search: its top-k configs, the well-trained default and a reference recipe, each
+retrained per seed on the search's split (or per fold of a k-fold partition), every run logged to
+MLflow under the search run (so the report, and the README section it writes, read the numbers back
+instead of anyone typing them)."""
 
 from __future__ import annotations
 
