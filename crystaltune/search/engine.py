@@ -122,6 +122,8 @@ def default_tracking_uri() -> str:
 
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
+    """The whole search: validate and plan, build the graphs once, start or join Ray, run Tune, then
+    write the leaderboard and artifacts."""
     from ..raysession import init_ray, require_token_auth
 
     require_token_auth()
@@ -136,106 +138,123 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     tracking_uri = opts.tracking_uri or default_tracking_uri()
     experiment = f"crystaltune-{space.name}"
     log = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
-
-    ncpu = None
-    if not opts.address:
-        # logical CPUs: a Ray Train trial's function idles on one slot while its workers train on the
-        # others; a direct trial trains on its own slot
-        ncpu = opts.num_cpus or ((2 * (os.cpu_count() or 2) + 1) if space.uses_ray_train else (os.cpu_count() or 1))
-        import torch
-
-        local = {"CPU": ncpu, "GPU": torch.cuda.device_count()}
-        resolve_auto(space, local, opts.trials_per_gpu)
-        plan_concurrency(space, local)  # refuse before any work
-
-    # graphs built once per search, in the driver, before Ray starts; every trial shares them
-    from ..train.trial_data import load_trial_dataset
-
-    base_cfg = space.graph_config()
-    t0 = time.perf_counter()
-    dataset = load_trial_dataset(base_cfg)
-    log(f"[crystaltune] {space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
-        f"{time.perf_counter() - t0:.1f}s; {space.num_samples} trials x <= {space.max_epochs} epochs, "
-        f"{space.workers} worker(s)/trial ({'Ray Train' if space.uses_ray_train else 'direct'})")
+    ncpu = plan_local(opts, space)
+    dataset = load_shared_graphs(space, log)
 
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    from .tracking import MLflowTracker, redact
-    from .trainable import direct_trial_fn, trial_fn
-    from .watchdog import Watchdog
-
-    if not opts.address:
-        refuse_second_local_cluster()
     # a local instance listens on 127.0.0.1 only; token authentication either way
     init_ray(opts.address, ncpu, include_dashboard=True)
     try:
         resolve_auto(space, ray.cluster_resources(), opts.trials_per_gpu)  # a cluster: planned from what it has
         concurrency = plan_concurrency(space, ray.cluster_resources())
-        exp_path = f"{storage.rstrip('/')}/{space.name}"
         state_file = str(output / "tracker_state.json")
-        settings = {"workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
-                    "gpus_per_worker": space.gpus_per_worker, "train_storage": str(Path(storage) / "train") if "://" not in storage else f"{storage.rstrip('/')}/train",
-                    "max_failures": opts.max_failures}
-        if opts.resume and Path(state_file).exists():  # trials done before the interruption never train again
-            settings["finished"] = finished_trials(state_file)
-        data_ref = ray.put(dataset)
-        # wrapped in a list so with_parameters hands trials the reference, not a copy of the graphs
-        if space.uses_ray_train:
-            fn, trial_resources = trial_fn, {"cpu": 1}
-        else:
-            fn, trial_resources = direct_trial_fn, {"cpu": space.cpus_per_worker, "gpu": space.gpus_per_worker}
-        trainable = tune.with_resources(tune.with_parameters(fn, space=space, data_ref=[data_ref], settings=settings),
-                                        trial_resources)
-        if opts.resume:
-            if not tune.Tuner.can_restore(exp_path):
-                raise CrystaltuneError(f"--resume: no interrupted search at {exp_path}")
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False)
-            log(f"[crystaltune] resuming the search stored at {exp_path}")
-        else:
-            if "://" not in storage and Path(exp_path).exists():
-                old = f"{exp_path}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(Path(exp_path).stat().st_mtime))}"
-                Path(exp_path).rename(old)
-                log(f"[crystaltune] previous search moved to {old}")
-                if Path(state_file).exists():
-                    Path(state_file).rename(f"{old}-tracker_state.json")
-            info = {"space": space.name, "num_samples": space.num_samples, "max_epochs": space.max_epochs,
-                    "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
-                    "workers_per_trial": space.workers, "gpus_per_worker": space.gpus_per_worker, "seed": opts.seed,
-                    "executor": "train" if space.uses_ray_train else "direct",
-                    "storage": redact(storage), "crystals": len(dataset), "machine": describe_machine(),
-                    "versions": versions_line()}
-            tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
-            from .space import DefineByRun, encode_point
-
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    metric="best_val_mae", mode="min", num_samples=space.num_samples, max_concurrent_trials=concurrency,
-                    reuse_actors=not space.uses_ray_train,  # a direct trial keeps its warm process
-                    # the default configuration is trial 0, then Optuna's sampler takes over
-                    search_alg=OptunaSearch(DefineByRun(space), metric="best_val_mae", mode="min", seed=opts.seed,
-                                            points_to_evaluate=[encode_point(space.default_point, space)]),
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
-                                            reduction_factor=space.reduction_factor),
-                ),
-                # a trial whose actor dies with its node is retried elsewhere; its Ray Train run resumes
-                # from the last epoch checkpoint
-                run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=0,
-                                          callbacks=[tracker, Watchdog(tracker, opts.watchdog_factor,
-                                                                       opts.watchdog_floor_s, opts.stall_timeout_s,
-                                                                       not opts.quiet)],
-                                          failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
-            )
+        trainable = make_trainable(space, opts, storage, state_file, ray.put(dataset))
+        tuner = make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency,
+                           log)
         t0 = time.perf_counter()
         tuner.fit()
         search_time = time.perf_counter() - t0
     finally:
         ray.shutdown()
     return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time, log)
+
+
+def plan_local(opts: SearchOptions, space: SearchSpace) -> int | None:
+    """Logical CPUs of a local Ray instance (None when joining a cluster), with ``auto`` resources
+    planned and impossible requests refused before any work."""
+    if opts.address:
+        return None
+    # a Ray Train trial's function idles on one slot while its workers train on the others; a direct
+    # trial trains on its own slot
+    ncpu = opts.num_cpus or ((2 * (os.cpu_count() or 2) + 1) if space.uses_ray_train else (os.cpu_count() or 1))
+    import torch
+
+    local = {"CPU": ncpu, "GPU": torch.cuda.device_count()}
+    resolve_auto(space, local, opts.trials_per_gpu)
+    plan_concurrency(space, local)
+    refuse_second_local_cluster()
+    return ncpu
+
+
+def load_shared_graphs(space: SearchSpace, log):
+    """The graphs, built once per search in the driver before Ray starts; every trial shares them."""
+    from ..train.trial_data import load_trial_dataset
+
+    t0 = time.perf_counter()
+    dataset = load_trial_dataset(space.graph_config())
+    log(f"[crystaltune] {space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
+        f"{time.perf_counter() - t0:.1f}s; {space.num_samples} trials x <= {space.max_epochs} epochs, "
+        f"{space.workers} worker(s)/trial ({'Ray Train' if space.uses_ray_train else 'direct'})")
+    return dataset
+
+
+def make_trainable(space: SearchSpace, opts: SearchOptions, storage: str, state_file: str, data_ref):
+    """The Tune trainable with its resources: a Ray Train worker group per trial, or direct training."""
+    from ray import tune
+
+    from .trainable import direct_trial_fn, trial_fn
+
+    train_storage = str(Path(storage) / "train") if "://" not in storage else f"{storage.rstrip('/')}/train"
+    settings = {"workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
+                "gpus_per_worker": space.gpus_per_worker, "train_storage": train_storage,
+                "max_failures": opts.max_failures}
+    if opts.resume and Path(state_file).exists():  # trials done before the interruption never train again
+        settings["finished"] = finished_trials(state_file)
+    if space.uses_ray_train:
+        fn, resources = trial_fn, {"cpu": 1}
+    else:
+        fn, resources = direct_trial_fn, {"cpu": space.cpus_per_worker, "gpu": space.gpus_per_worker}
+    # the reference wrapped in a list, so with_parameters hands trials the reference, not a copy of the graphs
+    return tune.with_resources(tune.with_parameters(fn, space=space, data_ref=[data_ref], settings=settings), resources)
+
+
+def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, log):
+    """A new Tuner (Optuna from the default point, ASHA, tracker and watchdog), or the restored one."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .space import DefineByRun, encode_point
+    from .tracking import MLflowTracker, redact
+    from .watchdog import Watchdog
+
+    exp_path = f"{storage.rstrip('/')}/{space.name}"
+    if opts.resume:
+        if not tune.Tuner.can_restore(exp_path):
+            raise CrystaltuneError(f"--resume: no interrupted search at {exp_path}")
+        log(f"[crystaltune] resuming the search stored at {exp_path}")
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    if "://" not in storage and Path(exp_path).exists():
+        old = f"{exp_path}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(Path(exp_path).stat().st_mtime))}"
+        Path(exp_path).rename(old)
+        log(f"[crystaltune] previous search moved to {old}")
+        if Path(state_file).exists():
+            Path(state_file).rename(f"{old}-tracker_state.json")
+    info = {"space": space.name, "num_samples": space.num_samples, "max_epochs": space.max_epochs,
+            "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
+            "workers_per_trial": space.workers, "gpus_per_worker": space.gpus_per_worker, "seed": opts.seed,
+            "executor": "train" if space.uses_ray_train else "direct", "storage": redact(storage),
+            "crystals": len(dataset), "machine": describe_machine(), "versions": versions_line()}
+    tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
+    watchdog = Watchdog(tracker, opts.watchdog_factor, opts.watchdog_floor_s, opts.stall_timeout_s, not opts.quiet)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric="best_val_mae", mode="min", num_samples=space.num_samples, max_concurrent_trials=concurrency,
+            reuse_actors=not space.uses_ray_train,  # a direct trial keeps its warm process
+            # the default configuration is trial 0, then Optuna's sampler takes over
+            search_alg=OptunaSearch(DefineByRun(space), metric="best_val_mae", mode="min", seed=opts.seed,
+                                    points_to_evaluate=[encode_point(space.default_point, space)]),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
+                                    reduction_factor=space.reduction_factor),
+        ),
+        # a trial whose actor dies with its node is retried elsewhere; its Ray Train run resumes from
+        # the last epoch checkpoint
+        run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=0, callbacks=[tracker, watchdog],
+                                  failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
+    )
 
 
 def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
