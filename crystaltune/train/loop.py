@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,82 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass
+class Run:
+    """What stays fixed while one configuration trains: config, data, device, model, DDP layout."""
+
+    cfg: TrialConfig
+    data: TrialData
+    batches: Any  # GraphStore or DeviceGraphStore: anything with .batch(index, targets)
+    device: torch.device
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    normalizer: Normalizer
+    loss_fn: Loss
+    world: int
+    rank: int
+    per_rank: int
+    steps: int
+    use_amp: bool
+    amp_dtype: torch.dtype
+
+
+@dataclass
+class TrainingState:
+    """What changes from epoch to epoch, saved in every epoch checkpoint and restored as one object."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # the next epoch to run
+    best: dict[str, Any] = field(default_factory=lambda: {"val_mae": math.inf})
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    bad_epochs: int = 0
+
+    def restore(self, model: torch.nn.Module, saved: dict[str, Any]) -> None:
+        """Continue from an epoch checkpoint (a Ray Train retry or a resumed search)."""
+        model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None and saved.get("scheduler"):
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.epoch, self.best, self.best_state, self.history = saved["epoch"] + 1, saved["best"], saved["best_state"], saved["history"]
+        torch.set_rng_state(saved["torch_rng"])
+
+
 def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | None = None,
         resume: dict[str, Any] | None = None, checkpoint_every_epoch: bool = False, verbose: bool = False,
         device_store: bool | None = None) -> dict[str, Any]:
     """Train one configuration; returns the final summary (best-val epoch's test metrics).
     ``device_store``: gather batches from a copy of the graphs on the training device (default: on a
     GPU when the graphs fit its budget; True forces it, also on the CPU, as the tests do)."""
+    run, state = setup(cfg, data, device_store)
+    if resume is not None:
+        state.restore(run.model, resume)
+    while state.epoch < cfg.train.epochs:
+        t0 = time.perf_counter()
+        train_mae, seen, train_time = train_epoch(run, state)
+        val = evaluate(run, state)
+        improved = update_best(run, state, val)
+        metrics = {"epoch": state.epoch + 1, "train_mae": train_mae, **val, "lr": state.optimizer.param_groups[0]["lr"],
+                   "epoch_time_s": time.perf_counter() - t0, "graphs_per_s": seen * run.world / train_time,
+                   "best_val_mae": state.best["val_mae"], **{k: v for k, v in state.best.items() if k != "val_mae"}}
+        state.history.append({k: metrics[k] for k in ("epoch", "train_mae", "val_mae", "lr")})
+        stop = cfg.train.early_stopping is not None and state.bad_epochs >= cfg.train.early_stopping
+        metrics["done"] = bool(stop or state.epoch + 1 == cfg.train.epochs)
+        if verbose and run.rank == 0:
+            print(f"epoch {state.epoch + 1:3d}/{cfg.train.epochs}  train_mae {train_mae:.4f}  val_mae {val['val_mae']:.4f}  "
+                  f"lr {metrics['lr']:.2e}  {metrics['graphs_per_s']:.0f} graphs/s{'  *' if improved else ''}", flush=True)
+        if report is not None:
+            _report(run, state, report, metrics, checkpoint_every_epoch)
+        state.epoch += 1
+        if stop:
+            break
+    return finish(run, state)
+
+
+def setup(cfg: TrialConfig, data: TrialData | None, device_store: bool | None) -> tuple[Run, TrainingState]:
+    """Seed, device, data, model (DDP-wrapped when several ranks), optimiser and schedule."""
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -74,120 +145,124 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
         batches = on_device(store, device) or store
     else:
         batches = DeviceGraphStore(store, device) if device_store else store
-
     y_train = torch.from_numpy(np.stack([store.props[k][data.train] for k in targets], 1)).float()
-    normalizer = Normalizer.fit(y_train)
     model = build_model(copy.deepcopy(cfg.model), len(targets), cfg.data.cutoff).to(device)
     per_rank = max(1, t.batch_size // world)
     steps = max(1, len(data.train) // (per_rank * world))  # equal for every rank (DDP needs that)
     optimizer, scheduler = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], steps)
-    loss_fn = Loss(cfg.loss)
     use_amp = t.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    start_epoch, best, best_state, history = 0, {"val_mae": math.inf}, None, []
-    if resume is not None:  # a Ray Train retry: continue from the last epoch checkpoint
-        state = resume
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, best_state, history = state["epoch"] + 1, state["best"], state["best_state"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
     train_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(cfg, data, batches, device, model, train_model, Normalizer.fit(y_train), Loss(cfg.loss), world, rank,
+              per_rank, steps, use_amp, amp_dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return run, TrainingState(optimizer, scheduler, scaler)
 
-    bad_epochs = 0
-    for epoch in range(start_epoch, t.epochs):
-        t0 = time.perf_counter()
-        order = np.random.default_rng([t.seed, epoch]).permutation(data.train)
-        model.train()
-        abs_err, count = torch.zeros(len(targets)), torch.zeros(len(targets))
-        seen = 0
-        for s in range(steps):
-            idx = order[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank]
-            batch = batches.batch(idx, targets).to(device)
-            seen += len(idx)
-            y = normalizer.norm(batch.y)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                pred = train_model(batch)
-            loss, _ = loss_fn(pred.float(), y)
-            bad = not torch.isfinite(loss)
-            if world > 1:  # every rank must stop together, or the others wait forever in all-reduce
-                flag = torch.tensor([float(bad)], device=device if device.type == "cuda" else "cpu")
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                bad = bool(flag.item())
-            if bad:
-                raise TrialDiverged(f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {s + 1} (lr {optimizer.param_groups[0]['lr']:.3g})")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step()
-            with torch.no_grad():
-                err = (normalizer.denorm(pred.detach().float()) - batch.y).abs().cpu()
-                m = torch.isfinite(err)
-                abs_err += torch.where(m, err, 0).sum(0)
-                count += m.sum(0)
-        train_time = time.perf_counter() - t0
-        if world > 1:
-            stats = torch.cat([abs_err, count]).to(device if device.type == "cuda" else "cpu")
-            dist.all_reduce(stats)
-            abs_err, count = stats.cpu()[: len(targets)], stats.cpu()[len(targets):]
-        train_mae = float((abs_err / count.clamp_min(1))[count > 0].mean())
-        pv, yv = predict_indices(model, batches, data.val, targets, normalizer, device, t.eval_batch_size)
-        val = regression_metrics(pv, yv, targets, "val")
-        if not math.isfinite(val["val_mae"]):
-            raise TrialDiverged(f"validation MAE is {val['val_mae']} at epoch {epoch + 1}")
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val["val_mae"])
-        improved = val["val_mae"] < best["val_mae"]
-        if improved:
-            bad_epochs = 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            pt, yt = predict_indices(model, batches, data.test, targets, normalizer, device, t.eval_batch_size)
-            best = {"val_mae": val["val_mae"], "best_epoch": epoch + 1,
-                    **regression_metrics(pt, yt, targets, "test"),
-                    **embedding_metrics(model, store, data.test, device, seed=t.seed)}
-        else:
-            bad_epochs += 1
-        epoch_time = time.perf_counter() - t0
-        metrics = {
-            "epoch": epoch + 1, "train_mae": train_mae, **val, "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": epoch_time, "graphs_per_s": seen * world / train_time,
-            "best_val_mae": best["val_mae"], **{k: v for k, v in best.items() if k != "val_mae"},
-        }
-        history.append({k: metrics[k] for k in ("epoch", "train_mae", "val_mae", "lr")})
-        stop = t.early_stopping is not None and bad_epochs >= t.early_stopping
-        metrics["done"] = bool(stop or epoch + 1 == t.epochs)
-        if verbose and rank == 0:
-            print(f"epoch {epoch + 1:3d}/{t.epochs}  train_mae {train_mae:.4f}  val_mae {val['val_mae']:.4f}  "
-                  f"lr {metrics['lr']:.2e}  {metrics['graphs_per_s']:.0f} graphs/s{'  *' if improved else ''}", flush=True)
-        if report is not None:
-            if checkpoint_every_epoch:
-                with tempfile.TemporaryDirectory() as tmp:
-                    if rank == 0:
-                        _write_epoch_checkpoint(tmp, model, optimizer, scheduler, epoch, best, best_state, history, cfg,
-                                                normalizer, targets)
-                    report(metrics, tmp if rank == 0 else None)
-            else:
-                report(metrics, None)
-        if stop:
-            break
 
-    summary = {**best, "epochs_run": len(history), "targets": targets, "train_size": int(len(data.train)),
+def train_epoch(run: Run, state: TrainingState) -> tuple[float, int, float]:
+    """One pass over this rank's share of the training crystals: (train MAE, graphs seen, seconds).
+    Per-step errors stay on the device; they are summed and read once, after the epoch."""
+    t0, cfg, targets = time.perf_counter(), run.cfg, run.data.targets
+    order = np.random.default_rng([cfg.train.seed, state.epoch]).permutation(run.data.train)
+    run.model.train()
+    abs_err = torch.zeros(len(targets), device=run.device)
+    count = torch.zeros(len(targets), device=run.device)
+    seen = 0
+    for s in range(run.steps):
+        lo = (s * run.world + run.rank) * run.per_rank
+        batch = run.batches.batch(order[lo:lo + run.per_rank], targets).to(run.device)
+        seen += batch.num_graphs
+        pred = _step(run, state, batch, s)
+        with torch.no_grad():
+            err = (run.normalizer.denorm(pred.detach().float()) - batch.y).abs()
+            m = torch.isfinite(err)
+            abs_err += torch.where(m, err, 0).sum(0)
+            count += m.sum(0)
+    train_time = time.perf_counter() - t0
+    if run.world > 1:
+        stats = torch.cat([abs_err, count]).to(run.device if run.device.type == "cuda" else "cpu")
+        dist.all_reduce(stats)
+        abs_err, count = stats[: len(targets)], stats[len(targets):]
+    abs_err, count = abs_err.cpu(), count.cpu()
+    return float((abs_err / count.clamp_min(1))[count > 0].mean()), seen, train_time
+
+
+def _step(run: Run, state: TrainingState, batch, s: int) -> torch.Tensor:
+    """Forward, loss, a divergence check all ranks agree on, backward, optimiser and schedule step."""
+    y = run.normalizer.norm(batch.y)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+        pred = run.train_model(batch)
+    loss, _ = run.loss_fn(pred.float(), y)
+    bad = not torch.isfinite(loss)
+    if run.world > 1:  # every rank must stop together, or the others wait forever in all-reduce
+        flag = torch.tensor([float(bad)], device=run.device if run.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    if bad:
+        raise TrialDiverged(f"loss became {float(loss.detach())} at epoch {state.epoch + 1}, step {s + 1} "
+                            f"(lr {state.optimizer.param_groups[0]['lr']:.3g})")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if run.cfg.optim.grad_clip:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    if state.scheduler is not None and not isinstance(state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        state.scheduler.step()
+    return pred
+
+
+def evaluate(run: Run, state: TrainingState) -> dict[str, float]:
+    """Validation metrics after an epoch (and the plateau schedule's step)."""
+    pv, yv = predict_indices(run.model, run.batches, run.data.val, run.data.targets, run.normalizer, run.device,
+                             run.cfg.train.eval_batch_size)
+    val = regression_metrics(pv, yv, run.data.targets, "val")
+    if not math.isfinite(val["val_mae"]):
+        raise TrialDiverged(f"validation MAE is {val['val_mae']} at epoch {state.epoch + 1}")
+    if isinstance(state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        state.scheduler.step(val["val_mae"])
+    return val
+
+
+def update_best(run: Run, state: TrainingState, val: dict[str, float]) -> bool:
+    """Keep the weights and test metrics of the best-val epoch; count epochs without improvement."""
+    if not val["val_mae"] < state.best["val_mae"]:
+        state.bad_epochs += 1
+        return False
+    state.bad_epochs = 0
+    state.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
+    pt, yt = predict_indices(run.model, run.batches, run.data.test, run.data.targets, run.normalizer, run.device,
+                             run.cfg.train.eval_batch_size)
+    state.best = {"val_mae": val["val_mae"], "best_epoch": state.epoch + 1,
+                  **regression_metrics(pt, yt, run.data.targets, "test"),
+                  **embedding_metrics(run.model, run.data.store, run.data.test, run.device, seed=run.cfg.train.seed)}
+    return True
+
+
+def _report(run: Run, state: TrainingState, report: Report, metrics: dict[str, Any], with_checkpoint: bool) -> None:
+    if not with_checkpoint:
+        report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if run.rank == 0:
+            _write_epoch_checkpoint(tmp, run.model, state.optimizer, state.scheduler, state.epoch, state.best,
+                                    state.best_state, state.history, run.cfg, run.normalizer, run.data.targets)
+        report(metrics, tmp if run.rank == 0 else None)
+
+
+def finish(run: Run, state: TrainingState) -> dict[str, Any]:
+    """The summary (best-val epoch's metrics); the best weights saved when the config names an output."""
+    data = run.data
+    summary = {**state.best, "epochs_run": len(state.history), "targets": data.targets, "train_size": int(len(data.train)),
                "val_size": int(len(data.val)), "test_size": int(len(data.test))}
-    if cfg.output and rank == 0 and best_state is not None:
-        model.load_state_dict(best_state)
-        save_checkpoint(cfg.output, model, cfg, normalizer, targets, metrics=summary)
+    if run.cfg.output and run.rank == 0 and state.best_state is not None:
+        run.model.load_state_dict(state.best_state)
+        save_checkpoint(run.cfg.output, run.model, run.cfg, run.normalizer, data.targets, metrics=summary)
     return summary
 
 
