@@ -100,17 +100,7 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
     output.mkdir(parents=True, exist_ok=True)
     if seeds or cv:
         _retrain_study(client, exp.experiment_id, pid, baseline, reference, seeds, cv, top_k, retrain_epochs)
-    rows = []
-    for r in children:
-        m, p = r.data.metrics, r.data.params
-        rows.append({"name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
-                     "val": m.get("best_val_mae", math.nan), "test": m.get("test_mae", math.nan),
-                     "rmse": m.get("test_rmse", math.nan), "r2": m.get("test_r2", math.nan),
-                     "epochs": int(float(r.data.tags.get("crystaltune.epochs_run", 0) or 0)),
-                     "model": p.get("model.name"), "edge": p.get("model.edge_featurizer"),
-                     "node": p.get("model.node_featurizer"), "kl": p.get("loss.kl"), "loss": p.get("loss.name"),
-                     "hidden": p.get("model.hidden"), "layers": p.get("model.layers"), "lr": p.get("optim.lr"),
-                     "error": r.data.tags.get("crystaltune.error", "")})
+    rows = [_trial_row(r) for r in children]
     from .search.leaderboard import ranked
 
     ok = sorted([r for r in rows if ranked(r["status"], r["val"])], key=lambda r: r["val"])
@@ -144,17 +134,52 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
               f"of the trial-slot time was overhead (trial start-up, Ray, Tune, MLflow, checkpoints). ASHA ran "
               f"{t['epochs_run']} of the {t['epochs_full_budget']} epochs a full-budget search would run.", ""]
     lines += _retrained_lines(retrained)
-    rungs = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
-    facts["rungs"] = rungs
-    if rungs:
-        lines += ["## How early val MAE predicts the final one", "",
-                  f"Spearman rank correlation between a trial's val MAE at epoch e and its best val MAE over the full "
-                  f"{facts['max_epochs']} epochs ({rungs[0]['trials']} trials that ran the full budget). ASHA compares "
-                  "trials at its rungs (grace period x reduction factor^i): rungs where rho is low stop trials that "
-                  "would have ended well.", "", "| epoch | " + " | ".join(str(r["epoch"]) for r in rungs) + " |",
-                  "|---|" + "---|" * len(rungs), "| rho | " + " | ".join(f"{r['rho']:.2f}" for r in rungs) + " |", ""]
-    lines += ["## Leaderboard", "", "| # | trial | val MAE | test MAE | R² | epochs | model | edge | node | loss | KL | hidden | layers | lr |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    facts["rungs"] = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
+    lines += _rung_lines(facts["rungs"], facts["max_epochs"])
+    lines += _leaderboard_lines(ok, failed)
+    facts["training_table"] = _training_table(ok)
+    lines += ["", "## TRAINING TABLE", "",
+              "Test MAE of the best-val trial of each model x edge featurizer x node featurizer combination tried.", "",
+              "| model | edge featurizer | node featurizer | trials | best val MAE | its test MAE |", "|---|---|---|---|---|---|"]
+    lines += [f"| {g['model']} | {g['edge']} | {g['node']} | {g['trials']} | {_f(g['val'])} | {_f(g['test'])} |"
+              for g in facts["training_table"]]
+    if ok:
+        lines += ["", "## Best model on the test split", ""] + _best_model_plots(client, ok[0], output)
+    lines += _importance_lines(client, pid)
+    report = output / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    (output / "leaderboard.json").write_text(json.dumps(ok + failed, indent=1, default=str))
+    (output / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
+    return report, facts
+
+
+def _trial_row(r) -> dict:
+    """One trial's row from its MLflow run."""
+    m, p = r.data.metrics, r.data.params
+    return {"name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
+            "val": m.get("best_val_mae", math.nan), "test": m.get("test_mae", math.nan),
+            "rmse": m.get("test_rmse", math.nan), "r2": m.get("test_r2", math.nan),
+            "epochs": int(float(r.data.tags.get("crystaltune.epochs_run", 0) or 0)),
+            "model": p.get("model.name"), "edge": p.get("model.edge_featurizer"),
+            "node": p.get("model.node_featurizer"), "kl": p.get("loss.kl"), "loss": p.get("loss.name"),
+            "hidden": p.get("model.hidden"), "layers": p.get("model.layers"), "lr": p.get("optim.lr"),
+            "error": r.data.tags.get("crystaltune.error", "")}
+
+
+def _rung_lines(rungs: list[dict], max_epochs) -> list[str]:
+    if not rungs:
+        return []
+    return ["## How early val MAE predicts the final one", "",
+            f"Spearman rank correlation between a trial's val MAE at epoch e and its best val MAE over the full "
+            f"{max_epochs} epochs ({rungs[0]['trials']} trials that ran the full budget). ASHA compares "
+            "trials at its rungs (grace period x reduction factor^i): rungs where rho is low stop trials that "
+            "would have ended well.", "", "| epoch | " + " | ".join(str(r["epoch"]) for r in rungs) + " |",
+            "|---|" + "---|" * len(rungs), "| rho | " + " | ".join(f"{r['rho']:.2f}" for r in rungs) + " |", ""]
+
+
+def _leaderboard_lines(ok: list[dict], failed: list[dict]) -> list[str]:
+    lines = ["## Leaderboard", "", "| # | trial | val MAE | test MAE | R² | epochs | model | edge | node | loss | KL | hidden | layers | lr |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(ok, 1):
         lr = _f(float(r["lr"]), 5) if r["lr"] else "-"
         lines.append(f"| {i} | {r['name'].split()[0]} | {_f(r['val'])} | {_f(r['test'])} | {_f(r['r2'], 3)} | {r['epochs']} | "
@@ -162,35 +187,26 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
     for r in failed:
         lines.append(f"| - | {r['name'].split()[0]} | {r['status']} | | | | {r['model']} | {r['edge']} | {r['node']} | {r['loss']} | "
                      f"{r['kl']} | | | {r['error'][:80]} |")
-    # TRAINING TABLE ---------------------------------------------------------------------------------
+    return lines
+
+
+def _training_table(ok: list[dict]) -> list[dict]:
+    """The notes' TRAINING TABLE: per model x edge x node featurizer, the best-val trial's test MAE."""
     groups: dict[tuple, list] = {}
     for r in ok:
         groups.setdefault((r["model"], r["edge"], r["node"]), []).append(r)
-    lines += ["", "## TRAINING TABLE", "",
-              "Test MAE of the best-val trial of each model x edge featurizer x node featurizer combination tried.", "",
-              "| model | edge featurizer | node featurizer | trials | best val MAE | its test MAE |", "|---|---|---|---|---|---|"]
-    for (model, edge, node), rs in sorted(groups.items(), key=lambda kv: kv[1][0]["val"]):
-        lines.append(f"| {model} | {edge} | {node} | {len(rs)} | {_f(rs[0]['val'])} | {_f(rs[0]['test'])} |")
-    # best model plots ---------------------------------------------------------------------------------
-    if ok:
-        lines += ["", "## Best model on the test split", ""]
-        lines += _best_model_plots(client, ok[0], output)
-    # importances ------------------------------------------------------------------------------------
+    return [{"model": k[0], "edge": k[1], "node": k[2], "trials": len(v), "val": v[0]["val"], "test": v[0]["test"]}
+            for k, v in sorted(groups.items(), key=lambda kv: kv[1][0]["val"])]
+
+
+def _importance_lines(client, pid: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(pid, "search/param_importances.json", tmp)
-            imp = json.loads(Path(path).read_text())
-            lines += ["", "## Parameter importances (fANOVA on val MAE)", "", "| parameter | importance |", "|---|---|"]
-            lines += [f"| {k} | {v:.3f} |" for k, v in imp.items()]
+            imp = json.loads(Path(client.download_artifacts(pid, "search/param_importances.json", tmp)).read_text())
         except Exception:
-            lines += ["", "(no parameter importances: too few finished trials)"]
-    report = output / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    (output / "leaderboard.json").write_text(json.dumps(ok + failed, indent=1, default=str))
-    facts["training_table"] = [{"model": k[0], "edge": k[1], "node": k[2], "trials": len(v), "val": v[0]["val"],
-                                "test": v[0]["test"]} for k, v in sorted(groups.items(), key=lambda kv: kv[1][0]["val"])]
-    (output / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
-    return report, facts
+            return ["", "(no parameter importances: too few finished trials)"]
+    return (["", "## Parameter importances (fANOVA on best val MAE)", "", "| parameter | importance |", "|---|---|"]
+            + [f"| {k} | {v:.3f} |" for k, v in imp.items()])
 
 
 def _retrained_lines(retrained: dict) -> list[str]:
