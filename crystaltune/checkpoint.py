@@ -31,7 +31,9 @@ class Normalizer:
     def fit(cls, y: torch.Tensor) -> Normalizer:
         mask = torch.isfinite(y)
         mean = torch.stack([y[mask[:, t], t].mean() for t in range(y.shape[1])])
-        std = torch.stack([y[mask[:, t], t].std() if mask[:, t].sum() > 1 else torch.tensor(1.0) for t in range(y.shape[1])])
+        std = torch.stack(
+            [y[mask[:, t], t].std() if mask[:, t].sum() > 1 else torch.tensor(1.0) for t in range(y.shape[1])]
+        )
         return cls(mean.float(), torch.where(std > 1e-8, std, torch.ones_like(std)).float())
 
     def norm(self, y):
@@ -45,7 +47,10 @@ class Normalizer:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(torch.tensor(d["mean"], dtype=torch.float32).reshape(-1), torch.tensor(d["std"], dtype=torch.float32).reshape(-1))
+        return cls(
+            torch.tensor(d["mean"], dtype=torch.float32).reshape(-1),
+            torch.tensor(d["std"], dtype=torch.float32).reshape(-1),
+        )
 
 
 @dataclass
@@ -60,8 +65,15 @@ class LoadedModel:
     kind: str  # crystaltune | reference-cgcnn
 
 
-def save_checkpoint(path: str | Path, model: CrystalModel, config: TrialConfig, normalizer: Normalizer,
-                    targets: list[str], metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: CrystalModel,
+    config: TrialConfig,
+    normalizer: Normalizer,
+    targets: list[str],
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write atomically (temp file + rename): an interrupted write never leaves a half checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,9 +84,13 @@ def save_checkpoint(path: str | Path, model: CrystalModel, config: TrialConfig, 
         "config": config.to_dict(),
         "targets": list(targets),
         "normalizer": normalizer.to_dict(),
-        "featurizers": {"node": config.model.node_featurizer, "edge": config.model.edge_featurizer,
-                        "edge_params": dict(config.model.edge_params), "cutoff": config.data.cutoff,
-                        "max_neighbors": config.data.max_neighbors},
+        "featurizers": {
+            "node": config.model.node_featurizer,
+            "edge": config.model.edge_featurizer,
+            "edge_params": dict(config.model.edge_params),
+            "cutoff": config.data.cutoff,
+            "max_neighbors": config.data.max_neighbors,
+        },
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))},
     }
@@ -122,13 +138,25 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         targets = ["prediction"]
         model = build_model(cfg.model, 1, cfg.data.cutoff)
         # our frozen node table and featurizer buffers are not part of the reference weights
-        _load_state(model, {**model.state_dict(), **reference_state_dict(ck["state_dict"], cfg.model.head_layers)}, path)
+        _load_state(
+            model, {**model.state_dict(), **reference_state_dict(ck["state_dict"], cfg.model.head_layers)}, path
+        )
         kind = "reference-cgcnn"
     else:
-        raise CrystaltuneError(f"{path}: not a crystaltune or reference CGCNN checkpoint (keys: {', '.join(sorted(map(str, ck))[:8])})")
+        raise CrystaltuneError(
+            f"{path}: not a crystaltune or reference CGCNN checkpoint (keys: {', '.join(sorted(map(str, ck))[:8])})"
+        )
     model.eval()
-    return LoadedModel(model, _checked_normalizer(ck["normalizer"], len(targets), path), targets, cfg, cfg.data.cutoff,
-                       cfg.data.max_neighbors, dict(ck.get("metrics", {})), kind)
+    return LoadedModel(
+        model,
+        _checked_normalizer(ck["normalizer"], len(targets), path),
+        targets,
+        cfg,
+        cfg.data.cutoff,
+        cfg.data.max_neighbors,
+        dict(ck.get("metrics", {})),
+        kind,
+    )
 
 
 def _checked_normalizer(d: Any, n_targets: int, path) -> Normalizer:
@@ -139,8 +167,10 @@ def _checked_normalizer(d: Any, n_targets: int, path) -> Normalizer:
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CrystaltuneError(f"{path}: unreadable target normaliser ({type(exc).__name__})") from None
     if norm.mean.numel() != n_targets or norm.std.numel() != n_targets:
-        raise CrystaltuneError(f"{path}: the normaliser has {norm.mean.numel()} mean(s) / {norm.std.numel()} std(s) for "
-                               f"{n_targets} target(s)")
+        raise CrystaltuneError(
+            f"{path}: the normaliser has {norm.mean.numel()} mean(s) / {norm.std.numel()} std(s) for "
+            f"{n_targets} target(s)"
+        )
     if not (torch.isfinite(norm.mean).all() and torch.isfinite(norm.std).all() and (norm.std > 0).all()):
         raise CrystaltuneError(f"{path}: the normaliser has non-finite values or a std <= 0")
     return norm
@@ -160,8 +190,13 @@ def _check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], p
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape mismatch {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
+        detail = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
+            else f"shape mismatch {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}"
+        )
         raise CrystaltuneError(f"{path}: weights do not fit the architecture in its config ({detail})")
 
 

@@ -135,8 +135,11 @@ class TrialConfig:
         for part in m.node_featurizer.split("+"):
             NODE_TABLES.get(part)
         LOSSES.get(self.loss.name)
-        for name, registry, value in (("model.norm", NORMS, m.norm), ("optim.name", OPTIMIZERS, o.name),
-                                      ("optim.schedule", SCHEDULES, o.schedule)):
+        for name, registry, value in (
+            ("model.norm", NORMS, m.norm),
+            ("optim.name", OPTIMIZERS, o.name),
+            ("optim.schedule", SCHEDULES, o.schedule),
+        ):
             if value not in registry:
                 raise CrystaltuneError(f"{name}: {registry.unknown_message(value)}")
         for g in m.global_features:

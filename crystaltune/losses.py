@@ -71,7 +71,9 @@ class Loss:
         parts = {"base": float(base.detach())}
         total = base
         if self.kl_weight > 0:
-            kls = [gaussian_kl(pred[mask[:, t], t], y[mask[:, t], t]) for t in range(y.shape[1]) if mask[:, t].sum() >= 2]
+            kls = [
+                gaussian_kl(pred[mask[:, t], t], y[mask[:, t], t]) for t in range(y.shape[1]) if mask[:, t].sum() >= 2
+            ]
             if kls:
                 kl = torch.stack(kls).mean()
                 parts["kl"] = float(kl.detach())

@@ -14,5 +14,8 @@ def finite_metrics(values: Mapping[str, Any], keys: Iterable[str], step: int) ->
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(k, float(values[k]), now, step) for k in keys
-            if isinstance(values.get(k), (int, float)) and math.isfinite(values[k])]
+    return [
+        Metric(k, float(values[k]), now, step)
+        for k in keys
+        if isinstance(values.get(k), (int, float)) and math.isfinite(values[k])
+    ]

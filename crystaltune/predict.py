@@ -40,7 +40,9 @@ def read_inputs(inputs: list[str]):
             out.records += raw.records
             out.skipped += raw.skipped
     for i, cif in enumerate(cifs, start=1):
-        out.records.append({"id": cif.stem, "line": i, "structure": cif.read_text(errors="replace"), "props": {}, "fmt": "cif"})
+        out.records.append(
+            {"id": cif.stem, "line": i, "structure": cif.read_text(errors="replace"), "props": {}, "fmt": "cif"}
+        )
     if not out.records and not out.skipped:
         raise CrystaltuneError(f"no crystals found in {', '.join(inputs)}")
     _refuse_duplicate_ids(out.records, cifs)
@@ -55,8 +57,10 @@ def _refuse_duplicate_ids(records: list[dict], cifs: list[Path]) -> None:
         rid = rec["id"]
         if rid in seen:
             first = where.get(rid, f"record {seen[rid]}")
-            raise CrystaltuneError(f"two inputs have the id {rid!r} ({first} and another); rename one so each crystal "
-                                   "gets its own prediction")
+            raise CrystaltuneError(
+                f"two inputs have the id {rid!r} ({first} and another); rename one so each crystal "
+                "gets its own prediction"
+            )
         seen[rid] = rec["line"]
 
 
@@ -81,17 +85,14 @@ def predict(checkpoint: str, inputs: list[str]) -> tuple[list[str], list[dict]]:
     # published predictions are reproduced exactly
     mode = "reference" if loaded.kind == "reference-cgcnn" else "crystaltune"
     store, skipped, _ = build_store(raw, GraphParams(loaded.cutoff, loaded.max_neighbors, mode), progress=False)
-    from .featurizers import supported_elements
+    from .featurizers import unsupported_crystals
 
     preds = predict_store(loaded, store) if len(store) else np.zeros((0, len(loaded.targets)))
-    supported = supported_elements(loaded.config.model.node_featurizer)
-    by_id = {}
-    for i, rid in enumerate(store.ids):
-        zs = set(store.graph(i)["z"].tolist())
-        if not zs <= supported:
-            by_id[rid] = {"error": f"element(s) with Z={sorted(zs - supported)} have no {loaded.config.model.node_featurizer!r} features"}
-        else:
-            by_id[rid] = dict(zip(loaded.targets, map(float, preds[i])))
+    bad = unsupported_crystals(store.arrays["z"], store.node_ptr, loaded.config.model.node_featurizer)
+    by_id = {
+        rid: {"error": bad[i]} if i in bad else dict(zip(loaded.targets, map(float, preds[i])))
+        for i, rid in enumerate(store.ids)
+    }
     for s in skipped:
         by_id.setdefault(s["id"], {"error": s["reason"]})
     header = ["id", *(["prediction"] if len(loaded.targets) == 1 else loaded.targets), "error"]
@@ -125,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         if fh is not sys.stdout:
             fh.close()
     errors = sum(1 for r in rows if r["error"])
-    print(f"predicted {len(rows) - errors} crystal(s), {errors} error row(s)"
-          + (f" -> {args.output}" if args.output != "-" else ""), file=sys.stderr)
+    print(
+        f"predicted {len(rows) - errors} crystal(s), {errors} error row(s)"
+        + (f" -> {args.output}" if args.output != "-" else ""),
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -29,7 +29,8 @@ def require_token_auth() -> None:
     if mode != "token":
         raise CrystaltuneError(
             f"RAY_AUTH_MODE={mode!r}: crystaltune runs Ray with token authentication only; unset it "
-            "(a local search creates the token; a cluster shares one, see the README's Cluster section)")
+            "(a local search creates the token; a cluster shares one, see the README's Cluster section)"
+        )
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
@@ -59,8 +60,7 @@ def start_local_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     import ray
 
     with _loopback_only():
-        ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, log_to_driver=False,
-                 **kwargs)
+        ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, log_to_driver=False, **kwargs)
 
 
 def join_ray(address: str) -> None:

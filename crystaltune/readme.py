@@ -32,29 +32,36 @@ def _f(x: Any, nd: int = 4) -> str:
 def render_results(f: dict[str, Any]) -> str:
     """The README's summary of one search: provenance, timing, retraining comparison, top trials."""
     t, name = f["timing"], f["name"]
-    out = [f"#### `{name}`: {f['crystals']} crystals, target {f['targets']}",
-           "",
-           f"Measured {f['date']} on {f['machine']}; {f['versions']}. Search run `{f['run_id']}`, "
-           f"{f['trials']} trials ({f['finished']} finished) x <= {f['max_epochs']} epochs, executor `{f['executor']}`: "
-           f"`python -m crystaltune.search {name} --num-samples {f['num_samples']} --max-epochs {f['max_epochs']} "
-           f"--seed {f.get('seed', 0)}`.",
-           "",
-           f"Search time: `tuner.fit` {t['tuner_s']:.0f} s, up to {t['concurrent_trials']} trials at a time; training "
-           f"epochs {t['training_s']:.0f} s; **overhead {100 * t['overhead_fraction']:.1f}%** of the trial-slot time. "
-           f"ASHA ran {t['epochs_run']} of {t['epochs_full_budget']} epochs "
-           f"({100 * t['epochs_run'] / max(t['epochs_full_budget'], 1):.0f}%).", ""]
+    out = [
+        f"#### `{name}`: {f['crystals']} crystals, target {f['targets']}",
+        "",
+        f"Measured {f['date']} on {f['machine']}; {f['versions']}. Search run `{f['run_id']}`, "
+        f"{f['trials']} trials ({f['finished']} finished) x <= {f['max_epochs']} epochs, executor `{f['executor']}`: "
+        f"`python -m crystaltune.search {name} --num-samples {f['num_samples']} --max-epochs {f['max_epochs']} "
+        f"--seed {f.get('seed', 0)}`.",
+        "",
+        f"Search time: `tuner.fit` {t['tuner_s']:.0f} s, up to {t['concurrent_trials']} trials at a time; training "
+        f"epochs {t['training_s']:.0f} s; **overhead {100 * t['overhead_fraction']:.1f}%** of the trial-slot time. "
+        f"ASHA ran {t['epochs_run']} of {t['epochs_full_budget']} epochs "
+        f"({100 * t['epochs_run'] / max(t['epochs_full_budget'], 1):.0f}%).",
+        "",
+    ]
     r = f.get("retrained") or {}
     if r:
         over = "fold" if r.get("best", {}).get("cv") else "seed"
         out += [f"| configuration | test MAE per {over} | mean ± sd | mean val MAE |", "|---|---|---|---|"]
         labels = {"reference": "reference recipe", "baseline": "well-trained default"}
         rows = [(labels[k], r[k]) for k in ("reference", "baseline") if k in r]
-        rows += [(f"searched, trial {c['trial']}" + (" (chosen by val)" if c is r.get("best") else ""), c)
-                 for c in r.get("candidates", {}).values()]
+        rows += [
+            (f"searched, trial {c['trial']}" + (" (chosen by val)" if c is r.get("best") else ""), c)
+            for c in r.get("candidates", {}).values()
+        ]
         for label, c in rows:
             reps = " / ".join(f"{v:.4f}" for v in c["seeds"].values())
-            out.append(f"| {label}: {_describe(c['params'])} | {reps} ({over}s {', '.join(map(str, c['seeds']))}) | "
-                       f"{c['mean']:.4f} ± {c['sd']:.4f} | {c['val_mean']:.4f} |")
+            out.append(
+                f"| {label}: {_describe(c['params'])} | {reps} ({over}s {', '.join(map(str, c['seeds']))}) | "
+                f"{c['mean']:.4f} ± {c['sd']:.4f} | {c['val_mean']:.4f} |"
+            )
         if "improvement" in r:
             out += ["", improvement_sentence(r["improvement"])]
         out.append("")
@@ -63,14 +70,23 @@ def render_results(f: dict[str, Any]) -> str:
         out += [f"Best trial's test MAE {_f(best)} against the target <= {target:g}: **{_verdict(best, target)}**."]
         if "best" in r:
             rb = r["best"]
-            out += ["", f"The best config retrained ({rb['params'].get('train.epochs')} epochs, {len(rb['seeds'])} seed(s)): "
-                        f"mean test MAE {rb['mean']:.4f} against the target: **{_verdict(rb['mean'], target)}**."]
+            out += [
+                "",
+                f"The best config retrained ({rb['params'].get('train.epochs')} epochs, {len(rb['seeds'])} seed(s)): "
+                f"mean test MAE {rb['mean']:.4f} against the target: **{_verdict(rb['mean'], target)}**.",
+            ]
         out.append("")
-    out += ["Top trials of the search (by val MAE):", "", "| trial | val MAE | test MAE | model | edge | node | loss | epochs |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += [
+        "Top trials of the search (by val MAE):",
+        "",
+        "| trial | val MAE | test MAE | model | edge | node | loss | epochs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in f["top"]:
-        out.append(f"| {row['name'].split()[0]} | {_f(row['val'])} | {_f(row['test'])} | {row['model']} | {row['edge']} | "
-                   f"{row['node']} | {row['loss']} | {row['epochs']} |")
+        out.append(
+            f"| {row['name'].split()[0]} | {_f(row['val'])} | {_f(row['test'])} | {row['model']} | {row['edge']} | "
+            f"{row['node']} | {row['loss']} | {row['epochs']} |"
+        )
     out += ["", f"Full report (TRAINING TABLE, parity plot, importances): `python -m crystaltune.report {name}`."]
     return "\n".join(out)
 
@@ -81,11 +97,15 @@ def _verdict(mae: float, target: float) -> str:
 
 def _describe(p: dict[str, str]) -> str:
     """A one-line summary of a logged trial config."""
-    bits = [f"`{p.get('model.name')}` {p.get('model.hidden')}/{p.get('model.head_hidden')}/{p.get('model.layers')}",
-            f"{p.get('model.edge_featurizer')}/{p.get('model.node_featurizer')}", f"{p.get('model.pooling')} pooling",
-            f"{p.get('loss.name')}{' + KL' if p.get('loss.kl') == 'True' else ''}",
-            f"{p.get('optim.name')} lr {float(p.get('optim.lr', 'nan')):.2g}", f"{p.get('train.epochs')} epochs",
-            f"batch {p.get('train.batch_size')}"]
+    bits = [
+        f"`{p.get('model.name')}` {p.get('model.hidden')}/{p.get('model.head_hidden')}/{p.get('model.layers')}",
+        f"{p.get('model.edge_featurizer')}/{p.get('model.node_featurizer')}",
+        f"{p.get('model.pooling')} pooling",
+        f"{p.get('loss.name')}{' + KL' if p.get('loss.kl') == 'True' else ''}",
+        f"{p.get('optim.name')} lr {float(p.get('optim.lr', 'nan')):.2g}",
+        f"{p.get('train.epochs')} epochs",
+        f"batch {p.get('train.batch_size')}",
+    ]
     gf = p.get("model.global_features", "[]")
     if gf not in ("[]", "", None):
         bits.append(f"global {gf}")
@@ -95,31 +115,49 @@ def _describe(p: dict[str, str]) -> str:
 def render_performance(b: dict[str, Any]) -> str:
     """The README's Performance section body from a ``bench all`` JSON document."""
     g, tr = b["graphs"], b["train"]
-    out = [f"Measured {b['date']} on {b['machine']}; {b['versions']}. Command: `{b['command']}`"
-           + (" (quick sizes)" if b.get("quick") else "") + ".", "",
-           "| measurement | result |", "|---|---|",
-           f"| graph building, {g['crystals']} perovskites (cutoff {g['cutoff']} Å, 12 neighbours) | "
-           f"{g['ours_structures_per_s']:.0f} structures/s vs {g['pymatgen_get_all_neighbors_structures_per_s']:.1f} with pymatgen "
-           f"`get_all_neighbors`: **{g['ratio']:.1f}x** |",
-           f"| load the preprocessed perov5 graphs (7572 crystals) from the cache | {b['cache_load_perov5_s']:.2f} s |"]
+    out = [
+        f"Measured {b['date']} on {b['machine']}; {b['versions']}. Command: `{b['command']}`"
+        + (" (quick sizes)" if b.get("quick") else "")
+        + ".",
+        "",
+        "| measurement | result |",
+        "|---|---|",
+        f"| graph building, {g['crystals']} perovskites (cutoff {g['cutoff']} Å, 12 neighbours) | "
+        f"{g['ours_structures_per_s']:.0f} structures/s vs "
+        f"{g['pymatgen_get_all_neighbors_structures_per_s']:.1f} with pymatgen "
+        f"`get_all_neighbors`: **{g['ratio']:.1f}x** |",
+        f"| load the preprocessed perov5 graphs (7572 crystals) from the cache | {b['cache_load_perov5_s']:.2f} s |",
+    ]
     ref = tr.get("cgcnn", {}).get("reference_code_graphs_per_s")
     if ref:
-        out.append(f"| cgcnn training vs the reference CGCNN code itself (its `main.py`, same crystals, batch and "
-                   f"threads, run in the same command) | {tr['cgcnn']['graphs_per_s']:.0f} vs {ref:.0f} graphs/s: "
-                   f"**{tr['cgcnn']['graphs_per_s'] / ref:.1f}x** |")
+        out.append(
+            f"| cgcnn training vs the reference CGCNN code itself (its `main.py`, same crystals, batch and "
+            f"threads, run in the same command) | {tr['cgcnn']['graphs_per_s']:.0f} vs {ref:.0f} graphs/s: "
+            f"**{tr['cgcnn']['graphs_per_s'] / ref:.1f}x** |"
+        )
     else:
         out.append("| cgcnn training vs the reference CGCNN code | not measured in this run (`--reference-code DIR`) |")
     d = b["ddp"]
-    out.append(f"| DDP through Ray Train, 1 -> 2 CPU workers (gloo) | {d['workers_1']['graphs_per_s_last_epoch']:.0f} -> "
-               f"{d['workers_2']['graphs_per_s_last_epoch']:.0f} graphs/s ({d['speedup']:.2f}x) |")
+    out.append(
+        f"| DDP through Ray Train, 1 -> 2 CPU workers (gloo) | {d['workers_1']['graphs_per_s_last_epoch']:.0f} -> "
+        f"{d['workers_2']['graphs_per_s_last_epoch']:.0f} graphs/s ({d['speedup']:.2f}x) |"
+    )
     for s in b.get("searches", []):
-        out.append(f"| `python -m crystaltune.search {s['space']}` ({s['trials']} trials, executor `{s['executor']}`, "
-                   f"{s['concurrent_trials']} at a time) | {s['wall_s']:.0f} s wall; overhead **{100 * s['overhead_fraction']:.1f}%** "
-                   f"of {s['tuner_s']:.0f} s x {s['concurrent_trials']} trial slots; ASHA ran {s['epochs_run']} of "
-                   f"{s['epochs_full_budget']} epochs; best test MAE {_f(s.get('best_test_mae'))} |")
-    out += ["", f"Training throughput per model (batch {b['train_batch_size']}, {b['train_threads']} threads, "
-                f"hidden 64/128, 3 layers; graphs/s excluding the first epoch):", "",
-            "| model | graphs/s | peak RSS MB |", "|---|---|---|"]
+        out.append(
+            f"| `python -m crystaltune.search {s['space']}` ({s['trials']} trials, executor `{s['executor']}`, "
+            f"{s['concurrent_trials']} at a time) | {s['wall_s']:.0f} s wall; "
+            f"overhead **{100 * s['overhead_fraction']:.1f}%** "
+            f"of {s['tuner_s']:.0f} s x {s['concurrent_trials']} trial slots; ASHA ran {s['epochs_run']} of "
+            f"{s['epochs_full_budget']} epochs; best test MAE {_f(s.get('best_test_mae'))} |"
+        )
+    out += [
+        "",
+        f"Training throughput per model (batch {b['train_batch_size']}, {b['train_threads']} threads, "
+        f"hidden 64/128, 3 layers; graphs/s excluding the first epoch):",
+        "",
+        "| model | graphs/s | peak RSS MB |",
+        "|---|---|---|",
+    ]
     if ref:
         out.append(f"| reference CGCNN code (`main.py`) | {ref:.0f} | - |")
     for m, r in tr.items():
@@ -131,5 +169,8 @@ def render_performance(b: dict[str, Any]) -> str:
             m, prec = k.rsplit("_", 1)
             out.append(f"| `{m}` | {prec} | {r['graphs_per_s']:.0f} | {r.get('peak_cuda_mb', float('nan')):.0f} |")
     else:
-        out += ["", "GPU figures: none in this run (no CUDA device); `scripts/gpu_check.sh` measures them on a GPU machine."]
+        out += [
+            "",
+            "GPU figures: none in this run (no CUDA device); `scripts/gpu_check.sh` measures them on a GPU machine.",
+        ]
     return "\n".join(out)

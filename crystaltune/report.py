@@ -24,8 +24,12 @@ from .errors import CrystaltuneError, cli_main
 def _latest_parent(client, exp_id: str, run_id: str | None):
     if run_id:
         return client.get_run(run_id)
-    runs = client.search_runs([exp_id], filter_string="tags.`crystaltune.kind` = 'search'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string="tags.`crystaltune.kind` = 'search'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         raise CrystaltuneError("no search run in this experiment")
     return runs[0]
@@ -38,7 +42,9 @@ def search_timing(client, parent, children) -> dict:
     if not tuner_s and parent.info.end_time:  # searches logged before search_time_s existed: the parent
         tuner_s = (parent.info.end_time - parent.info.start_time) / 1000  # run's span (a slight overestimate)
     train_s = sum(m.value for r in children for m in client.get_metric_history(r.info.run_id, "epoch_time_s"))
-    spans = sorted([(r.info.start_time, 1) for r in children] + [(r.info.end_time or r.info.start_time, -1) for r in children])
+    spans = sorted(
+        [(r.info.start_time, 1) for r in children] + [(r.info.end_time or r.info.start_time, -1) for r in children]
+    )
     cur = peak = 0
     for _, d in spans:
         cur += d
@@ -48,9 +54,14 @@ def search_timing(client, parent, children) -> dict:
     p = parent.data.params
     full = m.get("epochs_full_budget") or int(p.get("search.num_samples", 0)) * int(p.get("search.max_epochs", 0))
     run = m.get("epochs_run") or sum(int(float(r.data.tags.get("crystaltune.epochs_run", 0) or 0)) for r in children)
-    return {"tuner_s": tuner_s, "training_s": train_s, "concurrent_trials": peak,
-            "overhead_fraction": 1 - train_s / slot_s if slot_s else math.nan,
-            "epochs_run": int(run), "epochs_full_budget": int(full)}
+    return {
+        "tuner_s": tuner_s,
+        "training_s": train_s,
+        "concurrent_trials": peak,
+        "overhead_fraction": 1 - train_s / slot_s if slot_s else math.nan,
+        "epochs_run": int(run),
+        "epochs_full_budget": int(full),
+    }
 
 
 def rung_correlation(client, children, max_epochs: int) -> list[dict]:
@@ -78,10 +89,18 @@ def _f(x, nd=4):
     return f"{x:.{nd}f}" if isinstance(x, float) and math.isfinite(x) else "-"
 
 
-def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None = None,
-                 baseline: str | None = None, seeds: list[int] | None = None,
-                 retrain_epochs: int | None = None, top_k: int = 1, reference: str | None = None,
-                 cv: int | None = None) -> tuple[Path, dict]:
+def build_report(
+    name: str,
+    tracking_uri: str,
+    output: Path,
+    run_id: str | None = None,
+    baseline: str | None = None,
+    seeds: list[int] | None = None,
+    retrain_epochs: int | None = None,
+    top_k: int = 1,
+    reference: str | None = None,
+    cv: int | None = None,
+) -> tuple[Path, dict]:
     """Write report.md (+ PNGs) for a finished search; first, when ``seeds`` or ``cv`` ask for it,
     retrain the top-k trials and the baselines on the same split (each seed) or on each of ``cv``
     folds. Returns the report path and the facts the README section is rendered from."""
@@ -93,8 +112,11 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
         raise CrystaltuneError(f"no MLflow experiment 'crystaltune-{name}' in {tracking_uri}")
     parent = _latest_parent(client, exp.experiment_id, run_id)
     pid = parent.info.run_id
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pid}' and "
-                                  "tags.`crystaltune.kind` = 'trial'", max_results=5000)
+    children = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{pid}' and tags.`crystaltune.kind` = 'trial'",
+        max_results=5000,
+    )
     if not children:
         raise CrystaltuneError(f"search run {pid} has no trial runs")
     output.mkdir(parents=True, exist_ok=True)
@@ -110,39 +132,71 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
     timing = search_timing(client, parent, children)
     retrained = retraining.summarize(client, exp.experiment_id, pid)
     pp = parent.data.params
-    facts = {"name": name, "run_id": pid, "tracking_uri": tracking_uri, "date": time.strftime("%Y-%m-%d", time.localtime(parent.info.start_time / 1000)),
-             "machine": pp.get("search.machine", "-"), "versions": pp.get("search.versions", "-"),
-             "crystals": pp.get("search.crystals"), "num_samples": pp.get("search.num_samples"),
-             "max_epochs": pp.get("search.max_epochs"), "executor": pp.get("search.executor", "train"),
-             "seed": pp.get("search.seed", "0"),
-             "trials": len(rows), "finished": len(ok), "timing": timing, "retrained": retrained, "top": ok[:5],
-             "targets": children[0].data.params.get("data.targets", "")}
-    lines = [f"# crystaltune report: {name}", "",
-             f"Search run `{pid}` ({parent.info.run_name}) in `{tracking_uri}`; report written "
-             f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}, "
-             f"Python {platform.python_version()}).", "",
-             f"{len(rows)} trials: {len(ok)} finished, {len(failed)} failed or interrupted; "
-             f"{sum(r['epochs'] for r in rows)} epochs run.", ""]
+    facts = {
+        "name": name,
+        "run_id": pid,
+        "tracking_uri": tracking_uri,
+        "date": time.strftime("%Y-%m-%d", time.localtime(parent.info.start_time / 1000)),
+        "machine": pp.get("search.machine", "-"),
+        "versions": pp.get("search.versions", "-"),
+        "crystals": pp.get("search.crystals"),
+        "num_samples": pp.get("search.num_samples"),
+        "max_epochs": pp.get("search.max_epochs"),
+        "executor": pp.get("search.executor", "train"),
+        "seed": pp.get("search.seed", "0"),
+        "trials": len(rows),
+        "finished": len(ok),
+        "timing": timing,
+        "retrained": retrained,
+        "top": ok[:5],
+        "targets": children[0].data.params.get("data.targets", ""),
+    }
+    lines = [
+        f"# crystaltune report: {name}",
+        "",
+        f"Search run `{pid}` ({parent.info.run_name}) in `{tracking_uri}`; report written "
+        f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}).",
+        "",
+        f"{len(rows)} trials: {len(ok)} finished, {len(failed)} failed or interrupted; "
+        f"{sum(r['epochs'] for r in rows)} epochs run.",
+        "",
+    ]
     if ok:
         b = ok[0]
-        lines += [f"**Best trial** (lowest val MAE): `{b['name']}`: val MAE {_f(b['val'])}, test MAE {_f(b['test'])}, "
-                  f"test RMSE {_f(b['rmse'])}, test R² {_f(b['r2'], 3)}.", ""]
+        lines += [
+            f"**Best trial** (lowest val MAE): `{b['name']}`: val MAE {_f(b['val'])}, test MAE {_f(b['test'])}, "
+            f"test RMSE {_f(b['rmse'])}, test R² {_f(b['r2'], 3)}.",
+            "",
+        ]
     t = timing
-    lines += ["## Search time", "",
-              f"`tuner.fit` took {t['tuner_s']:.0f} s with up to {t['concurrent_trials']} trials at a time; training epochs "
-              f"(including per-epoch evaluation) took {t['training_s']:.0f} s in all, so {100 * t['overhead_fraction']:.1f}% "
-              f"of the trial-slot time was overhead (trial start-up, Ray, Tune, MLflow, checkpoints). ASHA ran "
-              f"{t['epochs_run']} of the {t['epochs_full_budget']} epochs a full-budget search would run.", ""]
+    lines += [
+        "## Search time",
+        "",
+        f"`tuner.fit` took {t['tuner_s']:.0f} s with up to {t['concurrent_trials']} trials at a time; training epochs "
+        f"(including per-epoch evaluation) took {t['training_s']:.0f} s in all, so {100 * t['overhead_fraction']:.1f}% "
+        f"of the trial-slot time was overhead (trial start-up, Ray, Tune, MLflow, checkpoints). ASHA ran "
+        f"{t['epochs_run']} of the {t['epochs_full_budget']} epochs a full-budget search would run.",
+        "",
+    ]
     lines += _retrained_lines(retrained)
     facts["rungs"] = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
     lines += _rung_lines(facts["rungs"], facts["max_epochs"])
     lines += _leaderboard_lines(ok, failed)
     facts["training_table"] = _training_table(ok)
-    lines += ["", "## TRAINING TABLE", "",
-              "Test MAE of the best-val trial of each model x edge featurizer x node featurizer combination tried.", "",
-              "| model | edge featurizer | node featurizer | trials | best val MAE | its test MAE |", "|---|---|---|---|---|---|"]
-    lines += [f"| {g['model']} | {g['edge']} | {g['node']} | {g['trials']} | {_f(g['val'])} | {_f(g['test'])} |"
-              for g in facts["training_table"]]
+    lines += [
+        "",
+        "## TRAINING TABLE",
+        "",
+        "Test MAE of the best-val trial of each model x edge featurizer x node featurizer combination tried.",
+        "",
+        "| model | edge featurizer | node featurizer | trials | best val MAE | its test MAE |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {g['model']} | {g['edge']} | {g['node']} | {g['trials']} | {_f(g['val'])} | {_f(g['test'])} |"
+        for g in facts["training_table"]
+    ]
     if ok:
         lines += ["", "## Best model on the test split", ""] + _best_model_plots(client, ok[0], output)
     lines += _importance_lines(client, pid)
@@ -156,37 +210,65 @@ def build_report(name: str, tracking_uri: str, output: Path, run_id: str | None 
 def _trial_row(r) -> dict:
     """One trial's row from its MLflow run."""
     m, p = r.data.metrics, r.data.params
-    return {"name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
-            "val": m.get("best_val_mae", math.nan), "test": m.get("test_mae", math.nan),
-            "rmse": m.get("test_rmse", math.nan), "r2": m.get("test_r2", math.nan),
-            "epochs": int(float(r.data.tags.get("crystaltune.epochs_run", 0) or 0)),
-            "model": p.get("model.name"), "edge": p.get("model.edge_featurizer"),
-            "node": p.get("model.node_featurizer"), "kl": p.get("loss.kl"), "loss": p.get("loss.name"),
-            "hidden": p.get("model.hidden"), "layers": p.get("model.layers"), "lr": p.get("optim.lr"),
-            "error": r.data.tags.get("crystaltune.error", "")}
+    return {
+        "name": r.info.run_name,
+        "status": r.info.status,
+        "run_id": r.info.run_id,
+        "val": m.get("best_val_mae", math.nan),
+        "test": m.get("test_mae", math.nan),
+        "rmse": m.get("test_rmse", math.nan),
+        "r2": m.get("test_r2", math.nan),
+        "epochs": int(float(r.data.tags.get("crystaltune.epochs_run", 0) or 0)),
+        "model": p.get("model.name"),
+        "edge": p.get("model.edge_featurizer"),
+        "node": p.get("model.node_featurizer"),
+        "kl": p.get("loss.kl"),
+        "loss": p.get("loss.name"),
+        "hidden": p.get("model.hidden"),
+        "layers": p.get("model.layers"),
+        "lr": p.get("optim.lr"),
+        "error": r.data.tags.get("crystaltune.error", ""),
+    }
 
 
 def _rung_lines(rungs: list[dict], max_epochs) -> list[str]:
     if not rungs:
         return []
-    return ["## How early val MAE predicts the final one", "",
-            f"Spearman rank correlation between a trial's val MAE at epoch e and its best val MAE over the full "
-            f"{max_epochs} epochs ({rungs[0]['trials']} trials that ran the full budget). ASHA compares "
-            "trials at its rungs (grace period x reduction factor^i): rungs where rho is low stop trials that "
-            "would have ended well.", "", "| epoch | " + " | ".join(str(r["epoch"]) for r in rungs) + " |",
-            "|---|" + "---|" * len(rungs), "| rho | " + " | ".join(f"{r['rho']:.2f}" for r in rungs) + " |", ""]
+    return [
+        "## How early val MAE predicts the final one",
+        "",
+        f"Spearman rank correlation between a trial's val MAE at epoch e and its best val MAE over the full "
+        f"{max_epochs} epochs ({rungs[0]['trials']} trials that ran the full budget). ASHA compares "
+        "trials at its rungs (grace period x reduction factor^i): rungs where rho is low stop trials that "
+        "would have ended well.",
+        "",
+        "| epoch | " + " | ".join(str(r["epoch"]) for r in rungs) + " |",
+        "|---|" + "---|" * len(rungs),
+        "| rho | " + " | ".join(f"{r['rho']:.2f}" for r in rungs) + " |",
+        "",
+    ]
 
 
 def _leaderboard_lines(ok: list[dict], failed: list[dict]) -> list[str]:
-    lines = ["## Leaderboard", "", "| # | trial | val MAE | test MAE | R² | epochs | model | edge | node | loss | KL | hidden | layers | lr |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Leaderboard",
+        "",
+        "| # | trial | val MAE | test MAE | R² | epochs | model | edge | node | loss | KL | hidden | layers | lr |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, r in enumerate(ok, 1):
         lr = _f(float(r["lr"]), 5) if r["lr"] else "-"
-        lines.append(f"| {i} | {r['name'].split()[0]} | {_f(r['val'])} | {_f(r['test'])} | {_f(r['r2'], 3)} | {r['epochs']} | "
-                     f"{r['model']} | {r['edge']} | {r['node']} | {r['loss']} | {r['kl']} | {r['hidden']} | {r['layers']} | {lr} |")
+        lines.append(
+            f"| {i} | {r['name'].split()[0]} | {_f(r['val'])} | {_f(r['test'])} | {_f(r['r2'], 3)} | {r['epochs']} | "
+            f"{r['model']} | {r['edge']} | {r['node']} | {r['loss']} | {r['kl']} | {r['hidden']} | "
+            f"{r['layers']} | {lr} |"
+        )
     for r in failed:
-        lines.append(f"| - | {r['name'].split()[0]} | {r['status']} | | | | {r['model']} | {r['edge']} | {r['node']} | {r['loss']} | "
-                     f"{r['kl']} | | | {r['error'][:80]} |")
+        lines.append(
+            f"| - | {r['name'].split()[0]} | {r['status']} | | | | {r['model']} | {r['edge']} | {r['node']} | "
+            f"{r['loss']} | "
+            f"{r['kl']} | | | {r['error'][:80]} |"
+        )
     return lines
 
 
@@ -195,8 +277,10 @@ def _training_table(ok: list[dict]) -> list[dict]:
     groups: dict[tuple, list] = {}
     for r in ok:
         groups.setdefault((r["model"], r["edge"], r["node"]), []).append(r)
-    return [{"model": k[0], "edge": k[1], "node": k[2], "trials": len(v), "val": v[0]["val"], "test": v[0]["test"]}
-            for k, v in sorted(groups.items(), key=lambda kv: kv[1][0]["val"])]
+    return [
+        {"model": k[0], "edge": k[1], "node": k[2], "trials": len(v), "val": v[0]["val"], "test": v[0]["test"]}
+        for k, v in sorted(groups.items(), key=lambda kv: kv[1][0]["val"])
+    ]
 
 
 def _importance_lines(client, pid: str) -> list[str]:
@@ -205,8 +289,9 @@ def _importance_lines(client, pid: str) -> list[str]:
             imp = json.loads(Path(client.download_artifacts(pid, "search/param_importances.json", tmp)).read_text())
         except Exception:
             return ["", "(no parameter importances: too few finished trials)"]
-    return (["", "## Parameter importances (fANOVA on best val MAE)", "", "| parameter | importance |", "|---|---|"]
-            + [f"| {k} | {v:.3f} |" for k, v in imp.items()])
+    return ["", "## Parameter importances (fANOVA on best val MAE)", "", "| parameter | importance |", "|---|---|"] + [
+        f"| {k} | {v:.3f} |" for k, v in imp.items()
+    ]
 
 
 def _retrained_lines(retrained: dict) -> list[str]:
@@ -216,22 +301,40 @@ def _retrained_lines(retrained: dict) -> list[str]:
     from . import retraining
 
     over = "fold" if retrained.get("best", {}).get("cv") else "seed"
-    lines = [f"## Retrained per {over} (same split{'s' if over == 'fold' else ''})", "",
-             "The searched configuration is the candidate with the lowest mean val MAE; test MAE plays no part.", "",
-             f"| configuration | test MAE per {over} | mean ± sd | mean val MAE |", "|---|---|---|---|"]
-    rows = [(f"candidate {t}" + (" (chosen)" if c is retrained.get("best") else ""), c)
-            for t, c in retrained.get("candidates", {}).items()]
+    lines = [
+        f"## Retrained per {over} (same split{'s' if over == 'fold' else ''})",
+        "",
+        "The searched configuration is the candidate with the lowest mean val MAE; test MAE plays no part.",
+        "",
+        f"| configuration | test MAE per {over} | mean ± sd | mean val MAE |",
+        "|---|---|---|---|",
+    ]
+    rows = [
+        (f"candidate {t}" + (" (chosen)" if c is retrained.get("best") else ""), c)
+        for t, c in retrained.get("candidates", {}).items()
+    ]
     rows += [(role, retrained[role]) for role in ("baseline", "reference") if role in retrained]
     for label, r in rows:
-        lines.append(f"| {label} ({r['source']}) | {' / '.join(f'{v:.4f}' for v in r['seeds'].values())} | "
-                     f"{r['mean']:.4f} ± {r['sd']:.4f} | {r['val_mean']:.4f} |")
+        lines.append(
+            f"| {label} ({r['source']}) | {' / '.join(f'{v:.4f}' for v in r['seeds'].values())} | "
+            f"{r['mean']:.4f} ± {r['sd']:.4f} | {r['val_mean']:.4f} |"
+        )
     if "improvement" in retrained:
         lines += ["", retraining.improvement_sentence(retrained["improvement"])]
     return lines + [""]
 
 
-def _retrain_study(client, exp_id: str, pid: str, baseline: str | None, reference: str | None,
-                   seeds: list[int] | None, cv: int | None, top_k: int, retrain_epochs: int | None) -> None:
+def _retrain_study(
+    client,
+    exp_id: str,
+    pid: str,
+    baseline: str | None,
+    reference: str | None,
+    seeds: list[int] | None,
+    cv: int | None,
+    top_k: int,
+    retrain_epochs: int | None,
+) -> None:
     """Retrain the top-k searched configs (candidates), the baseline and the reference on the same
     replicates; every baseline's split is checked against the search's before any training."""
     from . import retraining
@@ -241,14 +344,25 @@ def _retrain_study(client, exp_id: str, pid: str, baseline: str | None, referenc
     candidates = retraining.top_configs_of(client, pid, top_k)
     if retrain_epochs:
         candidates = [(t, retraining.with_epochs(c, retrain_epochs)) for t, c in candidates]
-    others = [(role, path, TrialConfig.from_yaml(path)) for role, path in (("baseline", baseline), ("reference", reference))
-              if path]
+    others = [
+        (role, path, TrialConfig.from_yaml(path))
+        for role, path in (("baseline", baseline), ("reference", reference))
+        if path
+    ]
     for _, path, cfg in others:
         retraining.check_same_split(candidates[0][1], cfg, path)
     suffix = f", {retrain_epochs} epochs" if retrain_epochs else ""
     for rank, (trial, cfg) in enumerate(candidates, 1):
-        retraining.retrain(client, exp_id, pid, "candidate", cfg, reps, f"trial {trial} (#{rank} of the search){suffix}",
-                      tags={"crystaltune.trial": trial})
+        retraining.retrain(
+            client,
+            exp_id,
+            pid,
+            "candidate",
+            cfg,
+            reps,
+            f"trial {trial} (#{rank} of the search){suffix}",
+            tags={"crystaltune.trial": trial},
+        )
     for role, path, cfg in others:
         retraining.retrain(client, exp_id, pid, role, cfg, reps, Path(path).as_posix())
 
@@ -288,9 +402,13 @@ def _best_model_plots(client, best, output: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(output / f"best_{target}.png")
         plt.close(fig)
-        out += [f"![parity and error histogram](best_{target}.png)", "",
-                f"{target}: n = {len(err)}, MAE {np.abs(err).mean():.4f}, RMSE {np.sqrt((err ** 2).mean()):.4f}, "
-                f"median |error| {np.median(np.abs(err)):.4f}, 90th percentile |error| {np.quantile(np.abs(err), 0.9):.4f}."]
+        out += [
+            f"![parity and error histogram](best_{target}.png)",
+            "",
+            f"{target}: n = {len(err)}, MAE {np.abs(err).mean():.4f}, RMSE {np.sqrt((err**2).mean()):.4f}, "
+            f"median |error| {np.median(np.abs(err)):.4f}, "
+            f"90th percentile |error| {np.quantile(np.abs(err), 0.9):.4f}.",
+        ]
     return out
 
 
@@ -312,20 +430,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
     ap.add_argument("--run-id", help="a specific search (parent) run; default: the latest")
     ap.add_argument("--output", help="folder for report.md and PNGs (default: crystaltune-results/NAME/report)")
-    ap.add_argument("--retrain-seeds", type=int, nargs="+", metavar="SEED",
-                    help="first retrain the search's top-k configs and the baselines once per seed; logged to MLflow")
-    ap.add_argument("--top-k", type=int, default=1, metavar="K",
-                    help="retrain the K best trials of the search and keep the one with the lowest mean val MAE")
-    ap.add_argument("--cv", type=int, metavar="K", help="retrain on each fold of a K-fold partition instead of per seed")
+    ap.add_argument(
+        "--retrain-seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="first retrain the search's top-k configs and the baselines once per seed; logged to MLflow",
+    )
+    ap.add_argument(
+        "--top-k",
+        type=int,
+        default=1,
+        metavar="K",
+        help="retrain the K best trials of the search and keep the one with the lowest mean val MAE",
+    )
+    ap.add_argument(
+        "--cv", type=int, metavar="K", help="retrain on each fold of a K-fold partition instead of per seed"
+    )
     ap.add_argument("--reference", help="a second baseline config YAML (e.g. the reference code's own recipe)")
-    ap.add_argument("--retrain-epochs", type=int, metavar="N",
-                    help="retrain the best config for N epochs instead of the search's budget (its LR schedule stretched)")
-    ap.add_argument("--baseline", help="the well-trained default to retrain as the baseline (same split as the search; "
-                                       "default: the space's `default:` file, when it has one)")
+    ap.add_argument(
+        "--retrain-epochs",
+        type=int,
+        metavar="N",
+        help="retrain the best config for N epochs instead of the search's budget (its LR schedule stretched)",
+    )
+    ap.add_argument(
+        "--baseline",
+        help="the well-trained default to retrain as the baseline (same split as the search; "
+        "default: the space's `default:` file, when it has one)",
+    )
     ap.add_argument("--readme", help="also write this search's Results section into that README (between markers)")
     ap.add_argument("--target-mae", type=float, help="a test-MAE target to state the best trial against")
     a = ap.parse_args(argv)
-    for flag, value in (("--baseline", a.baseline), ("--retrain-epochs", a.retrain_epochs), ("--reference", a.reference)):
+    for flag, value in (
+        ("--baseline", a.baseline),
+        ("--retrain-epochs", a.retrain_epochs),
+        ("--reference", a.reference),
+    ):
         if value is not None and not (a.retrain_seeds or a.cv):
             raise CrystaltuneError(f"{flag} needs --retrain-seeds or --cv")
     for flag, value, lo in (("--retrain-epochs", a.retrain_epochs, 1), ("--top-k", a.top_k, 1), ("--cv", a.cv, 2)):
@@ -341,8 +482,18 @@ def main(argv: list[str] | None = None) -> int:
     uri = a.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CrystaltuneError(f"no MLflow store at {uri}")
-    path, facts = build_report(a.name, uri, Path(a.output or f"crystaltune-results/{a.name}/report"), a.run_id,
-                               a.baseline, a.retrain_seeds, a.retrain_epochs, a.top_k, a.reference, a.cv)
+    path, facts = build_report(
+        a.name,
+        uri,
+        Path(a.output or f"crystaltune-results/{a.name}/report"),
+        a.run_id,
+        a.baseline,
+        a.retrain_seeds,
+        a.retrain_epochs,
+        a.top_k,
+        a.reference,
+        a.cv,
+    )
     print(f"report: {path}")
     if a.readme:
         from .readme import render_results, splice

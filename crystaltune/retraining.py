@@ -46,8 +46,10 @@ def check_same_split(best: TrialConfig, baseline: TrialConfig, baseline_source: 
     a, b = best.to_dict()["data"], baseline.to_dict()["data"]
     diff = [k for k in SPLIT_KEYS if a.get(k) != b.get(k)]
     if diff:
-        raise CrystaltuneError(f"{baseline_source}: data.{diff[0]} is {b.get(diff[0])!r} but the search used "
-                               f"{a.get(diff[0])!r}; the baseline must train on the search's split")
+        raise CrystaltuneError(
+            f"{baseline_source}: data.{diff[0]} is {b.get(diff[0])!r} but the search used "
+            f"{a.get(diff[0])!r}; the baseline must train on the search's split"
+        )
 
 
 def with_epochs(cfg: TrialConfig, epochs: int) -> TrialConfig:
@@ -67,8 +69,11 @@ def config_digest(cfg: TrialConfig) -> str:
 
 
 def retrain_runs(client, exp_id: str, parent_run_id: str) -> list:
-    return client.search_runs([exp_id], filter_string=f"tags.`crystaltune.kind` = 'retrain' and "
-                              f"tags.`crystaltune.search_run` = '{parent_run_id}'", max_results=1000)
+    return client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`crystaltune.kind` = 'retrain' and tags.`crystaltune.search_run` = '{parent_run_id}'",
+        max_results=1000,
+    )
 
 
 def replicates(seeds: list[int] | None, folds: int | None) -> list[tuple[int, int | None]]:
@@ -87,8 +92,17 @@ def _replicate_config(cfg: TrialConfig, seed: int, fold: int | None, folds: int 
     return TrialConfig.from_dict(d)
 
 
-def retrain(client, exp_id: str, parent_run_id: str, role: str, cfg: TrialConfig, reps: list[tuple[int, int | None]],
-            source: str, log=print, tags: dict[str, str] | None = None) -> None:
+def retrain(
+    client,
+    exp_id: str,
+    parent_run_id: str,
+    role: str,
+    cfg: TrialConfig,
+    reps: list[tuple[int, int | None]],
+    source: str,
+    log=print,
+    tags: dict[str, str] | None = None,
+) -> None:
     """Train ``cfg`` once per (seed, fold) replicate (skipping those already logged for this exact
     config) and log each run; ``tags`` mark the run further (e.g. which trial a candidate is)."""
     from mlflow.entities import Param, RunTag
@@ -97,9 +111,16 @@ def retrain(client, exp_id: str, parent_run_id: str, role: str, cfg: TrialConfig
     from .train.loop import TrialDiverged, fit
 
     digest = config_digest(cfg)
-    done = {(r.data.tags.get("crystaltune.role"), r.data.tags.get("crystaltune.config_digest"),
-             r.data.tags.get("crystaltune.seed"), r.data.tags.get("crystaltune.fold", "")) for r in
-            retrain_runs(client, exp_id, parent_run_id) if r.info.status == "FINISHED"}
+    done = {
+        (
+            r.data.tags.get("crystaltune.role"),
+            r.data.tags.get("crystaltune.config_digest"),
+            r.data.tags.get("crystaltune.seed"),
+            r.data.tags.get("crystaltune.fold", ""),
+        )
+        for r in retrain_runs(client, exp_id, parent_run_id)
+        if r.info.status == "FINISHED"
+    }
     folds = max((f for _, f in reps if f is not None), default=-1) + 1 or None
     for seed, fold in reps:
         label = f"{role} seed {seed}" + (f" fold {fold}" if fold is not None else "")
@@ -107,11 +128,21 @@ def retrain(client, exp_id: str, parent_run_id: str, role: str, cfg: TrialConfig
             log(f"[crystaltune] {label}: already in MLflow, not retrained")
             continue
         c = _replicate_config(cfg, seed, fold, folds)
-        run = client.create_run(exp_id, run_name=f"{role} s{seed}" + (f" f{fold}" if fold is not None else ""), tags={
-            "mlflow.parentRunId": parent_run_id, "crystaltune.kind": "retrain", "crystaltune.role": role,
-            "crystaltune.search_run": parent_run_id, "crystaltune.seed": str(seed),
-            "crystaltune.fold": "" if fold is None else str(fold), "crystaltune.config_digest": digest,
-            "crystaltune.source": source, **(tags or {})})
+        run = client.create_run(
+            exp_id,
+            run_name=f"{role} s{seed}" + (f" f{fold}" if fold is not None else ""),
+            tags={
+                "mlflow.parentRunId": parent_run_id,
+                "crystaltune.kind": "retrain",
+                "crystaltune.role": role,
+                "crystaltune.search_run": parent_run_id,
+                "crystaltune.seed": str(seed),
+                "crystaltune.fold": "" if fold is None else str(fold),
+                "crystaltune.config_digest": digest,
+                "crystaltune.source": source,
+                **(tags or {}),
+            },
+        )
         rid = run.info.run_id
         client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in c.flat().items()])
         t0 = time.perf_counter()
@@ -123,12 +154,16 @@ def retrain(client, exp_id: str, parent_run_id: str, role: str, cfg: TrialConfig
             log(f"[crystaltune] {label}: diverged ({exc})")
             continue
         metrics = {**m, "best_val_mae": m["val_mae"], "train_time_s": time.perf_counter() - t0}
-        client.log_batch(rid, metrics=finite_metrics(metrics, ("test_mae", "test_rmse", "test_r2", "best_val_mae",
-                                                               "train_time_s"), 0),
-                         tags=[RunTag("crystaltune.epochs_run", str(m.get("epochs_run", "")))])
+        client.log_batch(
+            rid,
+            metrics=finite_metrics(metrics, ("test_mae", "test_rmse", "test_r2", "best_val_mae", "train_time_s"), 0),
+            tags=[RunTag("crystaltune.epochs_run", str(m.get("epochs_run", "")))],
+        )
         client.set_terminated(rid, "FINISHED")
-        log(f"[crystaltune] {label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} "
-            f"({metrics['train_time_s']:.0f} s)")
+        log(
+            f"[crystaltune] {label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} "
+            f"({metrics['train_time_s']:.0f} s)"
+        )
 
 
 def _epoch_logger(client, run_id: str, label: str, epochs: int, log):
@@ -142,24 +177,35 @@ def _epoch_logger(client, run_id: str, label: str, epochs: int, log):
         step = int(metrics["epoch"])
         client.log_batch(run_id, metrics=finite_metrics(metrics, ("train_mae", "val_mae", "lr"), step))
         if step % max(1, epochs // 10) == 0:
-            log(f"[crystaltune] {label}: epoch {step}/{epochs}, val MAE {metrics['val_mae']:.4f} "
-                f"(best {metrics['best_val_mae']:.4f}), {time.perf_counter() - t0:.0f} s")
+            log(
+                f"[crystaltune] {label}: epoch {step}/{epochs}, val MAE {metrics['val_mae']:.4f} "
+                f"(best {metrics['best_val_mae']:.4f}), {time.perf_counter() - t0:.0f} s"
+            )
 
     return per_epoch
 
 
 def _stats(runs: list) -> dict[str, Any]:
     """Test and val MAE per replicate of one config's runs, with mean and sd."""
-    key = (lambda r: f"f{r.data.tags['crystaltune.fold']}") if runs[-1].data.tags.get("crystaltune.fold") \
+    key = (
+        (lambda r: f"f{r.data.tags['crystaltune.fold']}")
+        if runs[-1].data.tags.get("crystaltune.fold")
         else (lambda r: int(r.data.tags["crystaltune.seed"]))
+    )
     test = {key(r): r.data.metrics["test_mae"] for r in runs}
     val = [r.data.metrics.get("best_val_mae", math.nan) for r in runs]
     vals = list(test.values())
-    return {"source": runs[-1].data.tags.get("crystaltune.source", ""), "seeds": dict(sorted(test.items())),
-            "cv": bool(runs[-1].data.tags.get("crystaltune.fold")), "mean": statistics.fmean(vals),
-            "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "val_mean": statistics.fmean(val),
-            "params": runs[-1].data.params, "epochs": runs[-1].data.tags.get("crystaltune.epochs_run", ""),
-            "trial": runs[-1].data.tags.get("crystaltune.trial", "")}
+    return {
+        "source": runs[-1].data.tags.get("crystaltune.source", ""),
+        "seeds": dict(sorted(test.items())),
+        "cv": bool(runs[-1].data.tags.get("crystaltune.fold")),
+        "mean": statistics.fmean(vals),
+        "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "val_mean": statistics.fmean(val),
+        "params": runs[-1].data.params,
+        "epochs": runs[-1].data.tags.get("crystaltune.epochs_run", ""),
+        "trial": runs[-1].data.tags.get("crystaltune.trial", ""),
+    }
 
 
 def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:
@@ -167,8 +213,14 @@ def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:
     the lowest mean val MAE (the test MAE plays no part in the choice); ``improvement``: how much
     lower its mean test MAE is than the baseline's (the well-trained default)."""
     groups: dict[tuple, list] = {}
-    runs = sorted((r for r in retrain_runs(client, exp_id, parent_run_id)
-                   if r.info.status == "FINISHED" and "test_mae" in r.data.metrics), key=lambda r: r.info.start_time)
+    runs = sorted(
+        (
+            r
+            for r in retrain_runs(client, exp_id, parent_run_id)
+            if r.info.status == "FINISHED" and "test_mae" in r.data.metrics
+        ),
+        key=lambda r: r.info.start_time,
+    )
     cv = bool(runs and runs[-1].data.tags.get("crystaltune.fold"))  # the latest study's kind: per fold or per seed
     for r in runs:
         if bool(r.data.tags.get("crystaltune.fold")) == cv:
@@ -187,7 +239,9 @@ def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:
         out["best"] = min(out["candidates"].values(), key=lambda c: c["val_mean"])
     for ref in ("baseline", "reference"):
         if "best" in out and ref in out:
-            out["improvement" if ref == "baseline" else "improvement_reference"] = 1 - out["best"]["mean"] / out[ref]["mean"]
+            out["improvement" if ref == "baseline" else "improvement_reference"] = (
+                1 - out["best"]["mean"] / out[ref]["mean"]
+            )
     return out
 
 
@@ -195,5 +249,7 @@ def improvement_sentence(improvement: float, target: float = 0.20) -> str:
     """How the best config's mean test MAE compares with the baseline's, against the target."""
     word = "lower" if improvement >= 0 else "higher"
     met = "meets" if improvement >= target else "misses"
-    return (f"The searched config's mean test MAE is **{100 * abs(improvement):.1f}% {word}** than the well-trained "
-            f"default's on the same split ({met} the {100 * target:.0f}% improvement target).")
+    return (
+        f"The searched config's mean test MAE is **{100 * abs(improvement):.1f}% {word}** than the well-trained "
+        f"default's on the same split ({met} the {100 * target:.0f}% improvement target)."
+    )

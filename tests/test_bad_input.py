@@ -15,14 +15,17 @@ from crystaltune.data import load_dataset
 from crystaltune.errors import CrystaltuneError
 
 
-@pytest.mark.parametrize("content, match", [
-    (None, "no such file"),
-    (b"", "empty"),
-    (b"this is not json\n", "not JSON"),
-    (b"[1, 2,", "not valid JSON"),
-    (b'"just a string"', "not JSON"),
-    (b'{"a": 1, "b": 2}', "top-level JSON is a dict"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "no such file"),
+        (b"", "empty"),
+        (b"this is not json\n", "not JSON"),
+        (b"[1, 2,", "not valid JSON"),
+        (b'"just a string"', "not JSON"),
+        (b'{"a": 1, "b": 2}', "top-level JSON is a dict"),
+    ],
+)
 def test_file_level_errors(tmp_path, content, match):
     path = tmp_path / "bad.json"
     if content is not None:
@@ -95,17 +98,21 @@ def test_strict_turns_skips_into_failure(tmp_path, small_records):
 
 
 def test_unsupported_elements_for_node_featurizer(tmp_path, small_records):
-    from crystaltune.featurizers import supported_elements
+    """Crystals with elements a node featurizer cannot describe leave that trial's split, with the
+    reason; other featurizers keep them."""
+    from crystaltune.config import TrialConfig
+    from crystaltune.train.trial_data import prepare_trial_data
 
     recs = small_records + [record("xenon", rocksalt(species=("Xe", "Xe")), band_gap=0.0)]
-    ds = load_dataset(write_jsonl(tmp_path / "xe.jsonl", recs))
-    assert len(ds) == 13
-    restricted = ds.restrict_elements(supported_elements("extended"), "extended")
-    assert len(restricted) == 12
-    assert "element(s) Xe have no features in node featurizer 'extended'" in restricted.skipped[-1]["reason"]
-    assert len(ds.restrict_elements(supported_elements("cgcnn"), "cgcnn")) == 13
-    with pytest.raises(CrystaltuneError):
-        ds.restrict_elements(supported_elements("extended"), "extended", strict=True)
+    path = write_jsonl(tmp_path / "xe.jsonl", recs)
+    assert len(load_dataset(path)) == 13
+    cfg = {"data": {"dataset": str(path), "split": [0.5, 0.25, 0.25]}}
+    data = prepare_trial_data(TrialConfig.from_dict({**cfg, "model": {"node_featurizer": "extended"}}))
+    assert [d["id"] for d in data.dropped] == ["xenon"]
+    assert "element(s) Xe have no features in node featurizer 'extended'" in data.dropped[0]["reason"]
+    assert sum(map(len, (data.train, data.val, data.test))) == 12
+    full = prepare_trial_data(TrialConfig.from_dict({**cfg, "model": {"node_featurizer": "cgcnn"}}))
+    assert not full.dropped and sum(map(len, (full.train, full.val, full.test))) == 13
 
 
 def test_cli_user_errors_have_no_traceback(tmp_path, small_records):
@@ -126,20 +133,23 @@ def test_one_bad_crystal_does_not_stop_a_large_run(tmp_path):
     assert len(ds) == 300 and [s["id"] for s in ds.skipped] == ["broken"]
 
 
-@pytest.mark.parametrize("model,key,value,match", [
-    ("csgann", "params", {"heads": 0}, r"model.params.heads: must be in \[1, model.hidden = 64\], got 0"),
-    ("csgann", "params", {"heads": 65}, r"model.params.heads: must be in \[1, model.hidden"),
-    ("csgann", "params", {"heads": "four"}, r"model.params.heads: expected an integer, got 'four'"),
-    ("csgann", "params", {"attention": "dot"}, r"model.params.attention: must be one of transformer, gatv2"),
-    ("csginn", "params", {"mlp_layers": 0}, r"model.params.mlp_layers: must be in \[1, 8\]"),
-    ("flowgnn", "params", {"s_max": -1.0}, r"model.params.s_max: must be in \(0, 20\]"),
-    ("cgcnn", "params", {"heads": 2}, r"model.params: unknown key 'heads'"),
-    ("cgcnn", "edge_params", {"step": 1e-9}, r"model.edge_params.step must be in \[0.001, 10.0\]"),
-    ("cgcnn", "edge_params", {"step": 0.001}, r"gives more than 1024 Gaussians"),
-    ("cgcnn", "edge_params", {"step": "x"}, r"model.edge_params.step: expected a number"),
-    ("cgcnn", "edge_params", {"num_rbf": 8}, r"unknown parameter 'num_rbf' for the gaussian featurizer"),
-    ("cgcnn", "hidden", 10**9, r"model.hidden must be in \[1, 4096\]"),
-])
+@pytest.mark.parametrize(
+    "model,key,value,match",
+    [
+        ("csgann", "params", {"heads": 0}, r"model.params.heads: must be in \[1, model.hidden = 64\], got 0"),
+        ("csgann", "params", {"heads": 65}, r"model.params.heads: must be in \[1, model.hidden"),
+        ("csgann", "params", {"heads": "four"}, r"model.params.heads: expected an integer, got 'four'"),
+        ("csgann", "params", {"attention": "dot"}, r"model.params.attention: must be one of transformer, gatv2"),
+        ("csginn", "params", {"mlp_layers": 0}, r"model.params.mlp_layers: must be in \[1, 8\]"),
+        ("flowgnn", "params", {"s_max": -1.0}, r"model.params.s_max: must be in \(0, 20\]"),
+        ("cgcnn", "params", {"heads": 2}, r"model.params: unknown key 'heads'"),
+        ("cgcnn", "edge_params", {"step": 1e-9}, r"model.edge_params.step must be in \[0.001, 10.0\]"),
+        ("cgcnn", "edge_params", {"step": 0.001}, r"gives more than 1024 Gaussians"),
+        ("cgcnn", "edge_params", {"step": "x"}, r"model.edge_params.step: expected a number"),
+        ("cgcnn", "edge_params", {"num_rbf": 8}, r"unknown parameter 'num_rbf' for the gaussian featurizer"),
+        ("cgcnn", "hidden", 10**9, r"model.hidden must be in \[1, 4096\]"),
+    ],
+)
 def test_model_values_are_checked_when_the_config_is_validated(model, key, value, match):
     """Typed model parameters, featurizer parameters and sizes fail validation (before Ray starts),
     with the key in the message, not inside a trial."""
@@ -152,17 +162,22 @@ def test_model_values_are_checked_when_the_config_is_validated(model, key, value
 def test_a_space_fixing_a_bad_model_parameter_fails_before_any_trial():
     from crystaltune.search.space import parse_space
 
-    raw = {"fixed": {"model.name": "csgann", "model.params.heads": 0},
-           "search": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+    raw = {
+        "fixed": {"model.name": "csgann", "model.params.heads": 0},
+        "search": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+    }
     with pytest.raises(CrystaltuneError, match="model.params.heads: must be in"):
         parse_space(raw, "heads.yaml")
 
 
-@pytest.mark.parametrize("section,key,value,match", [
-    ("model", "norm", "btach", r"model.norm: unknown norm 'btach'; did you mean 'batch'\?"),
-    ("optim", "name", "adamx", r"optim.name: unknown optimizer 'adamx'"),
-    ("optim", "schedule", "cos", r"optim.schedule: unknown schedule 'cos'; did you mean 'cosine'\?"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,match",
+    [
+        ("model", "norm", "btach", r"model.norm: unknown norm 'btach'; did you mean 'batch'\?"),
+        ("optim", "name", "adamx", r"optim.name: unknown optimizer 'adamx'"),
+        ("optim", "schedule", "cos", r"optim.schedule: unknown schedule 'cos'; did you mean 'cosine'\?"),
+    ],
+)
 def test_names_validate_against_the_registries_that_build_them(section, key, value, match):
     """One list per choice: validation reads the registry construction uses, and an unknown norm is an
     error, never a silent Identity."""

@@ -11,15 +11,35 @@ from pathlib import Path
 
 def test_bench_all_quick_writes_the_readme_performance_section(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## Performance\n\n<!-- crystaltune:performance -->\nold numbers\n<!-- /crystaltune:performance -->\n\n## Next\n")
+    readme.write_text(
+        "# x\n\n## Performance\n\n<!-- crystaltune:performance -->\nold numbers\n"
+        "<!-- /crystaltune:performance -->\n\n## Next\n"
+    )
     # the reference code itself is the speed baseline where ../shared has it (tests never need ../shared)
     ref = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cgcnn" / "code"
     ref_args = ["--reference-code", str(ref)] if (ref / "main.py").is_file() else []
-    out = subprocess.run([sys.executable, "-m", "crystaltune.bench", "all", "--quick", "--json", "--output", "bench.json",
-                          "--readme", str(readme), *ref_args], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crystaltune.bench",
+            "all",
+            "--quick",
+            "--json",
+            "--output",
+            "bench.json",
+            "--readme",
+            str(readme),
+            *ref_args,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ),
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    res = json.loads(out.stdout[out.stdout.index("{"):])
+    res = json.loads(out.stdout[out.stdout.index("{") :])
     assert res["graphs"]["ratio"] > 5 and res["graphs"]["same_distances"]
     assert 0 < res["cache_load_perov5_s"] < 5
     for model, r in res["train"].items():
@@ -27,7 +47,10 @@ def test_bench_all_quick_writes_the_readme_performance_section(tmp_path):
     if ref_args:
         assert res["train"]["cgcnn"]["speedup_vs_reference_code"] > 1
         assert res["train"]["cgcnn"]["reference_code"]["train_crystals"] > 100
-    assert res["ddp"]["workers_1"]["graphs_per_s_last_epoch"] > 0 and res["ddp"]["workers_2"]["graphs_per_s_last_epoch"] > 0
+    assert (
+        res["ddp"]["workers_1"]["graphs_per_s_last_epoch"] > 0
+        and res["ddp"]["workers_2"]["graphs_per_s_last_epoch"] > 0
+    )
     s = res["searches"][0]
     assert s["space"] == "smoke" and s["executor"] == "direct"
     assert s["trials"] >= 4 and 0 < s["training_s"] < s["wall_s"] and 0 <= s["overhead_fraction"] <= 1
@@ -41,8 +64,13 @@ def test_bench_all_quick_writes_the_readme_performance_section(tmp_path):
     assert f"| `csgann` | {res['train']['csgann']['graphs_per_s']:.0f} |" in section
     assert f"{100 * s['overhead_fraction']:.1f}%" in section and res["versions"] in section
     # re-rendering from the saved JSON gives the same section
-    again = subprocess.run([sys.executable, "-m", "crystaltune.bench", "render", "bench.json", "--readme", str(readme)],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "crystaltune.bench", "render", "bench.json", "--readme", str(readme)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0 and readme.read_text() == text
 
 
@@ -66,15 +94,17 @@ def test_reference_code_batch_lines_are_read_as_graphs_per_epoch():
     batch of an epoch holds what is left of its 80% training share."""
     from crystaltune.bench.reference_code import parse_batch_times
 
-    log = "\n".join([
-        "Epoch: [0][0/3]\tTime 2.000 (2.000)\tData 1.9 (1.9)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
-        "Epoch: [0][1/3]\tTime 1.000 (1.500)\tData 0.9 (0.9)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
-        "Epoch: [0][2/3]\tTime 0.500 (1.167)\tData 0.4 (0.4)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
-        "Test: [0/1]\tTime 0.100 (0.100)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
-        "Epoch: [1][0/3]\tTime 0.100 (0.100)\tData 0.0 (0.0)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
-        "Epoch: [1][1/3]\tTime 0.100 (0.100)\tData 0.0 (0.0)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
-        "Epoch: [1][2/3]\tTime 0.050 (0.083)\tData 0.0 (0.0)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
-    ])
+    log = "\n".join(
+        [
+            "Epoch: [0][0/3]\tTime 2.000 (2.000)\tData 1.9 (1.9)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
+            "Epoch: [0][1/3]\tTime 1.000 (1.500)\tData 0.9 (0.9)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
+            "Epoch: [0][2/3]\tTime 0.500 (1.167)\tData 0.4 (0.4)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
+            "Test: [0/1]\tTime 0.100 (0.100)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
+            "Epoch: [1][0/3]\tTime 0.100 (0.100)\tData 0.0 (0.0)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
+            "Epoch: [1][1/3]\tTime 0.100 (0.100)\tData 0.0 (0.0)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
+            "Epoch: [1][2/3]\tTime 0.050 (0.083)\tData 0.0 (0.0)\tLoss 1.0 (1.0)\tMAE 1.0 (1.0)",
+        ]
+    )
     per_epoch = parse_batch_times(log, n_crystals=100, batch_size=32)  # 80 trained: 32 + 32 + 16
     assert per_epoch[0] == (80, 3.5)
     graphs, secs = per_epoch[1]

@@ -27,15 +27,24 @@ def test_jsonl_plain_and_gzip_and_json_list_agree(tmp_path, small_records):
 
 
 def test_material_id_and_crystal_structure_keys(tmp_path):
-    recs = [{"material_id": f"m{i}", "band_gap": 1.0 + i, "crystal_structure": random_cell(i).as_dict()} for i in range(3)]
+    recs = [
+        {"material_id": f"m{i}", "band_gap": 1.0 + i, "crystal_structure": random_cell(i).as_dict()} for i in range(3)
+    ]
     (tmp_path / "inorganic_SUNMAT_10k.json").write_text(json.dumps(recs))
     ds = load_dataset("sunmat", data=tmp_path / "inorganic_SUNMAT_10k.json")
     assert sorted(ds.store.ids) == ["m0", "m1", "m2"] and ds.name == "sunmat"
 
 
 def test_snumat_schema_list_and_folder(tmp_path, monkeypatch):
-    recs = [{"SNUMAT_id": 100 + i, "Band_gap_HSE": 2.0 + i, "Band_gap_GGA": 1.0 + i,
-             "Structure_rlx": random_cell(i).as_dict()} for i in range(3)]
+    recs = [
+        {
+            "SNUMAT_id": 100 + i,
+            "Band_gap_HSE": 2.0 + i,
+            "Band_gap_GGA": 1.0 + i,
+            "Structure_rlx": random_cell(i).as_dict(),
+        }
+        for i in range(3)
+    ]
     (tmp_path / "snumat.json").write_text(json.dumps(recs))
     monkeypatch.setenv("CRYSTALTUNE_DATA_DIR", str(tmp_path))
     ds = load_dataset("sunmat")
@@ -67,7 +76,9 @@ def test_sunmat_missing_says_where_to_put_it(monkeypatch, tmp_path):
     with pytest.raises(CrystaltuneError) as e:
         load_dataset("sunmat")
     msg = str(e.value)
-    assert "inorganic_SUNMAT_10k.json" in msg and "CRYSTALTUNE_DATA_DIR" in msg and "--data" in msg and "JSON lines" in msg
+    assert (
+        "inorganic_SUNMAT_10k.json" in msg and "CRYSTALTUNE_DATA_DIR" in msg and "--data" in msg and "JSON lines" in msg
+    )
 
 
 def test_unknown_dataset_name_suggests_and_names_cannot_escape(tmp_path):
@@ -78,8 +89,12 @@ def test_unknown_dataset_name_suggests_and_names_cannot_escape(tmp_path):
 
 
 def test_multi_target_keeps_crystals_with_any_target(tmp_path):
-    recs = [record("a", rocksalt(), band_gap=1.0, e_form=-1.0), record("b", random_cell(1), band_gap=2.0),
-            record("c", random_cell(2), e_form=0.5), record("d", random_cell(3))]
+    recs = [
+        record("a", rocksalt(), band_gap=1.0, e_form=-1.0),
+        record("b", random_cell(1), band_gap=2.0),
+        record("c", random_cell(2), e_form=0.5),
+        record("d", random_cell(3)),
+    ]
     ds = load_dataset(write_jsonl(tmp_path / "m.jsonl", recs), ["band_gap", "e_form"])
     assert sorted(ds.store.ids) == ["a", "b", "c"]
     assert [s["id"] for s in ds.skipped] == ["d"]
@@ -104,8 +119,12 @@ def test_shipped_datasets_load_with_expected_sizes():
 
 
 def test_data_info_cli_json():
-    out = subprocess.run([sys.executable, "-m", "crystaltune.data", "info", "perovskites", "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.data", "info", "perovskites", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     info = json.loads(out.stdout)
     assert info["crystals"] == 1346 and info["skipped"] == []
 

@@ -59,9 +59,17 @@ def shuffled(b: Batch, seed: int = 2) -> Batch:
     new_label = torch.empty_like(node_perm)
     new_label[node_perm] = torch.arange(len(node_perm))
     edge_perm = torch.randperm(b.edge_index.shape[1], generator=g)
-    return Batch(z=b.z[node_perm], edge_index=new_label[b.edge_index[:, edge_perm]], dist=b.dist[edge_perm],
-                 batch=b.batch[node_perm], cell=b.cell, spacegroup=b.spacegroup, y=b.y, num_graphs=b.num_graphs,
-                 vec=b.vec[edge_perm])
+    return Batch(
+        z=b.z[node_perm],
+        edge_index=new_label[b.edge_index[:, edge_perm]],
+        dist=b.dist[edge_perm],
+        batch=b.batch[node_perm],
+        cell=b.cell,
+        spacegroup=b.spacegroup,
+        y=b.y,
+        num_graphs=b.num_graphs,
+        vec=b.vec[edge_perm],
+    )
 
 
 def _randomise_norms(model: torch.nn.Module) -> None:
@@ -209,7 +217,7 @@ def test_triangle_bond_angles():
     b = batch_of([s], cutoff=3.0, max_neighbors=None)
     assert b.degree == 2
     cos = bond_cosines(b.vec, b.edge_index[1], 3, 2)
-    expected = torch.tensor([0.0, 2 ** -0.5, 2 ** -0.5])  # the right angle at atom 0, 45 degrees elsewhere
+    expected = torch.tensor([0.0, 2**-0.5, 2**-0.5])  # the right angle at atom 0, 45 degrees elsewhere
     torch.testing.assert_close(cos[:, 0, 1], expected)
     torch.testing.assert_close(cos[:, 1, 0], expected)
     perm = torch.tensor([5, 2, 0, 3, 1, 4])  # any edge order: the general path lists the same pairs
@@ -304,20 +312,23 @@ def test_options_are_kept(batch16):
     assert model.edge_embedding[0].in_features == model.edge_dim and model.edge_embedding[0].out_features == 16
 
 
-@pytest.mark.parametrize("params,key", [
-    ({"angles": "yes"}, "angles"),
-    ({"angles": 1}, "angles"),
-    ({"angle_bins": 1}, "angle_bins"),
-    ({"angle_bins": 2.5}, "angle_bins"),
-    ({"angle_bins": "16"}, "angle_bins"),
-    ({"angle_bins": True}, "angle_bins"),
-    ({"angle_bins": 1000}, "angle_bins"),
-    ({"angle_layers": -1}, "angle_layers"),
-    ({"angle_layers": 65}, "angle_layers"),
-    ({"angle_layers": 1.5}, "angle_layers"),
-    ({"activation": "relu"}, "activation"),
-    ({"activation": None}, "activation"),
-])
+@pytest.mark.parametrize(
+    "params,key",
+    [
+        ({"angles": "yes"}, "angles"),
+        ({"angles": 1}, "angles"),
+        ({"angle_bins": 1}, "angle_bins"),
+        ({"angle_bins": 2.5}, "angle_bins"),
+        ({"angle_bins": "16"}, "angle_bins"),
+        ({"angle_bins": True}, "angle_bins"),
+        ({"angle_bins": 1000}, "angle_bins"),
+        ({"angle_layers": -1}, "angle_layers"),
+        ({"angle_layers": 65}, "angle_layers"),
+        ({"angle_layers": 1.5}, "angle_layers"),
+        ({"activation": "relu"}, "activation"),
+        ({"activation": None}, "activation"),
+    ],
+)
 def test_bad_params_raise(params, key):
     with pytest.raises(CrystaltuneError, match=f"model.params.{key}: "):
         build_model(config(params=params))
@@ -344,8 +355,14 @@ def test_gated_pair_sum_gradients():
 
     g = torch.Generator().manual_seed(0)
     n, k, d, bins = 2, 4, 3, 5
-    args = [torch.randn(n, k, k, bins, generator=g), torch.randn(d, bins, generator=g), torch.randn(d, generator=g),
-            torch.randn(n, k, d, generator=g), torch.randn(n, k, d, generator=g), torch.randn(n, k, d, generator=g)]
+    args = [
+        torch.randn(n, k, k, bins, generator=g),
+        torch.randn(d, bins, generator=g),
+        torch.randn(d, generator=g),
+        torch.randn(n, k, d, generator=g),
+        torch.randn(n, k, d, generator=g),
+        torch.randn(n, k, d, generator=g),
+    ]
     args = [a.double().requires_grad_() for a in args]
     assert torch.autograd.gradcheck(GatedPairSum.apply, args)
 
@@ -359,5 +376,6 @@ def test_bfloat16_autocast_runs(degree, batch16):
         out = model(dataclasses.replace(batch16, degree=degree))
     assert torch.isfinite(out.float()).all()
     out.float().square().mean().backward()
-    assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32
-               for p in model.parameters() if p.grad is not None)
+    assert all(
+        torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None
+    )

@@ -42,7 +42,9 @@ def test_rocksalt_has_92_neighbours_within_8A():
 def test_all_neighbours_match_brute_force(seed, cutoff):
     s = random_cell(seed, n=3 + seed % 2)
     centre, nbr, image, dist = neighbor_list(s.cart_coords, s.lattice.matrix, cutoff, None)
-    ours = sorted((int(c), int(n), tuple(int(v) for v in im), round(float(d), 6)) for c, n, im, d in zip(centre, nbr, image, dist))
+    ours = sorted(
+        (int(c), int(n), tuple(int(v) for v in im), round(float(d), 6)) for c, n, im, d in zip(centre, nbr, image, dist)
+    )
     ref = sorted((i, j, img, round(float(d), 6)) for i, j, img, d in brute_force(s, cutoff))
     assert ours == ref
 
@@ -53,7 +55,11 @@ def test_top12_are_the_nearest_with_deterministic_ties(seed):
     centre, nbr, image, dist = neighbor_list(s.cart_coords, s.lattice.matrix, 8.0, 12)
     ref = brute_force(s, 8.0)
     for i in range(len(s)):
-        mine = [(round(float(d), 6), int(n), tuple(int(v) for v in im)) for c, n, im, d in zip(centre, nbr, image, dist) if c == i]
+        mine = [
+            (round(float(d), 6), int(n), tuple(int(v) for v in im))
+            for c, n, im, d in zip(centre, nbr, image, dist)
+            if c == i
+        ]
         theirs = sorted((round(float(d), 6), j, img) for c, j, img, d in ref if c == i)[:12]
         assert mine == theirs
 
@@ -134,7 +140,7 @@ def test_cache_reuse_rebuild_on_change_and_corruption(tmp_path, small_records):
     # flipped bytes inside an array are caught by the zip CRC
     data = bytearray(target.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 8] = bytes(8)
+    data[mid : mid + 8] = bytes(8)
     target.write_bytes(bytes(data))
     assert not load_graphs(path).from_cache
 
@@ -174,7 +180,10 @@ def test_trimming_a_larger_neighbour_graph_equals_building_with_fewer_neighbours
 def test_searching_max_neighbors_builds_the_graphs_once_with_the_largest_k():
     from crystaltune.search.space import parse_space
 
-    raw = {"dataset": {"name": "perovskites"}, "search": {"data.max_neighbors": {"type": "categorical", "choices": [12, 16, 20]}}}
+    raw = {
+        "dataset": {"name": "perovskites"},
+        "search": {"data.max_neighbors": {"type": "categorical", "choices": [12, 16, 20]}},
+    }
     space = parse_space(raw, "k.yaml")
     assert space.graph_config().data.max_neighbors == 20 and space.default_point == {"data.max_neighbors": 12}
     with pytest.raises(CrystaltuneError, match="only data.max_neighbors can be searched"):
@@ -205,8 +214,9 @@ def test_crystaltune_graphs_are_invariant_on_crystals_with_tied_neighbours(name)
     base = predict(s)
     for seed in range(3):
         idx = np.random.default_rng(seed).permutation(len(s))
-        assert predict(Structure(s.lattice, [s[i].specie for i in idx], [s[i].frac_coords for i in idx])) == \
-            pytest.approx(base, abs=1e-4)
+        assert predict(
+            Structure(s.lattice, [s[i].specie for i in idx], [s[i].frac_coords for i in idx])
+        ) == pytest.approx(base, abs=1e-4)
     shifted = s.copy()
     shifted.translate_sites(list(range(len(s))), [0.13, 0.27, 0.41])
     supercell = s.copy()

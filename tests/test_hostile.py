@@ -25,8 +25,15 @@ def _limit() -> None:
 
 
 def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_limit, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limit,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
 
 
 def dense_record(tmp: Path) -> list[str]:
@@ -82,10 +89,25 @@ def checkpoint_bigger_than_its_weights(tmp: Path) -> list[str]:
     from crystaltune.config import TrialConfig
 
     cfg = TrialConfig.from_dict({"model": {"hidden": 4096, "layers": 64, "head_hidden": 8192}}).to_dict()
-    torch.save({"format": FORMAT, "config": cfg, "targets": ["band_gap"], "model_state": {},
-                "normalizer": {"mean": [0.0], "std": [1.0]}}, tmp / "big.pt")
-    return ["crystaltune.predict", "--checkpoint", str(tmp / "big.pt"), "--input",
-            str(REF_DIR / "sample-regression"), "--output", str(tmp / "out.csv")]
+    torch.save(
+        {
+            "format": FORMAT,
+            "config": cfg,
+            "targets": ["band_gap"],
+            "model_state": {},
+            "normalizer": {"mean": [0.0], "std": [1.0]},
+        },
+        tmp / "big.pt",
+    )
+    return [
+        "crystaltune.predict",
+        "--checkpoint",
+        str(tmp / "big.pt"),
+        "--input",
+        str(REF_DIR / "sample-regression"),
+        "--output",
+        str(tmp / "out.csv"),
+    ]
 
 
 def nan_normalizer(tmp: Path) -> list[str]:
@@ -94,16 +116,33 @@ def nan_normalizer(tmp: Path) -> list[str]:
     ck = read_checkpoint(REF_DIR / "band-gap.pth.tar")
     ck["normalizer"] = {"mean": float("nan"), "std": 1.0}
     torch.save(ck, tmp / "nan.pth.tar")
-    return ["crystaltune.predict", "--checkpoint", str(tmp / "nan.pth.tar"), "--input",
-            str(REF_DIR / "sample-regression"), "--output", str(tmp / "out.csv")]
+    return [
+        "crystaltune.predict",
+        "--checkpoint",
+        str(tmp / "nan.pth.tar"),
+        "--input",
+        str(REF_DIR / "sample-regression"),
+        "--output",
+        str(tmp / "out.csv"),
+    ]
 
 
 def duplicate_stems(tmp: Path) -> list[str]:
     for d in ("a", "b"):
         (tmp / d).mkdir()
-        (tmp / d / "x.cif").write_text((REF_DIR / "sample-regression" / f"{'1000041' if d == 'a' else '1000050'}.cif").read_text())
-    return ["crystaltune.predict", "--checkpoint", str(REF_DIR / "band-gap.pth.tar"), "--input", str(tmp / "a" / "x.cif"),
-            str(tmp / "b" / "x.cif"), "--output", str(tmp / "out.csv")]
+        (tmp / d / "x.cif").write_text(
+            (REF_DIR / "sample-regression" / f"{'1000041' if d == 'a' else '1000050'}.cif").read_text()
+        )
+    return [
+        "crystaltune.predict",
+        "--checkpoint",
+        str(REF_DIR / "band-gap.pth.tar"),
+        "--input",
+        str(tmp / "a" / "x.cif"),
+        str(tmp / "b" / "x.cif"),
+        "--output",
+        str(tmp / "out.csv"),
+    ]
 
 
 def negative_seed(tmp: Path) -> list[str]:
@@ -111,8 +150,9 @@ def negative_seed(tmp: Path) -> list[str]:
 
 
 def tiny_featurizer_step(tmp: Path) -> list[str]:
-    (tmp / "s.yaml").write_text("fixed: {model.edge_params.step: 1.0e-9}\n"
-                                "search: {optim.lr: {type: float, low: 0.001, high: 0.01}}\n")
+    (tmp / "s.yaml").write_text(
+        "fixed: {model.edge_params.step: 1.0e-9}\nsearch: {optim.lr: {type: float, low: 0.001, high: 0.01}}\n"
+    )
     return ["crystaltune.search", str(tmp / "s.yaml")]
 
 

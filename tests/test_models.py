@@ -89,7 +89,9 @@ def test_forward_shapes_and_finite(name, option, batch16):
     check_forward(model, batch16, n_targets)
 
 
-@pytest.mark.parametrize("name,params", PARAMS, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in PARAMS])
+@pytest.mark.parametrize(
+    "name,params", PARAMS, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in PARAMS]
+)
 def test_model_specific_params(name, params, batch16):
     torch.manual_seed(0)
     model = build_model(config(name, params=params))
@@ -101,17 +103,20 @@ def test_model_specific_params(name, params, batch16):
     check_forward(model, batch16, 1)
 
 
-@pytest.mark.parametrize("name,params", [
-    ("csgann", {"heads": 0}),
-    ("csgann", {"attention": "dot"}),
-    ("csgann", {"activation": "relu6"}),
-    ("csginn", {"aggr": "median"}),
-    ("csginn", {"mlp_layers": 0}),
-    ("flowgnn", {"flow_layers": -1}),
-    ("flowgnn", {"s_max": 0.0}),
-    ("egcnn", {"angle_bins": 1}),
-    ("egcnn", {"angles": "yes"}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("csgann", {"heads": 0}),
+        ("csgann", {"attention": "dot"}),
+        ("csgann", {"activation": "relu6"}),
+        ("csginn", {"aggr": "median"}),
+        ("csginn", {"mlp_layers": 0}),
+        ("flowgnn", {"flow_layers": -1}),
+        ("flowgnn", {"s_max": 0.0}),
+        ("egcnn", {"angle_bins": 1}),
+        ("egcnn", {"angles": "yes"}),
+    ],
+)
 def test_bad_params_raise(name, params):
     with pytest.raises(CrystaltuneError):
         build_model(config(name, params=params))
@@ -162,8 +167,16 @@ def test_atom_and_edge_order_do_not_matter(name, batch16):
     new_label = torch.empty_like(node_perm)
     new_label[node_perm] = torch.arange(len(node_perm))
     edge_perm = torch.randperm(b.edge_index.shape[1], generator=g)
-    shuffled = Batch(z=b.z[node_perm], edge_index=new_label[b.edge_index[:, edge_perm]], dist=b.dist[edge_perm],
-                     batch=b.batch[node_perm], cell=b.cell, spacegroup=b.spacegroup, y=b.y, num_graphs=b.num_graphs)
+    shuffled = Batch(
+        z=b.z[node_perm],
+        edge_index=new_label[b.edge_index[:, edge_perm]],
+        dist=b.dist[edge_perm],
+        batch=b.batch[node_perm],
+        cell=b.cell,
+        spacegroup=b.spacegroup,
+        y=b.y,
+        num_graphs=b.num_graphs,
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(shuffled), model(b), rtol=1e-4, atol=1e-5)
 

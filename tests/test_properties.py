@@ -14,14 +14,18 @@ from crystaltune.errors import CrystaltuneError
 from crystaltune.search.space import parse_space
 
 GOOD = rocksalt().as_dict()
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=8))
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                           max_leaves=8)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8)
+)
+json_values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3), max_leaves=8
+)
 records = st.one_of(
     json_values,
-    st.fixed_dictionaries({"id": st.one_of(st.text(max_size=6), st.integers()), "band_gap": scalars},
-                          optional={"structure": st.one_of(st.just(GOOD), json_values)}),
+    st.fixed_dictionaries(
+        {"id": st.one_of(st.text(max_size=6), st.integers()), "band_gap": scalars},
+        optional={"structure": st.one_of(st.just(GOOD), json_values)},
+    ),
 )
 
 
@@ -59,18 +63,39 @@ def test_reader_on_arbitrary_bytes(tmp_path_factory, data):
 
 param_specs = st.one_of(
     json_values,
-    st.fixed_dictionaries({"type": st.sampled_from(["categorical", "int", "float", "uniform", 3])},
-                          optional={"choices": json_values, "low": scalars, "high": scalars, "log": scalars,
-                                    "step": scalars, "when": json_values}),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["categorical", "int", "float", "uniform", 3])},
+        optional={
+            "choices": json_values,
+            "low": scalars,
+            "high": scalars,
+            "log": scalars,
+            "step": scalars,
+            "when": json_values,
+        },
+    ),
 )
-param_names = st.sampled_from(["model.name", "optim.lr", "model.hidden", "loss.kl", "loss.kl_weight", "model.nope",
-                               "model.edge_params.num_rbf", "train.batch_size"])
+param_names = st.sampled_from(
+    [
+        "model.name",
+        "optim.lr",
+        "model.hidden",
+        "loss.kl",
+        "loss.kl_weight",
+        "model.nope",
+        "model.edge_params.num_rbf",
+        "train.batch_size",
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.dictionaries(st.sampled_from(["name", "dataset", "budget", "resources", "fixed", "search", "extra"]),
-                       json_values, max_size=4),
-       st.dictionaries(param_names, param_specs, max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(["name", "dataset", "budget", "resources", "fixed", "search", "extra"]), json_values, max_size=4
+    ),
+    st.dictionaries(param_names, param_specs, max_size=4),
+)
 def test_space_parser_raises_only_clear_errors(top, search):
     raw = {**top, "search": search}
     try:

@@ -18,8 +18,14 @@ ENV = dict(os.environ)
 
 
 def search(args, cwd, env=ENV, timeout=900):
-    return subprocess.run([sys.executable, "-m", "crystaltune.search", *args], cwd=cwd, capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "crystaltune.search", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def mlflow_runs(work: Path, experiment: str):
@@ -28,14 +34,21 @@ def mlflow_runs(work: Path, experiment: str):
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return client, [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"], \
-        [r for r in runs if r.data.tags.get("crystaltune.kind") == "search"]
+    return (
+        client,
+        [r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"],
+        [r for r in runs if r.data.tags.get("crystaltune.kind") == "search"],
+    )
 
 
-@pytest.mark.parametrize("executor_args, fault", [
-    (["--workers-per-trial", "2"], "rank1_exit_epoch2"),  # Ray Train: DDP rank 1 dies, the worker group restarts
-    ([], "rank0_exit_epoch2"),  # direct: the Tune trial's own process dies, Tune restarts the trial
-], ids=["ray-train-ddp", "direct"])
+@pytest.mark.parametrize(
+    "executor_args, fault",
+    [
+        (["--workers-per-trial", "2"], "rank1_exit_epoch2"),  # Ray Train: DDP rank 1 dies, the worker group restarts
+        ([], "rank0_exit_epoch2"),  # direct: the Tune trial's own process dies, Tune restarts the trial
+    ],
+    ids=["ray-train-ddp", "direct"],
+)
 def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(tmp_path, executor_args, fault):
     marker = tmp_path / "fault-fired"
     env = {**ENV, "CRYSTALTUNE_TEST_FAULT": f"{fault}:{marker}"}
@@ -54,15 +67,25 @@ def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
         assert steps == [1, 2, 3], steps
     rows = list(csv.DictReader(open(tmp_path / "out" / "leaderboard.csv")))
-    assert rows[0]["status"] == "FINISHED" and all(r["status"] == "FAILED" for r in rows[len(ok):])
+    assert rows[0]["status"] == "FINISHED" and all(r["status"] == "FAILED" for r in rows[len(ok) :])
     assert "FAILED (TrialDiverged" in out.stdout
 
 
 def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
     """Direct executor (the default for one worker): 6 trials, up to 30 epochs, so some are still
     running when the first one ends and Ctrl-C arrives."""
-    cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out"), "--num-samples", "6",
-           "--max-epochs", "30"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "crystaltune.search",
+        "smoke",
+        "--output",
+        str(tmp_path / "out"),
+        "--num-samples",
+        "6",
+        "--max-epochs",
+        "30",
+    ]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=ENV)
     deadline = time.time() + 600
@@ -98,8 +121,11 @@ def test_eight_concurrent_trials_lose_no_metric_rows(tmp_path):
         running += d
         peak = max(peak, running)
     assert peak >= 4, f"only {peak} trials overlapped"
-    rows = sum(len(client.get_metric_history(r.info.run_id, k)) for r in trials
-               for k in ("train_mae", "val_mae", "lr", "graphs_per_s"))
+    rows = sum(
+        len(client.get_metric_history(r.info.run_id, k))
+        for r in trials
+        for k in ("train_mae", "val_mae", "lr", "graphs_per_s")
+    )
     assert rows == 8 * 2 * 4  # 8 trials x 2 epochs x 4 per-epoch metrics, none lost or doubled
 
 
@@ -120,8 +146,19 @@ def test_watchdog_stops_a_hung_trial_and_the_search_finishes(tmp_path):
     watchdog's reason; the other trials finish and the search exits normally."""
     marker = tmp_path / "hung-trial"
     env = {**ENV, "CRYSTALTUNE_TEST_FAULT": f"hang_epoch2:{marker}"}
-    out = search([str(SPACES / "faults.yaml"), "--output", str(tmp_path / "out"), "--watchdog-floor", "8",
-                  "--watchdog-factor", "3"], tmp_path, env)
+    out = search(
+        [
+            str(SPACES / "faults.yaml"),
+            "--output",
+            str(tmp_path / "out"),
+            "--watchdog-floor",
+            "8",
+            "--watchdog-factor",
+            "3",
+        ],
+        tmp_path,
+        env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     hung = marker.read_text()
     client, trials, _ = mlflow_runs(tmp_path, "crystaltune-faults")

@@ -50,8 +50,14 @@ def smoke_search(tmp_path_factory):
     record the sockets it listens on while it runs."""
     work = tmp_path_factory.mktemp("smoke")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # what a new user has
-    proc = subprocess.Popen([sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(work / "out")],
-                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(work / "out")],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     listeners: dict = {}
     watcher = threading.Thread(target=_watch_listeners, args=(proc, listeners, 900), daemon=True)
     watcher.start()
@@ -102,7 +108,13 @@ def test_smoke_search_records_every_trial_in_mlflow(smoke_search):
         assert any(a.path == "checkpoint" for a in client.list_artifacts(r.info.run_id))
     assert len({r.info.run_name for r in children}) == len(children)
     search_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
-    for name in ("leaderboard.csv", "search_space.yaml", "optuna_history.png", "parity_band_gap.png", "best_config.yaml"):
+    for name in (
+        "leaderboard.csv",
+        "search_space.yaml",
+        "optuna_history.png",
+        "parity_band_gap.png",
+        "best_config.yaml",
+    ):
         assert f"search/{name}" in search_artifacts, search_artifacts
     versions = client.search_model_versions("name='crystaltune-smoke'")
     assert versions and versions[0].run_id == parent.info.run_id
@@ -118,12 +130,17 @@ def test_leaderboard_and_best_config_retrain_to_the_same_mae(smoke_search):
     best_test = float(rows[0]["test_mae"])
     cfg = yaml.safe_load((work / "out" / "best_config.yaml").read_text())
     assert cfg["data"]["limit"] == 240 and cfg["output"].endswith("best_model.pt")
-    out = subprocess.run([sys.executable, "-m", "crystaltune.train", "--config", str(work / "out" / "best_config.yaml"),
-                          "--json"], capture_output=True, text=True, cwd=work, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.train", "--config", str(work / "out" / "best_config.yaml"), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     import json
 
-    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    summary = json.loads(out.stdout[out.stdout.index("{") :])
     assert summary["test_mae"] == pytest.approx(best_test, rel=0.02, abs=0.01)
 
 
@@ -147,25 +164,40 @@ def _space(**over):
     return raw
 
 
-@pytest.mark.parametrize("raw, match", [
-    (_space(budgett={}), "unknown key 'budgett'; did you mean 'budget'"),
-    (_space(budget={"num_samples": -1}), "num_samples must be an integer >= 1"),
-    (_space(budget={"num_samples": "four"}), "num_samples must be an integer"),
-    (_space(search={"optim.lr": {"type": "float", "low": 0.1, "high": 0.01}}), r"low \(0.1\) > high \(0.01\)"),
-    (_space(search={"model.name": {"type": "categorical", "choices": []}}), "non-empty list"),
-    (_space(search={"model.name": {"type": "categorical", "choices": ["cgcnn", "csgcn"]}}), "did you mean 'csgcnn'"),
-    (_space(search={"model.edge_featurizer": {"type": "categorical", "choices": ["gausian"]}}), "did you mean 'gaussian'"),
-    (_space(search={"loss.name": {"type": "categorical", "choices": ["l2"]}}), "unknown loss 'l2'"),
-    (_space(search={"model.nam": {"type": "categorical", "choices": ["cgcnn"]}}), "did you mean 'model.name'"),
-    (_space(search={"loss.kl_weight": {"type": "float", "low": 0.1, "high": 1, "when": {"loss.kll": True}}}), "not a parameter searched before"),
-    (_space(search={"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}}), "unknown distribution"),
-    (_space(search={"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}), "log scale needs low > 0"),
-    (_space(search={"model.edge_params.num_rbf": {"type": "int", "low": 8, "high": 16}}), "unknown parameter 'num_rbf'"),
-    (_space(search={"model.dropout": {"type": "float", "low": 0, "high": "x"}}), "expected a number"),
-    (_space(resources={"executor": "dirct"}), "did you mean 'direct'"),
-    (_space(resources={"workers": 2, "executor": "direct"}), "'direct' trains one worker per trial"),
-    ([1, 2], "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (_space(budgett={}), "unknown key 'budgett'; did you mean 'budget'"),
+        (_space(budget={"num_samples": -1}), "num_samples must be an integer >= 1"),
+        (_space(budget={"num_samples": "four"}), "num_samples must be an integer"),
+        (_space(search={"optim.lr": {"type": "float", "low": 0.1, "high": 0.01}}), r"low \(0.1\) > high \(0.01\)"),
+        (_space(search={"model.name": {"type": "categorical", "choices": []}}), "non-empty list"),
+        (
+            _space(search={"model.name": {"type": "categorical", "choices": ["cgcnn", "csgcn"]}}),
+            "did you mean 'csgcnn'",
+        ),
+        (
+            _space(search={"model.edge_featurizer": {"type": "categorical", "choices": ["gausian"]}}),
+            "did you mean 'gaussian'",
+        ),
+        (_space(search={"loss.name": {"type": "categorical", "choices": ["l2"]}}), "unknown loss 'l2'"),
+        (_space(search={"model.nam": {"type": "categorical", "choices": ["cgcnn"]}}), "did you mean 'model.name'"),
+        (
+            _space(search={"loss.kl_weight": {"type": "float", "low": 0.1, "high": 1, "when": {"loss.kll": True}}}),
+            "not a parameter searched before",
+        ),
+        (_space(search={"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}}), "unknown distribution"),
+        (_space(search={"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}), "log scale needs low > 0"),
+        (
+            _space(search={"model.edge_params.num_rbf": {"type": "int", "low": 8, "high": 16}}),
+            "unknown parameter 'num_rbf'",
+        ),
+        (_space(search={"model.dropout": {"type": "float", "low": 0, "high": "x"}}), "expected a number"),
+        (_space(resources={"executor": "dirct"}), "did you mean 'direct'"),
+        (_space(resources={"workers": 2, "executor": "direct"}), "'direct' trains one worker per trial"),
+        ([1, 2], "expected a mapping"),
+    ],
+)
 def test_bad_search_spaces_fail_before_ray(raw, match):
     with pytest.raises(CrystaltuneError, match=match):
         parse_space(raw, "bad.yaml")
@@ -179,8 +211,11 @@ def test_mlflow_sorted_by_the_selection_metric_is_the_leaderboard_and_the_readme
     work, _, _ = smoke_search
     client, runs = _runs(work)
     exp = client.get_experiment_by_name("crystaltune-smoke")
-    by_mlflow = client.search_runs([exp.experiment_id], "tags.`crystaltune.kind` = 'trial' and attributes.status = 'FINISHED'",
-                                   order_by=["metrics.best_val_mae ASC"])
+    by_mlflow = client.search_runs(
+        [exp.experiment_id],
+        "tags.`crystaltune.kind` = 'trial' and attributes.status = 'FINISHED'",
+        order_by=["metrics.best_val_mae ASC"],
+    )
     rows = [r for r in csv.DictReader(open(work / "out" / "leaderboard.csv")) if r["status"] == "FINISHED"]
     assert [r.info.run_name.split()[0] for r in by_mlflow] == [r["trial"] for r in rows]
     readme = (ROOT / "README.md").read_text()
@@ -218,8 +253,10 @@ def test_optuna_history_is_in_run_order(smoke_search):
 
     work, _, _ = smoke_search
     history = json.loads((work / "out" / "artifacts" / "optuna_history.json").read_text())
-    rows = sorted((r for r in csv.DictReader(open(work / "out" / "leaderboard.csv")) if r["status"] == "FINISHED"),
-                  key=lambda r: r["trial"])
+    rows = sorted(
+        (r for r in csv.DictReader(open(work / "out" / "leaderboard.csv")) if r["status"] == "FINISHED"),
+        key=lambda r: r["trial"],
+    )
     assert [round(h["value"], 4) for h in history] == [float(r["best_val_mae"]) for r in rows]
     assert [h["number"] for h in history] == list(range(len(rows)))
 
@@ -227,7 +264,9 @@ def test_optuna_history_is_in_run_order(smoke_search):
 def test_the_default_configuration_is_the_first_trial_and_recorded_as_such(smoke_search):
     work, stdout, _ = smoke_search
     client, runs = _runs(work)
-    children = sorted((r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"), key=lambda r: r.info.run_name)
+    children = sorted(
+        (r for r in runs if r.data.tags.get("crystaltune.kind") == "trial"), key=lambda r: r.info.run_name
+    )
     space = load_space("smoke")
     first = children[0]
     assert first.info.run_name.startswith("t001") and first.info.run_name.endswith("(default)")
@@ -244,8 +283,11 @@ def test_default_point_from_a_file_and_its_errors(tmp_path):
     space = load_space("perovskites")  # default: baselines/cgcnn_default_perovskites.yaml
     assert space.default_point["optim.name"] == "adam" and space.default_point["train.batch_size"] == 256
     assert space.default_point["model.edge_params.step"] == 0.2 and "optim.weight_decay" not in space.default_point
-    raw = {"dataset": {"name": "perovskites"}, "fixed": {"optim.name": "sgd"},
-           "search": {"model.hidden": {"type": "int", "low": 32, "high": 96, "step": 32}}}
+    raw = {
+        "dataset": {"name": "perovskites"},
+        "fixed": {"optim.name": "sgd"},
+        "search": {"model.hidden": {"type": "int", "low": 32, "high": 96, "step": 32}},
+    }
     with pytest.raises(CrystaltuneError, match="default is not a point of this space .*optim.name = 'adam'"):
         parse_space({**raw, "default": "baselines/cgcnn_default_perovskites.yaml"}, "s.yaml")
     with pytest.raises(CrystaltuneError, match="no such config file 'nope.yaml'"):
@@ -259,9 +301,22 @@ def test_default_point_from_a_file_and_its_errors(tmp_path):
 
 
 def test_shipped_spaces_validate_and_search_the_required_parameters():
-    required = {"model.name", "model.hidden", "model.layers", "model.pooling", "model.dropout", "model.edge_featurizer",
-                "model.node_featurizer", "model.learnable_edge", "model.global_features", "loss.name", "loss.kl_weight",
-                "optim.lr", "optim.weight_decay", "train.batch_size"}
+    required = {
+        "model.name",
+        "model.hidden",
+        "model.layers",
+        "model.pooling",
+        "model.dropout",
+        "model.edge_featurizer",
+        "model.node_featurizer",
+        "model.learnable_edge",
+        "model.global_features",
+        "loss.name",
+        "loss.kl_weight",
+        "optim.lr",
+        "optim.weight_decay",
+        "train.batch_size",
+    }
     for name in ("perovskites", "perov5", "sunmat"):
         space = load_space(name)
         names = {p.name for p in space.params}
@@ -272,10 +327,15 @@ def test_shipped_spaces_validate_and_search_the_required_parameters():
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    for args, match in ((["perovskitez"], "did you mean 'perovskites'"), (["smoke", "--num-samples", "-3"], "must be >= 1"),
-                        ([str(tmp_path / "none.yaml")], "no such search-space file"),
-                        (["smoke", "--data", str(tmp_path / "missing.json")], "no such file")):
-        out = subprocess.run([sys.executable, "-m", "crystaltune.search", *args], capture_output=True, text=True, cwd=tmp_path)
+    for args, match in (
+        (["perovskitez"], "did you mean 'perovskites'"),
+        (["smoke", "--num-samples", "-3"], "must be >= 1"),
+        ([str(tmp_path / "none.yaml")], "no such search-space file"),
+        (["smoke", "--data", str(tmp_path / "missing.json")], "no such file"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "crystaltune.search", *args], capture_output=True, text=True, cwd=tmp_path
+        )
         assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
@@ -287,7 +347,16 @@ def test_sigkilled_search_resumes_without_duplicates_or_retraining(tmp_path):
     import time
 
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path / "out"), "--executor", "train"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "crystaltune.search",
+        "smoke",
+        "--output",
+        str(tmp_path / "out"),
+        "--executor",
+        "train",
+    ]
     log = open(tmp_path / "first.log", "w+")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.time() + 600
@@ -339,14 +408,17 @@ def test_resume_sets_apart_trials_that_tune_never_snapshotted(tmp_path):
 
     space = load_space("smoke")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MLflowTracker(uri, space, "crystaltune-race", {"space": "smoke"}, state_file=str(tmp_path / "s.json"),
-                            verbose=False)
+    tracker = MLflowTracker(
+        uri, space, "crystaltune-race", {"space": "smoke"}, state_file=str(tmp_path / "s.json"), verbose=False
+    )
     tracker.setup()
     config = {"model.name": "cgcnn"}
     trials = [SimpleNamespace(trial_id=f"x_{i:05d}", config=config) for i in range(4)]
     for i, t in enumerate(trials):
         tracker.on_trial_start(i, trials, t)
-        tracker.on_trial_result(i, trials, t, {"epoch": 1, "val_mae": 0.5 + i, "best_val_mae": 0.5 + i, "test_mae": 0.6})
+        tracker.on_trial_result(
+            i, trials, t, {"epoch": 1, "val_mae": 0.5 + i, "best_val_mae": 0.5 + i, "test_mae": 0.6}
+        )
     for t in trials[:2]:
         tracker.on_trial_complete(0, trials, t)
     # the driver dies; Tune's snapshot knows trials 0 (finished) and 2 (running) only
@@ -364,8 +436,13 @@ def test_resume_sets_apart_trials_that_tune_never_snapshotted(tmp_path):
 
 def test_report_from_mlflow(smoke_search):
     work, _, _ = smoke_search
-    out = subprocess.run([sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report")],
-                         cwd=work, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     text = (work / "report" / "report.md").read_text()
     assert "## Leaderboard" in text and "## TRAINING TABLE" in text and "best_band_gap.png" in text
@@ -380,28 +457,62 @@ def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_s
     """--retrain-seeds trains the search's best config and a baseline on the same split, logs each run
     to MLflow under the search, and the README section shows the numbers read back from there."""
     work, _, _ = smoke_search
-    base = {"data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
-            "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1}, "train": {"epochs": 2, "batch_size": 32}}
+    base = {
+        "data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
+        "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1},
+        "train": {"epochs": 2, "batch_size": 32},
+    }
     (work / "baseline.yaml").write_text(yaml.safe_dump(base))
     bad = {**base, "data": {**base["data"], "limit": 200}}
     (work / "bad_baseline.yaml").write_text(yaml.safe_dump(bad))
     readme = work / "README.md"
     readme.write_text("# r\n\n<!-- crystaltune:results-smoke -->\n<!-- /crystaltune:results-smoke -->\n")
-    cmd = [sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report2"), "--retrain-seeds", "0", "1"]
-    out = subprocess.run(cmd + ["--baseline", "bad_baseline.yaml"], cwd=work, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "crystaltune.report",
+        "smoke",
+        "--output",
+        str(work / "report2"),
+        "--retrain-seeds",
+        "0",
+        "1",
+    ]
+    out = subprocess.run(
+        cmd + ["--baseline", "bad_baseline.yaml"], cwd=work, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 2 and "data.limit is 200 but the search used 240" in out.stderr
-    out = subprocess.run(cmd + ["--baseline", "baseline.yaml", "--readme", str(readme), "--target-mae", "0.01"], cwd=work,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        cmd + ["--baseline", "baseline.yaml", "--readme", str(readme), "--target-mae", "0.01"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     client, runs = _runs(work)
     retrains = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain"]
-    assert sorted((r.data.tags["crystaltune.role"], r.data.tags["crystaltune.seed"]) for r in retrains) == \
-        [("baseline", "0"), ("baseline", "1"), ("candidate", "0"), ("candidate", "1")]
-    base_mae = {r.data.tags["crystaltune.seed"]: r.data.metrics["test_mae"] for r in retrains
-                if r.data.tags["crystaltune.role"] == "baseline"}
+    assert sorted((r.data.tags["crystaltune.role"], r.data.tags["crystaltune.seed"]) for r in retrains) == [
+        ("baseline", "0"),
+        ("baseline", "1"),
+        ("candidate", "0"),
+        ("candidate", "1"),
+    ]
+    base_mae = {
+        r.data.tags["crystaltune.seed"]: r.data.metrics["test_mae"]
+        for r in retrains
+        if r.data.tags["crystaltune.role"] == "baseline"
+    }
     section = readme.read_text()
-    assert f"{base_mae['0']:.4f} / {base_mae['1']:.4f}" in section and "than the well-trained default's on the same split" in section
-    assert "overhead" in section and "executor `direct`" in section and "against the target <= 0.01: **misses it by" in section
+    assert (
+        f"{base_mae['0']:.4f} / {base_mae['1']:.4f}" in section
+        and "than the well-trained default's on the same split" in section
+    )
+    assert (
+        "overhead" in section
+        and "executor `direct`" in section
+        and "against the target <= 0.01: **misses it by" in section
+    )
     assert "## Retrained per seed" in (work / "report2" / "report.md").read_text()
     # a second run reads the runs back instead of training again
     out = subprocess.run(cmd + ["--baseline", "baseline.yaml"], cwd=work, capture_output=True, text=True, timeout=600)
@@ -412,13 +523,22 @@ def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_s
     # states the retrained mean against the target
     out = subprocess.run(cmd[:-3] + ["--retrain-epochs", "5"], cwd=work, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--retrain-epochs needs --retrain-seeds or --cv" in out.stderr
-    out = subprocess.run(cmd[:-1] + ["--retrain-epochs", "5", "--readme", str(readme), "--target-mae", "0.01"], cwd=work,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        cmd[:-1] + ["--retrain-epochs", "5", "--readme", str(readme), "--target-mae", "0.01"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     _, runs = _runs(work)
-    longer = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.params["train.epochs"] == "5"]
+    longer = [
+        r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.params["train.epochs"] == "5"
+    ]
     assert len(longer) == 1 and longer[0].data.tags["crystaltune.role"] == "candidate"
-    assert int(longer[0].data.tags["crystaltune.epochs_run"]) == 5 and "candidate seed 0: epoch 5/5, val MAE" in out.stdout
+    assert (
+        int(longer[0].data.tags["crystaltune.epochs_run"]) == 5 and "candidate seed 0: epoch 5/5, val MAE" in out.stdout
+    )
     history = client.get_metric_history(longer[0].info.run_id, "val_mae")
     assert [m.step for m in history] == [1, 2, 3, 4, 5]
     section = readme.read_text()
@@ -429,13 +549,32 @@ def test_report_top_k_candidates_are_chosen_by_val_on_cross_validation_folds(smo
     """--top-k 2 --cv 2: both top trials trained on each fold (test folds disjoint), the chosen one is the
     candidate with the lower mean val MAE, and the report says per fold."""
     work, _, _ = smoke_search
-    out = subprocess.run([sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report-cv"),
-                          "--top-k", "2", "--cv", "2"], cwd=work, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crystaltune.report",
+            "smoke",
+            "--output",
+            str(work / "report-cv"),
+            "--top-k",
+            "2",
+            "--cv",
+            "2",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     _, runs = _runs(work)
-    folds = [r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.tags.get("crystaltune.fold")]
-    assert sorted((r.data.tags["crystaltune.trial"], r.data.tags["crystaltune.fold"]) for r in folds) == \
-        sorted((t, f) for t in {r.data.tags["crystaltune.trial"] for r in folds} for f in ("0", "1"))
+    folds = [
+        r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.tags.get("crystaltune.fold")
+    ]
+    assert sorted((r.data.tags["crystaltune.trial"], r.data.tags["crystaltune.fold"]) for r in folds) == sorted(
+        (t, f) for t in {r.data.tags["crystaltune.trial"] for r in folds} for f in ("0", "1")
+    )
     assert len({r.data.tags["crystaltune.trial"] for r in folds}) == 2
     val = {}
     for r in folds:
@@ -455,17 +594,36 @@ def test_sunmat_on_a_two_core_machine_runs_as_shipped_and_refuses_what_cannot_fi
 
     data = write_jsonl(tmp_path / "sunmat.jsonl", small_records)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    base = [sys.executable, "-m", "crystaltune.search", "sunmat", "--data", str(data), "--output", str(tmp_path / "out")]
-    for extra, match in ((["--gpus-per-worker", "1"], "each trial needs 1 GPU(s)"),
-                         (["--workers-per-trial", "2", "--gpus-per-worker", "1"], "each trial needs 2 GPU(s)"),
-                         (["--cpus-per-worker", "4", "--num-cpus", "2"],
-                          "each trial needs 4 CPUs (1 worker(s) x 4 CPU); the cluster has 2")):
+    base = [
+        sys.executable,
+        "-m",
+        "crystaltune.search",
+        "sunmat",
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    for extra, match in (
+        (["--gpus-per-worker", "1"], "each trial needs 1 GPU(s)"),
+        (["--workers-per-trial", "2", "--gpus-per-worker", "1"], "each trial needs 2 GPU(s)"),
+        (
+            ["--cpus-per-worker", "4", "--num-cpus", "2"],
+            "each trial needs 4 CPUs (1 worker(s) x 4 CPU); the cluster has 2",
+        ),
+    ):
         t0 = time.time()
         out = subprocess.run(base + extra, capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
         assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert time.time() - t0 < 60
-    out = subprocess.run(base + ["--num-samples", "1", "--max-epochs", "1", "--json"], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=600, env=env)
+    out = subprocess.run(
+        base + ["--num-samples", "1", "--max-epochs", "1", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert '"trials": 1' in out.stdout and '"failed": 0' in out.stdout
 

@@ -19,8 +19,11 @@ from crystaltune.train import TrialDiverged, fit
 
 
 def small_cfg(**over) -> TrialConfig:
-    d = {"data": {"limit": 160}, "model": {"hidden": 32, "head_hidden": 32, "layers": 2},
-         "train": {"epochs": 3, "batch_size": 32, "num_threads": 1}}
+    d = {
+        "data": {"limit": 160},
+        "model": {"hidden": 32, "head_hidden": 32, "layers": 2},
+        "train": {"epochs": 3, "batch_size": 32, "num_threads": 1},
+    }
     for k, v in over.items():
         d.setdefault(k, {}).update(v) if isinstance(v, dict) else d.__setitem__(k, v)
     return TrialConfig.from_dict(d)
@@ -55,8 +58,18 @@ def test_fit_reports_metrics_each_epoch_and_is_deterministic(tmp_path):
     s1 = fit(small_cfg(), report=lambda m, c: seen.append(m))
     s2 = fit(small_cfg())
     assert [m["epoch"] for m in seen] == [1, 2, 3]
-    for key in ("train_mae", "val_mae", "lr", "epoch_time_s", "graphs_per_s", "test_mae", "test_rmse", "test_r2",
-                "alignment", "uniformity"):
+    for key in (
+        "train_mae",
+        "val_mae",
+        "lr",
+        "epoch_time_s",
+        "graphs_per_s",
+        "test_mae",
+        "test_rmse",
+        "test_r2",
+        "alignment",
+        "uniformity",
+    ):
         assert np.isfinite(seen[-1][key]), key
     assert s1["test_mae"] == s2["test_mae"] and s1["val_mae"] == s2["val_mae"]
     assert -1 <= seen[-1]["alignment"] <= 1 and 0 <= seen[-1]["uniformity"] <= 2
@@ -101,9 +114,13 @@ def test_bad_checkpoints_are_refused(tmp_path):
     ck = torch.load(good, weights_only=True, map_location="cpu")
     ck["state_dict"]["conv_to_fc.weight"] = torch.zeros(7, 5)
     torch.save(ck, tmp_path / "arch.pt")
-    for name, match in (("junk.pt", "not a readable checkpoint"), ("dict.pt", "not a crystaltune or reference"),
-                        ("trunc.pt", "not a readable checkpoint"), ("arch.pt", "do not fit the architecture"),
-                        ("missing.pt", "no such checkpoint")):
+    for name, match in (
+        ("junk.pt", "not a readable checkpoint"),
+        ("dict.pt", "not a crystaltune or reference"),
+        ("trunc.pt", "not a readable checkpoint"),
+        ("arch.pt", "do not fit the architecture"),
+        ("missing.pt", "no such checkpoint"),
+    ):
         with pytest.raises(CrystaltuneError, match=match):
             load_checkpoint(tmp_path / name)
 
@@ -112,16 +129,32 @@ def test_train_and_predict_cli(tmp_path):
     ck = tmp_path / "cli.pt"
     cfg = tmp_path / "c.yaml"
     small_cfg().to_yaml(cfg)
-    out = subprocess.run([sys.executable, "-m", "crystaltune.train", "--config", str(cfg), "--epochs", "2",
-                          "--output", str(ck)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.train", "--config", str(cfg), "--epochs", "2", "--output", str(ck)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("epoch ") >= 2 and "test_mae" in out.stdout and ck.exists()
     bad = tmp_path / "bad.cif"
     bad.write_text("data_x\n_cell_length_a 3\nnot a cif\n")
     csv_out = tmp_path / "p.csv"
     cifs = [str(REF_DIR / "sample-regression" / "1000041.cif"), str(bad)]
-    out = subprocess.run([sys.executable, "-m", "crystaltune.predict", "--checkpoint", str(ck), "--input", *cifs,
-                          "--output", str(csv_out)], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crystaltune.predict",
+            "--checkpoint",
+            str(ck),
+            "--input",
+            *cifs,
+            "--output",
+            str(csv_out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(open(csv_out)))
     assert [r["id"] for r in rows] == ["1000041", "bad"]
@@ -132,7 +165,9 @@ def test_train_and_predict_cli(tmp_path):
 def test_train_cli_bad_config_is_one_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model:\n  nam: cgcnn\n")
-    out = subprocess.run([sys.executable, "-m", "crystaltune.train", "--config", str(cfg)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.train", "--config", str(cfg)], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "did you mean 'name'" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -145,8 +180,13 @@ def test_trial_resumed_from_its_final_checkpoint_still_reports_once(tmp_path):
 
     from crystaltune.search.trainable import run_trial
 
-    cfg = TrialConfig.from_dict({"data": {"limit": 120}, "model": {"hidden": 16, "head_hidden": 16, "layers": 1},
-                                 "train": {"epochs": 2, "batch_size": 32}})
+    cfg = TrialConfig.from_dict(
+        {
+            "data": {"limit": 120},
+            "model": {"hidden": 16, "head_hidden": 16, "layers": 1},
+            "train": {"epochs": 2, "batch_size": 32},
+        }
+    )
     last = tmp_path / "last"
 
     def keep(metrics, checkpoint_dir):
@@ -155,12 +195,18 @@ def test_trial_resumed_from_its_final_checkpoint_still_reports_once(tmp_path):
 
     first = fit(TrialConfig.from_dict(cfg.to_dict()), report=keep, checkpoint_every_epoch=True)
     sent = []
-    run_trial(TrialConfig.from_dict(cfg.to_dict()), {"cpus_per_worker": 1}, ray.train.Checkpoint.from_directory(str(last)),
-              lambda m, ck: sent.append((m, ck)))
+    run_trial(
+        TrialConfig.from_dict(cfg.to_dict()),
+        {"cpus_per_worker": 1},
+        ray.train.Checkpoint.from_directory(str(last)),
+        lambda m, ck: sent.append((m, ck)),
+    )
     assert len(sent) == 1
     metrics, ck = sent[0]
     assert ck is None and metrics["done"] and metrics["epoch"] == 2
-    assert metrics["best_val_mae"] == pytest.approx(first["val_mae"]) and metrics["test_mae"] == pytest.approx(first["test_mae"])
+    assert metrics["best_val_mae"] == pytest.approx(first["val_mae"]) and metrics["test_mae"] == pytest.approx(
+        first["test_mae"]
+    )
 
 
 def test_training_from_the_device_store_gives_the_same_losses():

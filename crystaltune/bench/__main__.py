@@ -31,16 +31,23 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=int, default=3)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--amp", action="store_true")
-    t.add_argument("--reference-code", metavar="DIR",
-                   help="also run the reference CGCNN code itself (its folder, with main.py) on the same crystals")
+    t.add_argument(
+        "--reference-code",
+        metavar="DIR",
+        help="also run the reference CGCNN code itself (its folder, with main.py) on the same crystals",
+    )
     t.add_argument("--limit", type=int, help="a seeded subset of N crystals")
     t.add_argument("--json", action="store_true")
     a = sub.add_parser("all", help="the whole suite: graphs, cache, training per model, DDP 1->2, search overhead, GPU")
     a.add_argument("--quick", action="store_true", help="small sizes (CI)")
-    a.add_argument("--reference-code", metavar="DIR",
-                   help="the reference CGCNN code's folder: cgcnn's throughput is compared with that code run here")
-    a.add_argument("--search", nargs="+", help="search spaces timed for overhead (default: smoke, plus perovskites "
-                                               "unless --quick)")
+    a.add_argument(
+        "--reference-code",
+        metavar="DIR",
+        help="the reference CGCNN code's folder: cgcnn's throughput is compared with that code run here",
+    )
+    a.add_argument(
+        "--search", nargs="+", help="search spaces timed for overhead (default: smoke, plus perovskites unless --quick)"
+    )
     a.add_argument("--output", help="also write the JSON document to this file")
     a.add_argument("--readme", help="write the Performance section into this README (between its markers)")
     a.add_argument("--json", action="store_true")
@@ -62,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "all":
         from .suite import bench_all
 
-        out = bench_all(args.quick, tuple(args.search) if args.search else None,
-                        "python -m crystaltune.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        args.reference_code)
+        out = bench_all(
+            args.quick,
+            tuple(args.search) if args.search else None,
+            "python -m crystaltune.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            args.reference_code,
+        )
         if args.output:
             Path(args.output).write_text(json.dumps(out, indent=1, default=str))
         if args.readme:
@@ -72,9 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "train":
         from .train import bench_train
 
-        out = bench_train(args.dataset, args.model, args.epochs, args.batch_size, args.threads, args.hidden,
-                          args.head_hidden, args.layers, args.device, args.amp, limit=args.limit,
-                          reference_code=args.reference_code)
+        out = bench_train(
+            args.dataset,
+            args.model,
+            args.epochs,
+            args.batch_size,
+            args.threads,
+            args.hidden,
+            args.head_hidden,
+            args.layers,
+            args.device,
+            args.amp,
+            limit=args.limit,
+            reference_code=args.reference_code,
+        )
     if args.json or args.cmd == "all":
         print(json.dumps(out, indent=1, default=str))
     else:

@@ -19,8 +19,9 @@ def reference_graph(structure, cutoff: float = 8.0, max_neighbors: int = 12):
     return [sorted(nbrs, key=lambda x: x[1])[:max_neighbors] for nbrs in all_nbrs]
 
 
-def bench_graphs(dataset: str, limit: int | None = 200, cutoff: float = 8.0, max_neighbors: int = 12,
-                 data: str | None = None) -> dict[str, Any]:
+def bench_graphs(
+    dataset: str, limit: int | None = 200, cutoff: float = 8.0, max_neighbors: int = 12, data: str | None = None
+) -> dict[str, Any]:
     """Time both methods on the same crystals (parsing included in both), one process, one run."""
     name, path, _ = resolve(dataset, data)
     records = read_source(path).records[: limit or None]
@@ -33,7 +34,8 @@ def bench_graphs(dataset: str, limit: int | None = 200, cutoff: float = 8.0, max
     ref = [reference_graph(parse_structure(r["structure"], r.get("fmt")), cutoff, max_neighbors) for r in records]
     t_ref = time.perf_counter() - t0
     same = all(
-        np.allclose(np.sort(g["dist"]), np.sort([n[1] for nbrs in rg for n in nbrs]), atol=1e-5) for g, rg in zip(ours, ref)
+        np.allclose(np.sort(g["dist"]), np.sort([n[1] for nbrs in rg for n in nbrs]), atol=1e-5)
+        for g, rg in zip(ours, ref)
     )
     return {
         "dataset": name,

@@ -39,7 +39,9 @@ def write_reference_folder(records: list[dict[str, Any]], target: str, folder: P
         CifWriter(parse_structure(rec["structure"], rec.get("fmt"))).write_file(folder / f"{name}.cif")
         rows.append(f"{name},{rec['props'][target]}")
     (folder / "id_prop.csv").write_text("\n".join(rows) + "\n")
-    shutil.copy(Path(__file__).resolve().parents[1] / "featurizers" / "data" / "atom_init.json", folder / "atom_init.json")
+    shutil.copy(
+        Path(__file__).resolve().parents[1] / "featurizers" / "data" / "atom_init.json", folder / "atom_init.json"
+    )
     return len(rows)
 
 
@@ -57,9 +59,18 @@ def parse_batch_times(log: str, n_crystals: int, batch_size: int) -> dict[int, t
     return out
 
 
-def reference_throughput(code_dir: str | Path, records: list[dict[str, Any]], target: str, epochs: int = 3,
-                         batch_size: int = 256, threads: int = 2, hidden: int = 64, head_hidden: int = 128,
-                         layers: int = 3, timeout: float = 3600) -> dict[str, Any]:
+def reference_throughput(
+    code_dir: str | Path,
+    records: list[dict[str, Any]],
+    target: str,
+    epochs: int = 3,
+    batch_size: int = 256,
+    threads: int = 2,
+    hidden: int = 64,
+    head_hidden: int = 128,
+    layers: int = 3,
+    timeout: float = 3600,
+) -> dict[str, Any]:
     """Run the reference code on ``records`` and return its graphs/s (epochs after the first)."""
     code = Path(code_dir).resolve()
     if not (code / "main.py").is_file():
@@ -69,12 +80,38 @@ def reference_throughput(code_dir: str | Path, records: list[dict[str, Any]], ta
     with tempfile.TemporaryDirectory(prefix="ct-ref-") as tmp:
         folder = Path(tmp) / "data"
         n = write_reference_folder(records, target, folder)
-        cmd = [sys.executable, str(code / "main.py"), str(folder), "--epochs", str(epochs), "-b", str(batch_size),
-               "-j", "0", "--disable-cuda", "--print-freq", "1", "--train-ratio", str(TRAIN_RATIO),
-               "--val-ratio", "0.1", "--test-ratio", "0.1", "--atom-fea-len", str(hidden), "--h-fea-len",
-               str(head_hidden), "--n-conv", str(layers)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # its final test reloads an argparse object
+        cmd = [
+            sys.executable,
+            str(code / "main.py"),
+            str(folder),
+            "--epochs",
+            str(epochs),
+            "-b",
+            str(batch_size),
+            "-j",
+            "0",
+            "--disable-cuda",
+            "--print-freq",
+            "1",
+            "--train-ratio",
+            str(TRAIN_RATIO),
+            "--val-ratio",
+            "0.1",
+            "--test-ratio",
+            "0.1",
+            "--atom-fea-len",
+            str(hidden),
+            "--h-fea-len",
+            str(head_hidden),
+            "--n-conv",
+            str(layers),
+        ]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+        }  # its final test reloads an argparse object
         out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env, timeout=timeout)
     if out.returncode != 0:
         raise CrystaltuneError(f"the reference code failed (exit {out.returncode}): {out.stderr.strip()[-300:]}")
@@ -83,7 +120,12 @@ def reference_throughput(code_dir: str | Path, records: list[dict[str, Any]], ta
     if not later:
         raise CrystaltuneError("the reference code printed no batch times after its first epoch")
     graphs, secs = sum(g for g, _ in later), sum(s for _, s in later)
-    return {"reference_code": str(code), "crystals": n, "train_crystals": int(TRAIN_RATIO * n), "threads": threads,
-            "graphs_per_s": graphs / secs,
-            "graphs_per_s_by_epoch": [g / s for g, s in (per_epoch[e] for e in sorted(per_epoch))],
-            "command": " ".join(cmd[1:2] + ["DIR"] + cmd[3:])}
+    return {
+        "reference_code": str(code),
+        "crystals": n,
+        "train_crystals": int(TRAIN_RATIO * n),
+        "threads": threads,
+        "graphs_per_s": graphs / secs,
+        "graphs_per_s_by_epoch": [g / s for g, s in (per_epoch[e] for e in sorted(per_epoch))],
+        "command": " ".join(cmd[1:2] + ["DIR"] + cmd[3:]),
+    }

@@ -31,30 +31,67 @@ def search_overhead(space: str, workdir: Path, num_samples: int | None = None) -
     os.chdir(workdir)
     try:
         t0 = time.perf_counter()
-        summary = run_search(SearchOptions(space=space, output=str(workdir / "out"), quiet=True, num_samples=num_samples))
+        summary = run_search(
+            SearchOptions(space=space, output=str(workdir / "out"), quiet=True, num_samples=num_samples)
+        )
         wall = time.perf_counter() - t0
     finally:
         os.chdir(old)
     client = MlflowClient(summary["tracking_uri"])
     parent = client.get_run(summary["parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
-                                                                             "tags.`crystaltune.kind` = 'trial'")
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`crystaltune.kind` = 'trial'",
+    )
     timing = search_timing(client, parent, children)
-    return {"space": space, "trials": summary["trials"], "wall_s": wall, "executor": parent.data.params.get("search.executor"),
-            "best_test_mae": summary.get("best_test_mae"),
-            **timing, "asha_epoch_fraction": timing["epochs_run"] / max(timing["epochs_full_budget"], 1)}
+    return {
+        "space": space,
+        "trials": summary["trials"],
+        "wall_s": wall,
+        "executor": parent.data.params.get("search.executor"),
+        "best_test_mae": summary.get("best_test_mae"),
+        **timing,
+        "asha_epoch_fraction": timing["epochs_run"] / max(timing["epochs_full_budget"], 1),
+    }
 
 
-def train_in_subprocess(model: str, epochs: int, limit: int | None, reference_code: str | None, batch_size: int,
-                        threads: int, device: str = "cpu", amp: bool = False) -> dict[str, Any]:
+def train_in_subprocess(
+    model: str,
+    epochs: int,
+    limit: int | None,
+    reference_code: str | None,
+    batch_size: int,
+    threads: int,
+    device: str = "cpu",
+    amp: bool = False,
+) -> dict[str, Any]:
     """``bench train`` in a fresh process, so each model's peak memory is its own."""
-    cmd = [sys.executable, "-m", "crystaltune.bench", "train", "--model", model, "--epochs", str(epochs), "--json",
-           "--batch-size", str(batch_size), "--threads", str(threads), "--device", device]
-    cmd += (["--limit", str(limit)] if limit else []) + (["--reference-code", reference_code] if reference_code else []) + (["--amp"] if amp else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "crystaltune.bench",
+        "train",
+        "--model",
+        model,
+        "--epochs",
+        str(epochs),
+        "--json",
+        "--batch-size",
+        str(batch_size),
+        "--threads",
+        str(threads),
+        "--device",
+        device,
+    ]
+    cmd += (
+        (["--limit", str(limit)] if limit else [])
+        + (["--reference-code", reference_code] if reference_code else [])
+        + (["--amp"] if amp else [])
+    )
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise CrystaltuneError(f"bench train --model {model} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout[out.stdout.index("{"):])
+    return json.loads(out.stdout[out.stdout.index("{") :])
 
 
 def ddp_scaling(limit: int | None, epochs: int) -> dict[str, Any]:
@@ -71,16 +108,20 @@ def ddp_scaling(limit: int | None, epochs: int) -> dict[str, Any]:
         for w in (1, 2):
             t0 = time.perf_counter()
             m = fit_distributed(cfg, num_workers=w)
-            out[f"workers_{w}"] = {"graphs_per_s_last_epoch": m["graphs_per_s"], "wall_s": time.perf_counter() - t0,
-                                   "val_mae": m["best_val_mae"]}
+            out[f"workers_{w}"] = {
+                "graphs_per_s_last_epoch": m["graphs_per_s"],
+                "wall_s": time.perf_counter() - t0,
+                "val_mae": m["best_val_mae"],
+            }
     finally:
         ray.shutdown()
     out["speedup"] = out["workers_2"]["graphs_per_s_last_epoch"] / out["workers_1"]["graphs_per_s_last_epoch"]
     return out
 
 
-def bench_all(quick: bool = False, searches: tuple[str, ...] | None = None, command: str = "",
-              reference_code: str | None = None) -> dict[str, Any]:
+def bench_all(
+    quick: bool = False, searches: tuple[str, ...] | None = None, command: str = "", reference_code: str | None = None
+) -> dict[str, Any]:
     """Every speed figure of the README's Performance section, measured now on this machine; with
     ``reference_code`` (the reference CGCNN code's folder) cgcnn's figure is compared with that code."""
     from ..data import load_dataset
@@ -88,22 +129,34 @@ def bench_all(quick: bool = False, searches: tuple[str, ...] | None = None, comm
     from .graphs import bench_graphs
 
     batch, threads = 256, min(2, os.cpu_count() or 1)
-    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": describe_machine(), "versions": versions_line(),
-                           "command": command, "quick": quick, "train_batch_size": batch, "train_threads": threads}
+    res: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": describe_machine(),
+        "versions": versions_line(),
+        "command": command,
+        "quick": quick,
+        "train_batch_size": batch,
+        "train_threads": threads,
+    }
     res["graphs"] = bench_graphs("perovskites", 50 if quick else 300)
     load_dataset("perov5")
     t0 = time.perf_counter()
     load_dataset("perov5")
     res["cache_load_perov5_s"] = time.perf_counter() - t0
     limit, epochs = (256, 2) if quick else (None, 3)
-    res["train"] = {m: train_in_subprocess(m, epochs, limit, reference_code if m == "cgcnn" else None, batch, threads)
-                    for m in MODELS}
+    res["train"] = {
+        m: train_in_subprocess(m, epochs, limit, reference_code if m == "cgcnn" else None, batch, threads)
+        for m in MODELS
+    }
     res["ddp"] = ddp_scaling(240 if quick else None, 2 if quick else 3)
     res["searches"] = []
     for space in searches or (("smoke",) if quick else ("smoke", "perovskites")):
         with tempfile.TemporaryDirectory() as tmp:
             res["searches"].append(search_overhead(space, Path(tmp)))
     if torch.cuda.is_available():
-        res["gpu"] = {f"{m}_{'amp' if amp else 'fp32'}": train_in_subprocess(m, 3, None, None, batch, threads, "cuda", amp)
-                      for m in ("cgcnn", "csgcnn") for amp in (False, True)}
+        res["gpu"] = {
+            f"{m}_{'amp' if amp else 'fp32'}": train_in_subprocess(m, 3, None, None, batch, threads, "cuda", amp)
+            for m in ("cgcnn", "csgcnn")
+            for amp in (False, True)
+        }
     return res

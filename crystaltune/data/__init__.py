@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-_LAZY = {"Dataset": "dataset", "Split": "dataset", "load_dataset": "dataset", "read_source": "readers",
-         "DATASETS": "registry", "resolve": "registry"}
+_LAZY = {
+    "Dataset": "dataset",
+    "Split": "dataset",
+    "load_dataset": "dataset",
+    "read_source": "readers",
+    "DATASETS": "registry",
+    "resolve": "registry",
+}
 __all__ = sorted(_LAZY)
 
 

@@ -16,8 +16,10 @@ from .info import dataset_info, format_info
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crystaltune.data", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("info", "crystals, targets, elements, sizes and skipped records"),
-                        ("build", "build (or load) the cached crystal graphs")):
+    for name, help_ in (
+        ("info", "crystals, targets, elements, sizes and skipped records"),
+        ("build", "build (or load) the cached crystal graphs"),
+    ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("dataset", help="registry name (perovskites, perov5, sunmat) or a path")
         s.add_argument("--data", help="dataset file for a registry name (e.g. the SNUMAT file)")
@@ -38,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_records < 1:
             raise CrystaltuneError(f"--max-records must be >= 1, got {args.max_records}")
         os.environ["CRYSTALTUNE_MAX_RECORDS"] = str(args.max_records)
-    ds = load_dataset(args.dataset, args.targets, data=args.data, strict=args.strict, use_cache=not args.no_cache,
-                      params=GraphParams(args.cutoff, args.max_neighbors or None))
+    ds = load_dataset(
+        args.dataset,
+        args.targets,
+        data=args.data,
+        strict=args.strict,
+        use_cache=not args.no_cache,
+        params=GraphParams(args.cutoff, args.max_neighbors or None),
+    )
     info = dataset_info(ds)
     if args.json:
         json.dump(info, sys.stdout, indent=1)

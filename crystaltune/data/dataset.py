@@ -38,8 +38,14 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.store)
 
-    def split(self, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-              cache: bool = True, folds: int | None = None, fold: int = 0) -> Split:
+    def split(
+        self,
+        seed: int = 0,
+        fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        cache: bool = True,
+        folds: int | None = None,
+        fold: int = 0,
+    ) -> Split:
         """Seeded random split, made once per (dataset content, targets, seed, fractions) and stored as
         id lists so every trial of a search sees the same crystals. With ``folds`` the test set is
         fold ``fold`` of a seeded k-fold partition and train/val share the rest as fractions[0:2] do."""
@@ -67,26 +73,6 @@ class Dataset:
         pos = {rid: i for i, rid in enumerate(self.store.ids)}
         return Split(*(np.array([pos[r] for r in ids[k]], dtype=np.int64) for k in ("train", "val", "test")), ids=ids)
 
-    def restrict_elements(self, supported: set[int], featurizer: str, strict: bool = False) -> Dataset:
-        """Drop crystals containing elements the node featurizer has no features for."""
-        z, ptr = self.store.arrays["z"], self.store.node_ptr
-        bad_atom = ~np.isin(z, np.array(sorted(supported)))
-        if not bad_atom.any():
-            return self
-        graph_of_atom = np.repeat(np.arange(len(self.store)), np.diff(ptr))
-        bad = np.unique(graph_of_atom[bad_atom])
-        from pymatgen.core import Element
-
-        skipped = list(self.skipped)
-        for g in bad:
-            zs = sorted({int(v) for v in z[ptr[g]:ptr[g + 1]]} - supported)
-            names = ", ".join(Element.from_Z(v).symbol if 0 < v < 119 else str(v) for v in zs)
-            skipped.append({"id": str(self.store.ids[g]), "reason": f"{self.store.ids[g]}: element(s) {names} have no features in node featurizer {featurizer!r}"})
-        if strict:
-            raise CrystaltuneError(f"{len(bad)} crystal(s) have elements without {featurizer!r} features: {skipped[-1]['reason']}")
-        keep = np.setdiff1d(np.arange(len(self.store)), bad)
-        return Dataset(self.name, self.source, self.targets, self.store.subset(keep), skipped, self.key, self.params)
-
 
 def _split_ids(order: np.ndarray, fractions, folds: int | None, fold: int) -> dict[str, list[str]]:
     """train/val/test id lists from a shuffled id order (see Dataset.split)."""
@@ -97,13 +83,23 @@ def _split_ids(order: np.ndarray, fractions, folds: int | None, fold: int) -> di
         return {"train": rest[n_val:].tolist(), "val": rest[:n_val].tolist(), "test": test.tolist()}
     n_train = int(round(fractions[0] * len(order)))
     n_val = int(round(fractions[1] * len(order)))
-    return {"train": order[:n_train].tolist(), "val": order[n_train:n_train + n_val].tolist(),
-            "test": order[n_train + n_val:].tolist()}
+    return {
+        "train": order[:n_train].tolist(),
+        "val": order[n_train : n_train + n_val].tolist(),
+        "test": order[n_train + n_val :].tolist(),
+    }
 
 
-def load_dataset(name_or_path: str | Path, targets: list[str] | str | None = None, *, data: str | Path | None = None,
-                 params: GraphParams | None = None, strict: bool = False, use_cache: bool = True,
-                 progress: bool | None = None) -> Dataset:
+def load_dataset(
+    name_or_path: str | Path,
+    targets: list[str] | str | None = None,
+    *,
+    data: str | Path | None = None,
+    params: GraphParams | None = None,
+    strict: bool = False,
+    use_cache: bool = True,
+    progress: bool | None = None,
+) -> Dataset:
     """Read (or load cached) graphs and keep the crystals that have the chosen targets.
 
     With several targets a crystal is kept when at least one is present (the loss is masked).
@@ -132,7 +128,9 @@ def load_dataset(name_or_path: str | Path, targets: list[str] | str | None = Non
     if strict and skipped:
         raise CrystaltuneError(f"{len(skipped)} record(s) skipped (--strict); first: {skipped[0]['reason']}")
     if not keep.any():
-        raise CrystaltuneError(f"{path}: no usable crystal ({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})")
+        raise CrystaltuneError(
+            f"{path}: no usable crystal ({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})"
+        )
     if not keep.all():
         store = store.subset(np.flatnonzero(keep))
     return Dataset(name, str(path), targets, store, skipped, gs.key, params)

@@ -120,7 +120,9 @@ def _gunzip(path: Path, raw: bytes, cap: int) -> bytes:
             d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member at a time (files may hold several)
             out += d.decompress(raw, cap + 1 - len(out))
             if len(out) > cap:
-                raise CrystaltuneError(f"{path}: expands to more than {cap} bytes (CRYSTALTUNE_MAX_BYTES raises the limit)")
+                raise CrystaltuneError(
+                    f"{path}: expands to more than {cap} bytes (CRYSTALTUNE_MAX_BYTES raises the limit)"
+                )
             if not d.eof:
                 raise EOFError("compressed file ended before the end-of-stream marker was reached")
             raw = d.unused_data
@@ -131,8 +133,9 @@ def _gunzip(path: Path, raw: bytes, cap: int) -> bytes:
 
 def _check_count(path: Path, out: RawDataset) -> None:
     if len(out.records) + len(out.skipped) > limit("records"):
-        raise CrystaltuneError(f"{path}: more than {limit('records')} records (--max-records or CRYSTALTUNE_MAX_RECORDS "
-                               "raises the limit)")
+        raise CrystaltuneError(
+            f"{path}: more than {limit('records')} records (--max-records or CRYSTALTUNE_MAX_RECORDS raises the limit)"
+        )
 
 
 def _is_single_json(text: str) -> bool:
@@ -176,7 +179,9 @@ def _add(out: RawDataset, item: Any, line: int, where: str) -> None:
     rid = _printable(str(rid)) if rid is not None else where
     skey = next((k for k in STRUCTURE_KEYS if k in item), None)
     if skey is None or item[skey] in (None, "", {}):
-        out.skipped.append({"id": rid, "reason": f"{where} ({rid}): no structure (keys tried: {', '.join(STRUCTURE_KEYS)})"})
+        out.skipped.append(
+            {"id": rid, "reason": f"{where} ({rid}): no structure (keys tried: {', '.join(STRUCTURE_KEYS)})"}
+        )
         return
     props: dict[str, float] = {}
     bad: dict[str, str] = {}
@@ -249,8 +254,13 @@ def _read_cif_folder(folder: Path) -> RawDataset:
         rid = _printable(row[0].strip())
         cif = folder / f"{rid}.cif"
         if not _inside(folder, rid, cif):
-            out.skipped.append({"id": rid, "reason": f"id_prop.csv line {lineno} ({rid[:80]}): the id names a file outside "
-                                                     f"{folder} (ids are file names in that folder)"})
+            out.skipped.append(
+                {
+                    "id": rid,
+                    "reason": f"id_prop.csv line {lineno} ({rid[:80]}): the id names a file outside "
+                    f"{folder} (ids are file names in that folder)",
+                }
+            )
             continue
         if not cif.exists():
             out.skipped.append({"id": rid, "reason": f"id_prop.csv line {lineno} ({rid}): {cif.name} not found"})
@@ -265,6 +275,13 @@ def _read_cif_folder(folder: Path) -> RawDataset:
             else:
                 bad[name] = f"is {problem} ({value.strip()[:30]!r})"
         out.records.append(
-            {"id": rid, "line": lineno, "structure": cif.read_text(errors="replace"), "props": props, "bad_props": bad, "fmt": "cif"}
+            {
+                "id": rid,
+                "line": lineno,
+                "structure": cif.read_text(errors="replace"),
+                "props": props,
+                "bad_props": bad,
+                "fmt": "cif",
+            }
         )
     return out

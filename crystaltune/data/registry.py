@@ -50,12 +50,24 @@ def data_dirs() -> list[Path]:
 
 
 for _spec in (
-    DatasetSpec("perovskites", ("band_gap",), "HOIP, 1346 hybrid halide perovskites, HSE06 band gap (Kim et al. 2017)",
-                package_file="hoip_kim2017_bandgap.jsonl.gz"),
-    DatasetSpec("perov5", ("heat_of_formation_all",), "7572 ABX3 perovskites, heat of formation (Castelli et al. 2012)",
-                package_file="perov5_castelli2012.jsonl.gz"),
-    DatasetSpec("sunmat", ("band_gap",), "SNUMAT 10k HSE band gaps (the notes' 'SUNMAT'); user-supplied file",
-                user_files=SNUMAT_FILES),
+    DatasetSpec(
+        "perovskites",
+        ("band_gap",),
+        "HOIP, 1346 hybrid halide perovskites, HSE06 band gap (Kim et al. 2017)",
+        package_file="hoip_kim2017_bandgap.jsonl.gz",
+    ),
+    DatasetSpec(
+        "perov5",
+        ("heat_of_formation_all",),
+        "7572 ABX3 perovskites, heat of formation (Castelli et al. 2012)",
+        package_file="perov5_castelli2012.jsonl.gz",
+    ),
+    DatasetSpec(
+        "sunmat",
+        ("band_gap",),
+        "SNUMAT 10k HSE band gaps (the notes' 'SUNMAT'); user-supplied file",
+        user_files=SNUMAT_FILES,
+    ),
 ):
     DATASETS.register(_spec.name)(_spec)
 

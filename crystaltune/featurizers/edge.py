@@ -146,17 +146,23 @@ def check_edge_params(name: str, cutoff: float, params: dict) -> None:
     from ..errors import CrystaltuneError
     from ..registry import did_you_mean
 
-    sig = {k: p for k, p in inspect.signature(EDGE_FEATURIZERS.get(name)).parameters.items() if k not in ("self", "cutoff")}
+    sig = {
+        k: p for k, p in inspect.signature(EDGE_FEATURIZERS.get(name)).parameters.items() if k not in ("self", "cutoff")
+    }
     values = {k: p.default for k, p in sig.items()}
     for key, value in params.items():
         if key not in sig:
-            raise CrystaltuneError(f"model.edge_params: unknown parameter {key!r}{did_you_mean(key, list(sig))} for the "
-                                   f"{name} featurizer (known: {', '.join(sig) or 'none'})")
+            raise CrystaltuneError(
+                f"model.edge_params: unknown parameter {key!r}{did_you_mean(key, list(sig))} for the "
+                f"{name} featurizer (known: {', '.join(sig) or 'none'})"
+            )
         values[key] = _coerce(value, type(sig[key].default), f"model.edge_params.{key}")
     for key, value in values.items():
         lo, hi = EDGE_PARAM_RANGES.get(key, (None, None))
         if lo is not None and not lo <= value <= hi:
             raise CrystaltuneError(f"model.edge_params.{key} must be in [{lo}, {hi}], got {value}")
     if "step" in values and (cutoff - values.get("dmin", 0.0)) / values["step"] > MAX_EDGE_FEATURES:
-        raise CrystaltuneError(f"model.edge_params.step {values['step']} gives more than {MAX_EDGE_FEATURES} Gaussians "
-                               f"between dmin and the cutoff ({cutoff} Å); use a larger step")
+        raise CrystaltuneError(
+            f"model.edge_params.step {values['step']} gives more than {MAX_EDGE_FEATURES} Gaussians "
+            f"between dmin and the cutoff ({cutoff} Å); use a larger step"
+        )

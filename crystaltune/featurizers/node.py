@@ -109,6 +109,23 @@ def supported_elements(name: str) -> set[int]:
     return {int(z) for z in np.flatnonzero(np.isfinite(table).all(axis=1))}
 
 
+def unsupported_crystals(z: np.ndarray, node_ptr: np.ndarray, featurizer: str) -> dict[int, str]:
+    """Crystal index -> reason, for crystals with elements the node featurizer has no features for:
+    the one filter training, prediction and dataset checks use."""
+    supported = supported_elements(featurizer)
+    bad_atom = ~np.isin(z, np.array(sorted(supported)))
+    if not bad_atom.any():
+        return {}
+    from pymatgen.core import Element
+
+    out = {}
+    for g in np.unique(np.repeat(np.arange(len(node_ptr) - 1), np.diff(node_ptr))[bad_atom]):
+        zs = sorted({int(v) for v in z[node_ptr[g] : node_ptr[g + 1]]} - supported)
+        names = ", ".join(Element.from_Z(v).symbol if 0 < v < 119 else str(v) for v in zs)
+        out[int(g)] = f"element(s) {names} have no features in node featurizer {featurizer!r}"
+    return out
+
+
 class NodeFeaturizer(nn.Module):
     """Embedding of atomic numbers initialised from a feature table; frozen unless ``trainable``."""
 

@@ -21,8 +21,9 @@ from .neighbors import neighbor_list, reference_neighbor_list  # noqa: E402
 from .structure import MIN_DISTANCE, Crystal, RecordError, parse_crystal  # noqa: E402
 
 
-def build_graph(record: dict[str, Any], cutoff: float, max_neighbors: int | None,
-                neighbors: str = "crystaltune") -> dict[str, Any]:
+def build_graph(
+    record: dict[str, Any], cutoff: float, max_neighbors: int | None, neighbors: str = "crystaltune"
+) -> dict[str, Any]:
     """Parse, validate and turn a raw record into arrays; raises RecordError with a reason."""
     return graph_from_crystal(parse_crystal(record["structure"], record.get("fmt")), cutoff, max_neighbors, neighbors)
 
@@ -32,8 +33,9 @@ def graph_from_structure(structure, cutoff: float = 8.0, max_neighbors: int | No
     return graph_from_crystal(Crystal.from_structure(structure), cutoff, max_neighbors)
 
 
-def graph_from_crystal(crystal: Crystal, cutoff: float, max_neighbors: int | None,
-                       neighbors: str = "crystaltune") -> dict[str, Any]:
+def graph_from_crystal(
+    crystal: Crystal, cutoff: float, max_neighbors: int | None, neighbors: str = "crystaltune"
+) -> dict[str, Any]:
     """Arrays for one crystal. Edges run from ``src`` (neighbour) to ``dst`` (centre atom).
     ``neighbors="reference"``: the reference CGCNN code's neighbour choice (see reference_neighbor_list)."""
     cart = crystal.cart

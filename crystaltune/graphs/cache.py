@@ -70,8 +70,14 @@ def content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_graphs(path: str | Path, params: GraphParams = GraphParams(), *, use_cache: bool = True,
-                workers: int | None = None, progress: bool | None = None) -> GraphSet:
+def load_graphs(
+    path: str | Path,
+    params: GraphParams = GraphParams(),
+    *,
+    use_cache: bool = True,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> GraphSet:
     """Graphs for a dataset file or folder, from the cache when its key matches, else built and cached."""
     path = Path(path)
     check_source(path)
@@ -91,23 +97,33 @@ def load_graphs(path: str | Path, params: GraphParams = GraphParams(), *, use_ca
     return GraphSet(store, skipped, bad, str(path), key, params=params)
 
 
-def build_store(raw: RawDataset, params: GraphParams, workers: int | None = None,
-                progress: bool | None = None) -> tuple[GraphStore, list[dict[str, str]], list[dict[str, str]]]:
+def build_store(
+    raw: RawDataset, params: GraphParams, workers: int | None = None, progress: bool | None = None
+) -> tuple[GraphStore, list[dict[str, str]], list[dict[str, str]]]:
     """Build graphs for all records (in parallel over CPU cores); bad records go to ``skipped``."""
     skipped = list(raw.skipped)
     seen: dict[str, int] = {}
     todo = []
     for rec in raw.records:
         if rec["id"] in seen:
-            skipped.append({"id": rec["id"], "reason": f"duplicate id {rec['id']!r} (line {rec['line']}; first at line {seen[rec['id']]})"})
+            skipped.append(
+                {
+                    "id": rec["id"],
+                    "reason": f"duplicate id {rec['id']!r} (line {rec['line']}; first at line {seen[rec['id']]})",
+                }
+            )
             continue
         seen[rec["id"]] = rec["line"]
         todo.append(rec)
     jobs = [(rec, params.cutoff, params.max_neighbors, params.neighbors) for rec in todo]
     workers = workers or min(os.cpu_count() or 1, 8)
     # tqdm's disable=None: a bar only when stderr is a terminal
-    bar = dict(total=len(jobs), desc=f"crystal graphs ({raw.source.name})", unit="crystal",
-               disable=None if progress is None else not progress)
+    bar = dict(
+        total=len(jobs),
+        desc=f"crystal graphs ({raw.source.name})",
+        unit="crystal",
+        disable=None if progress is None else not progress,
+    )
     if workers > 1 and len(jobs) >= 200 and "fork" in mp.get_all_start_methods():
         with mp.get_context("fork").Pool(workers) as pool:
             results = list(tqdm(pool.imap(_build_one, jobs, chunksize=32), **bar))

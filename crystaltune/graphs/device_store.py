@@ -25,11 +25,21 @@ class DeviceGraphStore:
     def __init__(self, store: GraphStore, device: torch.device | str):
         self.store = store
         self.device = torch.device(device)
-        dtypes = {"z": torch.int64, "src": torch.int64, "dst": torch.int64, "dist": torch.float32,
-                  "cell": torch.float32, "spacegroup": torch.int64, "image": torch.float64, "pos": torch.float64,
-                  "lattice": torch.float64}  # vec in float64 then float32, as on the host
-        self.arrays = {k: torch.as_tensor(np.ascontiguousarray(store.arrays[k])).to(self.device, dtypes[k])
-                       for k in NODE_KEYS + EDGE_KEYS + GRAPH_KEYS}
+        dtypes = {
+            "z": torch.int64,
+            "src": torch.int64,
+            "dst": torch.int64,
+            "dist": torch.float32,
+            "cell": torch.float32,
+            "spacegroup": torch.int64,
+            "image": torch.float64,
+            "pos": torch.float64,
+            "lattice": torch.float64,
+        }  # vec in float64 then float32, as on the host
+        self.arrays = {
+            k: torch.as_tensor(np.ascontiguousarray(store.arrays[k])).to(self.device, dtypes[k])
+            for k in NODE_KEYS + EDGE_KEYS + GRAPH_KEYS
+        }
         self.props = {k: torch.as_tensor(v, dtype=torch.float32).to(self.device) for k, v in store.props.items()}
         self._uniform = _uniform_degree(store)
 
@@ -56,23 +66,30 @@ class DeviceGraphStore:
         src = a["src"].index_select(0, edge_idx) + shift
         dst = a["dst"].index_select(0, edge_idx) + shift
         graph = torch.as_tensor(index, device=self.device)
-        y = (torch.stack([self.props[t].index_select(0, graph) for t in targets], 1) if targets
-             else torch.zeros(len(index), 0, device=self.device))
+        y = (
+            torch.stack([self.props[t].index_select(0, graph) for t in targets], 1)
+            if targets
+            else torch.zeros(len(index), 0, device=self.device)
+        )
         ks = self._uniform[index]
         degree = int(ks[0]) if len(ks) and ks[0] > 0 and (ks == ks[0]).all() else 0
         pos = a["pos"]
         lattice = a["lattice"].index_select(0, graph)
         n_nodes = torch.as_tensor(np.diff(node_ptr), device=self.device)
-        graph_of_edge = torch.repeat_interleave(torch.arange(len(index), device=self.device), n_edges,
-                                                output_size=int(edge_ptr[-1]))
-        offset = torch.einsum("ei,eij->ej", a["image"].index_select(0, edge_idx), lattice.index_select(0, graph_of_edge))
+        graph_of_edge = torch.repeat_interleave(
+            torch.arange(len(index), device=self.device), n_edges, output_size=int(edge_ptr[-1])
+        )
+        offset = torch.einsum(
+            "ei,eij->ej", a["image"].index_select(0, edge_idx), lattice.index_select(0, graph_of_edge)
+        )
         node_pos = pos.index_select(0, node_idx)
         return Batch(
             z=a["z"].index_select(0, node_idx),
             edge_index=torch.stack([src, dst]),
             dist=a["dist"].index_select(0, edge_idx),
-            batch=torch.repeat_interleave(torch.arange(len(index), device=self.device), n_nodes,
-                                          output_size=int(node_ptr[-1])),
+            batch=torch.repeat_interleave(
+                torch.arange(len(index), device=self.device), n_nodes, output_size=int(node_ptr[-1])
+            ),
             cell=a["cell"].index_select(0, graph),
             spacegroup=a["spacegroup"].index_select(0, graph),
             y=y,
@@ -90,7 +107,7 @@ def _uniform_degree(store: GraphStore) -> np.ndarray:
     dst = store.arrays["dst"]
     for g in np.flatnonzero((n_nodes > 0) & (n_edges % np.maximum(n_nodes, 1) == 0)):
         k = n_edges[g] // n_nodes[g]
-        if k and np.array_equal(dst[store.edge_ptr[g]:store.edge_ptr[g + 1]], np.repeat(np.arange(n_nodes[g]), k)):
+        if k and np.array_equal(dst[store.edge_ptr[g] : store.edge_ptr[g + 1]], np.repeat(np.arange(n_nodes[g]), k)):
             out[g] = k
     return out
 

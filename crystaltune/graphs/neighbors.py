@@ -11,7 +11,10 @@ PBC = np.ones(3, dtype=np.int64)
 
 
 def neighbor_list(
-    cart: np.ndarray, lattice: np.ndarray, cutoff: float = 8.0, max_neighbors: int | None = 12,
+    cart: np.ndarray,
+    lattice: np.ndarray,
+    cutoff: float = 8.0,
+    max_neighbors: int | None = 12,
     z: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(centre, neighbour, image, distance)`` for every atom's nearest neighbours.
@@ -62,8 +65,9 @@ def _kth_distance(result, n: int) -> np.ndarray:
     return dist[last]
 
 
-def reference_neighbor_list(frac: np.ndarray, lattice: np.ndarray, z: np.ndarray, cutoff: float = 8.0,
-                            max_neighbors: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def reference_neighbor_list(
+    frac: np.ndarray, lattice: np.ndarray, z: np.ndarray, cutoff: float = 8.0, max_neighbors: int = 12
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The reference CGCNN code's neighbours, for importing its checkpoints exactly: pymatgen's
     ``get_all_neighbors`` order, a stable sort by distance (its ties kept in that order), the first
     ``max_neighbors``, and atoms with fewer padded with neighbour 0 at ``cutoff + 1`` Å as it does.
@@ -77,5 +81,9 @@ def reference_neighbor_list(frac: np.ndarray, lattice: np.ndarray, z: np.ndarray
         rows += [(centre, int(nb[2]), tuple(np.rint(nb[3]).astype(int)), float(nb[1])) for nb in nbrs]
         rows += [(centre, 0, (0, 0, 0), cutoff + 1.0)] * (max_neighbors - len(nbrs))
     centre, neighbour, image, dist = zip(*rows) if rows else ((), (), (), ())
-    return (np.asarray(centre, np.int64), np.asarray(neighbour, np.int64), np.asarray(image, np.int64).reshape(-1, 3),
-            np.asarray(dist, np.float64))
+    return (
+        np.asarray(centre, np.int64),
+        np.asarray(neighbour, np.int64),
+        np.asarray(image, np.int64).reshape(-1, 3),
+        np.asarray(dist, np.float64),
+    )

@@ -43,8 +43,14 @@ class Batch:
 class GraphStore:
     """Concatenated per-node, per-edge and per-graph arrays with ``node_ptr``/``edge_ptr`` offsets."""
 
-    def __init__(self, ids: np.ndarray, node_ptr: np.ndarray, edge_ptr: np.ndarray, arrays: dict[str, np.ndarray],
-                 props: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        node_ptr: np.ndarray,
+        edge_ptr: np.ndarray,
+        arrays: dict[str, np.ndarray],
+        props: dict[str, np.ndarray],
+    ):
         self.ids = np.asarray(ids, dtype=str)
         self.node_ptr = node_ptr
         self.edge_ptr = edge_ptr
@@ -89,7 +95,8 @@ class GraphStore:
         """Raise ValueError if the arrays are inconsistent (e.g. a damaged cache file)."""
         g = len(self.ids)
         ok = (
-            len(self.node_ptr) == g + 1 and len(self.edge_ptr) == g + 1
+            len(self.node_ptr) == g + 1
+            and len(self.edge_ptr) == g + 1
             and self.node_ptr[-1] == len(self.arrays["z"]) == len(self.arrays["pos"])
             and self.edge_ptr[-1] == len(self.arrays["dist"]) == len(self.arrays["src"]) == len(self.arrays["dst"])
             and all(len(self.arrays[k]) == g for k in GRAPH_KEYS)
@@ -132,8 +139,9 @@ class GraphStore:
         props = {k: v[index] for k, v in self.props.items()}
         return GraphStore(self.ids[index], node_ptr, edge_ptr, arrays, props)
 
-    def batch(self, index: np.ndarray, targets: list[str], noise: float = 0.0,
-              rng: np.random.Generator | None = None) -> Batch:
+    def batch(
+        self, index: np.ndarray, targets: list[str], noise: float = 0.0, rng: np.random.Generator | None = None
+    ) -> Batch:
         """Assemble graphs ``index`` into one Batch; ``noise`` > 0 perturbs positions (Å, Gaussian)
         and recomputes distances over the same edges, for the embedding alignment metric."""
         index = np.asarray(index, dtype=np.int64)

@@ -40,8 +40,11 @@ class Crystal:
     @classmethod
     def from_structure(cls, structure) -> Crystal:
         check_pymatgen(structure)
-        return cls(structure.lattice.matrix.copy(), structure.frac_coords.copy(),
-                   np.asarray(structure.atomic_numbers, dtype=np.int64))
+        return cls(
+            structure.lattice.matrix.copy(),
+            structure.frac_coords.copy(),
+            np.asarray(structure.atomic_numbers, dtype=np.int64),
+        )
 
 
 @functools.lru_cache
@@ -146,7 +149,9 @@ def check_arrays(c: Crystal) -> None:
     if volume < 1e-3 * len(c.z):
         raise RecordError(f"singular lattice (cell volume {volume:.3g} Å^3)")
     if volume / len(c.z) < MIN_VOLUME_PER_ATOM:
-        raise RecordError(f"{volume / len(c.z):.3g} Å^3 per atom: denser than any real crystal "
-                          f"(at least {MIN_VOLUME_PER_ATOM} Å^3 per atom are accepted)")
+        raise RecordError(
+            f"{volume / len(c.z):.3g} Å^3 per atom: denser than any real crystal "
+            f"(at least {MIN_VOLUME_PER_ATOM} Å^3 per atom are accepted)"
+        )
     if not np.isfinite(c.frac).all():
         raise RecordError("NaN or infinite atomic coordinates")

@@ -41,7 +41,9 @@ class GlobalFeatures(nn.Module):
         parts = []
         if "lattice" in self.kinds:
             c = batch.cell
-            parts.append(torch.cat([c[:, :3] / 10.0, torch.cos(torch.deg2rad(c[:, 3:6])), c[:, 6:7] / 20.0, c[:, 7:8] / 5.0], 1))
+            parts.append(
+                torch.cat([c[:, :3] / 10.0, torch.cos(torch.deg2rad(c[:, 3:6])), c[:, 6:7] / 20.0, c[:, 7:8] / 5.0], 1)
+            )
         if "symmetry" in self.kinds:
             sg = batch.spacegroup
             onehot = nn.functional.one_hot(crystal_system(sg), N_CRYSTAL_SYSTEMS).float()
@@ -72,7 +74,11 @@ class CrystalModel(nn.Module):
         self.n_targets = n_targets
         self.node = NodeFeaturizer(config.node_featurizer, trainable=config.node_trainable)
         self.edge = make_edge_featurizer(config.edge_featurizer, cutoff=cutoff, **config.edge_params)
-        self.edge_proj = nn.Sequential(nn.Linear(self.edge.out_dim, config.edge_dim), nn.Softplus()) if config.learnable_edge else None
+        self.edge_proj = (
+            nn.Sequential(nn.Linear(self.edge.out_dim, config.edge_dim), nn.Softplus())
+            if config.learnable_edge
+            else None
+        )
         self.edge_dim = config.edge_dim if config.learnable_edge else self.edge.out_dim
         self.embedding = nn.Linear(self.node.out_dim, config.hidden)
         self.build_backbone()

@@ -31,16 +31,17 @@ def scatter_target(msg: torch.Tensor, dst: torch.Tensor, n: int, degree: int = 0
     return msg.new_zeros(n, msg.shape[1]).index_add_(0, dst, msg)
 
 
-def factored_edge_linear(linear: nn.Linear, dim: int, x: torch.Tensor, edge_index: torch.Tensor, e: torch.Tensor,
-                         degree: int = 0) -> torch.Tensor:
+def factored_edge_linear(
+    linear: nn.Linear, dim: int, x: torch.Tensor, edge_index: torch.Tensor, e: torch.Tensor, degree: int = 0
+) -> torch.Tensor:
     """``W [x_dst, x_src, e] + b`` computed as ``(A x + b)[dst] + (B x)[src] + C e``: the same numbers as
     the concatenation, with the atom products done once per atom instead of once per edge."""
     src, dst = edge_index
     w = linear.weight
     ax = F.linear(x, w[:, :dim], linear.bias)
-    bx = x @ w[:, dim:2 * dim].t()
+    bx = x @ w[:, dim : 2 * dim].t()
     gathered = gather_target(ax, dst, degree) + bx.index_select(0, src)
-    return torch.addmm(gathered, e, w[:, 2 * dim:].t())
+    return torch.addmm(gathered, e, w[:, 2 * dim :].t())
 
 
 class CGConv(nn.Module):

@@ -36,15 +36,25 @@ ATTENTIONS = ("transformer", "gatv2")
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, dim: int, edge_dim: int, heads: int, attention: str, norm: str, residual: bool,
-                 dropout: float, activation: str):
+    def __init__(
+        self,
+        dim: int,
+        edge_dim: int,
+        heads: int,
+        attention: str,
+        norm: str,
+        residual: bool,
+        dropout: float,
+        activation: str,
+    ):
         super().__init__()
         head_dim = max(1, dim // heads)
         if attention == "transformer":
             self.conv = TransformerConv(dim, head_dim, heads=heads, concat=True, dropout=dropout, edge_dim=edge_dim)
         else:
-            self.conv = GATv2Conv(dim, head_dim, heads=heads, concat=True, dropout=dropout, edge_dim=edge_dim,
-                                  add_self_loops=False)
+            self.conv = GATv2Conv(
+                dim, head_dim, heads=heads, concat=True, dropout=dropout, edge_dim=edge_dim, add_self_loops=False
+            )
         self.proj = nn.Linear(heads * head_dim, dim)
         self.norm = make_norm(norm, dim)
         self.act = ACTIVATIONS[activation]()
@@ -63,12 +73,21 @@ class CSGANNParams(ModelParams):
     activation: str = "softplus"
 
     def check(self, model) -> None:
-        require(1 <= self.heads <= model.hidden, "model.params.heads",
-                f"must be in [1, model.hidden = {model.hidden}], got {self.heads}")
-        require(self.attention in ATTENTIONS, "model.params.attention",
-                f"must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
-        require(self.activation in ACTIVATIONS, "model.params.activation",
-                f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        require(
+            1 <= self.heads <= model.hidden,
+            "model.params.heads",
+            f"must be in [1, model.hidden = {model.hidden}], got {self.heads}",
+        )
+        require(
+            self.attention in ATTENTIONS,
+            "model.params.attention",
+            f"must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}",
+        )
+        require(
+            self.activation in ACTIVATIONS,
+            "model.params.activation",
+            f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
+        )
 
 
 @MODELS.register("csgann")
@@ -82,8 +101,15 @@ class CSGANN(CrystalModel):
 
     Params = CSGANNParams
 
-    def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, heads: int = 4,
-                 attention: str = "transformer", activation: str = "softplus"):
+    def __init__(
+        self,
+        config,
+        n_targets: int = 1,
+        cutoff: float = 8.0,
+        heads: int = 4,
+        attention: str = "transformer",
+        activation: str = "softplus",
+    ):
         self.num_heads = heads  # not self.heads: the base class keeps the output heads there
         self.attention = attention
         self.activation = activation
@@ -92,7 +118,8 @@ class CSGANN(CrystalModel):
     def build_backbone(self) -> None:
         c = self.config
         self.blocks = nn.ModuleList(
-            AttentionBlock(c.hidden, self.edge_dim, self.num_heads, self.attention, c.norm, c.residual, c.dropout,
-                           self.activation)
+            AttentionBlock(
+                c.hidden, self.edge_dim, self.num_heads, self.attention, c.norm, c.residual, c.dropout, self.activation
+            )
             for _ in range(c.layers)
         )

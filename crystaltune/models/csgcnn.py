@@ -73,7 +73,8 @@ class CSGCNN(CGCNN):
         c = self.config
         self.edge_updates = (
             nn.ModuleList(EdgeUpdate(c.hidden, self.edge_dim, c.norm) for _ in range(c.layers - 1))
-            if self.edge_update else None
+            if self.edge_update
+            else None
         )
 
     def message_passing(self, x, edge_index, e, batch):

@@ -34,8 +34,17 @@ def _mlp(dim: int, n_layers: int, norm: str) -> nn.Sequential:
 
 
 class GINEBlock(nn.Module):
-    def __init__(self, dim: int, edge_dim: int, norm: str, residual: bool, dropout: float, train_eps: bool,
-                 aggr: str, mlp_layers: int):
+    def __init__(
+        self,
+        dim: int,
+        edge_dim: int,
+        norm: str,
+        residual: bool,
+        dropout: float,
+        train_eps: bool,
+        aggr: str,
+        mlp_layers: int,
+    ):
         super().__init__()
         self.conv = GINEConv(_mlp(dim, mlp_layers, norm), train_eps=train_eps, edge_dim=edge_dim, aggr=aggr)
         self.norm = make_norm(norm, dim)
@@ -57,8 +66,11 @@ class CSGINNParams(ModelParams):
     mlp_layers: int = 2
 
     def check(self, model) -> None:
-        require(self.aggr in AGGREGATIONS, "model.params.aggr",
-                f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggr!r}")
+        require(
+            self.aggr in AGGREGATIONS,
+            "model.params.aggr",
+            f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggr!r}",
+        )
         require(1 <= self.mlp_layers <= 8, "model.params.mlp_layers", f"must be in [1, 8], got {self.mlp_layers}")
 
 
@@ -72,8 +84,15 @@ class CSGINN(CrystalModel):
 
     Params = CSGINNParams
 
-    def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, train_eps: bool = True, aggr: str = "add",
-                 mlp_layers: int = 2):
+    def __init__(
+        self,
+        config,
+        n_targets: int = 1,
+        cutoff: float = 8.0,
+        train_eps: bool = True,
+        aggr: str = "add",
+        mlp_layers: int = 2,
+    ):
         self.train_eps = bool(train_eps)
         self.aggr = aggr
         self.mlp_layers = mlp_layers
@@ -82,7 +101,8 @@ class CSGINN(CrystalModel):
     def build_backbone(self) -> None:
         c = self.config
         self.blocks = nn.ModuleList(
-            GINEBlock(c.hidden, self.edge_dim, c.norm, c.residual, c.dropout, self.train_eps, self.aggr,
-                      self.mlp_layers)
+            GINEBlock(
+                c.hidden, self.edge_dim, c.norm, c.residual, c.dropout, self.train_eps, self.aggr, self.mlp_layers
+            )
             for _ in range(c.layers)
         )

@@ -3,7 +3,8 @@
 The backbone follows the edge-gated graph convolution pattern (Bresson & Laurent's gated GCN as
 used by ALIGNN and coGN): bonds carry a ``hidden``-wide feature vector of their own, refreshed by
 every layer but the last (whose bond features nothing would read), and each neighbour's message is
-weighted by a sigmoid gate computed from both end atoms and the bond. With i the centre atom (``edge_index[1]``) and j the neighbour (``edge_index[0]``):
+weighted by a sigmoid gate computed from both end atoms and the bond. With i the centre atom
+(``edge_index[1]``) and j the neighbour (``edge_index[0]``):
 
     g_ij = C x_i + D x_j + E e_ij                                  (edge gate, pre-activation)
     h_i  = A x_i + sum_j sigmoid(g_ij) * B x_j / (sum_j sigmoid(g_ij) + eps)
@@ -114,8 +115,7 @@ class EdgeGatedConv(nn.Module):
     """One edge-gated convolution on the crystal graph: updates atoms and, unless ``update_edges`` is
     off (the last layer, whose bond features nothing reads), bonds (module docstring)."""
 
-    def __init__(self, dim: int, norm: str, residual: bool, dropout: float, activation: str,
-                 update_edges: bool = True):
+    def __init__(self, dim: int, norm: str, residual: bool, dropout: float, activation: str, update_edges: bool = True):
         super().__init__()
         self.dim = dim
         self.gate = nn.Linear(3 * dim, dim)  # [x_i, x_j, e_ij] -> g_ij, applied factored
@@ -126,8 +126,9 @@ class EdgeGatedConv(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.residual = residual
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, e: torch.Tensor,
-                degree: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, edge_index: torch.Tensor, e: torch.Tensor, degree: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         src, dst = edge_index
         g = factored_edge_linear(self.gate, self.dim, x, edge_index, e, degree)
         sig = torch.sigmoid(g)
@@ -165,7 +166,7 @@ class GatedPairSum(torch.autograd.Function):
         den = s.sum(2)
         num = torch.zeros_like(den)
         for j in range(k):
-            num.addcmul_(s[:, :, j], q[:, j:j + 1])
+            num.addcmul_(s[:, :, j], q[:, j : j + 1])
         ctx.save_for_backward(rbf2, weight, s, q)
         return num, den
 
@@ -179,11 +180,11 @@ class GatedPairSum(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             grad_q = torch.zeros_like(q)
             for i in range(k):
-                grad_q.addcmul_(s[:, i], grad_num[:, i:i + 1])
+                grad_q.addcmul_(s[:, i], grad_num[:, i : i + 1])
         gs = torch.addcmul(s, s, s, value=-1.0)  # s (1 - s), the sigmoid's derivative (0 on the diagonal)
         buf = torch.empty_like(grad_num)
         for j in range(k):  # x (grad_den[a] + grad_num[a] q[b]) for b = j
-            gs[:, :, j].mul_(torch.addcmul(grad_den, grad_num, q[:, j:j + 1], out=buf))
+            gs[:, :, j].mul_(torch.addcmul(grad_den, grad_num, q[:, j : j + 1], out=buf))
         grad_f = gs.sum(2)
         grad_g = gs.sum(1) if ctx.needs_input_grad[4] else None
         grad_w = (gs.view(-1, gs.shape[-1]).t() @ rbf2).to(weight.dtype) if ctx.needs_input_grad[1] else None
@@ -212,8 +213,9 @@ class AngleUpdate(nn.Module):
         k = angles.degree
         if k:
             shape = (e.shape[0] // k, k, e.shape[1])
-            num, den = GatedPairSum.apply(angles.rbf, self.angle.weight, self.angle.bias, fe.reshape(shape),
-                                          ge.reshape(shape), qe.reshape(shape))
+            num, den = GatedPairSum.apply(
+                angles.rbf, self.angle.weight, self.angle.bias, fe.reshape(shape), ge.reshape(shape), qe.reshape(shape)
+            )
             num, den = num.reshape(e.shape), den.reshape(e.shape)
         else:
             a, b = angles.a, angles.b
@@ -233,12 +235,21 @@ class EGCNNParams(ModelParams):
     activation: str = "silu"
 
     def check(self, model) -> None:
-        require(2 <= self.angle_bins <= 128, "model.params.angle_bins",
-                f"must be an integer in [2, 128], got {self.angle_bins}")
-        require(self.angle_layers is None or 0 <= self.angle_layers <= 64, "model.params.angle_layers",
-                f"must be an integer in [0, 64] (or null: every layer), got {self.angle_layers}")
-        require(self.activation in ACTIVATIONS, "model.params.activation",
-                f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        require(
+            2 <= self.angle_bins <= 128,
+            "model.params.angle_bins",
+            f"must be an integer in [2, 128], got {self.angle_bins}",
+        )
+        require(
+            self.angle_layers is None or 0 <= self.angle_layers <= 64,
+            "model.params.angle_layers",
+            f"must be an integer in [0, 64] (or null: every layer), got {self.angle_layers}",
+        )
+        require(
+            self.activation in ACTIVATIONS,
+            "model.params.activation",
+            f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
+        )
 
 
 @MODELS.register("egcnn")
@@ -254,8 +265,16 @@ class EGCNN(CrystalModel):
 
     Params = EGCNNParams
 
-    def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, angles: bool = False, angle_bins: int = 16,
-                 angle_layers: int | None = None, activation: str = "silu"):
+    def __init__(
+        self,
+        config,
+        n_targets: int = 1,
+        cutoff: float = 8.0,
+        angles: bool = False,
+        angle_bins: int = 16,
+        angle_layers: int | None = None,
+        activation: str = "silu",
+    ):
         # build_model has parsed these already; checked again for direct construction (types included)
         raw = {"angles": angles, "angle_bins": angle_bins, "angle_layers": angle_layers, "activation": activation}
         params = as_kwargs(parse_params(EGCNNParams, raw, config))
@@ -272,14 +291,16 @@ class EGCNN(CrystalModel):
         # does not update the bonds
         self.convs = nn.ModuleList(
             EdgeGatedConv(c.hidden, c.norm, c.residual, c.dropout, self.activation, update_edges=i < c.layers - 1)
-            for i in range(c.layers))
+            for i in range(c.layers)
+        )
         n_angle = 0
         if self.angles:
             n_angle = c.layers if self.angle_layers is None else min(self.angle_layers, c.layers)
         self.angle_basis = AngleBasis(self.angle_bins) if n_angle else None
         self.angle_updates = nn.ModuleList(
             AngleUpdate(c.hidden, self.angle_bins, c.norm, c.residual, c.dropout, self.activation)
-            for _ in range(n_angle))
+            for _ in range(n_angle)
+        )
 
     def angle_graph(self, edge_index: torch.Tensor, batch: Batch, n: int) -> AngleGraph:
         if batch.vec is None:

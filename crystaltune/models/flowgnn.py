@@ -48,7 +48,7 @@ class AffineCoupling(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = x[..., :self.split], x[..., self.split:]
+        a, b = x[..., : self.split], x[..., self.split :]
         return (b, a) if self.flip else (a, b)  # (conditioning, transformed)
 
     def _join(self, cond: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
@@ -78,11 +78,17 @@ class FlowGNNParams(ModelParams):
 
     def check(self, model) -> None:
         require(0 <= self.flow_layers <= 16, "model.params.flow_layers", f"must be in [0, 16], got {self.flow_layers}")
-        require(self.flow_hidden is None or 1 <= self.flow_hidden <= 4096, "model.params.flow_hidden",
-                f"must be in [1, 4096] (or null: model.hidden), got {self.flow_hidden}")
+        require(
+            self.flow_hidden is None or 1 <= self.flow_hidden <= 4096,
+            "model.params.flow_hidden",
+            f"must be in [1, 4096] (or null: model.hidden), got {self.flow_hidden}",
+        )
         require(0 < self.s_max <= 20, "model.params.s_max", f"must be in (0, 20], got {self.s_max}")
-        require(not self.flow_layers or model.hidden >= 2, "model.params.flow_layers",
-                f"coupling layers need model.hidden >= 2, got {model.hidden}")
+        require(
+            not self.flow_layers or model.hidden >= 2,
+            "model.params.flow_layers",
+            f"coupling layers need model.hidden >= 2, got {model.hidden}",
+        )
 
 
 @MODELS.register("flowgnn")
@@ -96,8 +102,15 @@ class FlowGNN(CrystalModel):
 
     Params = FlowGNNParams
 
-    def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, flow_layers: int = 1,
-                 flow_hidden: int | None = None, s_max: float = 2.0):
+    def __init__(
+        self,
+        config,
+        n_targets: int = 1,
+        cutoff: float = 8.0,
+        flow_layers: int = 1,
+        flow_hidden: int | None = None,
+        s_max: float = 2.0,
+    ):
         self.flow_layers = flow_layers
         self.flow_hidden = flow_hidden
         self.s_max = float(s_max)
@@ -124,4 +137,3 @@ class FlowGNN(CrystalModel):
                 log_det = log_det + ld
         self.log_det = x.new_zeros(batch.num_graphs).index_add_(0, batch.batch, log_det)
         return x
-

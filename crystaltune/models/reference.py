@@ -25,9 +25,17 @@ def reference_config(ck: dict[str, Any], path) -> TrialConfig:
     atom_fea_len = sd["embedding.weight"].shape[0]
     if sd["embedding.weight"].shape[1] != 92 or sd["convs.0.fc_full.weight"].shape[1] != 2 * atom_fea_len + 41:
         raise CrystaltuneError(f"{path}: expected 92 atom features and 41 Gaussian edge features")
-    model = ModelConfig(name="cgcnn", hidden=atom_fea_len, head_hidden=sd["conv_to_fc.weight"].shape[0], layers=n_conv,
-                        head_layers=n_h, pooling="mean", node_featurizer="cgcnn", edge_featurizer="gaussian",
-                        edge_params={"step": 0.2})
+    model = ModelConfig(
+        name="cgcnn",
+        hidden=atom_fea_len,
+        head_hidden=sd["conv_to_fc.weight"].shape[0],
+        layers=n_conv,
+        head_layers=n_h,
+        pooling="mean",
+        node_featurizer="cgcnn",
+        edge_featurizer="gaussian",
+        edge_params={"step": 0.2},
+    )
     return TrialConfig(data=DataConfig(dataset="reference", cutoff=8.0, max_neighbors=12), model=model)
 
 

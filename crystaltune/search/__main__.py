@@ -13,33 +13,53 @@ from .engine import SearchOptions, run_search
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crystaltune.search", description=__doc__)
-    p.add_argument("space", help="search space: a name in search_spaces/ (smoke, perovskites, perov5, sunmat) or a .yaml path")
+    p.add_argument(
+        "space", help="search space: a name in search_spaces/ (smoke, perovskites, perov5, sunmat) or a .yaml path"
+    )
     p.add_argument("--num-samples", type=int, help="number of trials (overrides budget.num_samples)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial at most (overrides budget.max_epochs)")
-    p.add_argument("--grace-period", type=int,
-                   help="ASHA's first rung in epochs (overrides budget.grace_period; = --max-epochs runs every trial "
-                        "to the full budget, as `report` needs to measure how well early rungs predict the final MAE)")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        help="ASHA's first rung in epochs (overrides budget.grace_period; = --max-epochs runs every trial "
+        "to the full budget, as `report` needs to measure how well early rungs predict the final MAE)",
+    )
     p.add_argument("--address", help="Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     p.add_argument("--storage", help="Ray Tune/Train storage: a path or s3://bucket/prefix (default: OUTPUT/ray)")
     p.add_argument("--output", help="leaderboard, best_config.yaml, ... (default: crystaltune-results/NAME)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search to its full budget")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers (DDP ranks) per trial")
-    p.add_argument("--executor", choices=("auto", "train", "direct"),
-                   help="train = a Ray Train worker group per trial; direct = train in the Tune trial itself "
-                        "(one worker); auto (default) = direct for one worker, train for more")
+    p.add_argument(
+        "--executor",
+        choices=("auto", "train", "direct"),
+        help="train = a Ray Train worker group per trial; direct = train in the Tune trial itself "
+        "(one worker); auto (default) = direct for one worker, train for more",
+    )
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (overrides resources.cpus_per_worker)")
     p.add_argument("--trials-per-gpu", type=int, help="pack N one-worker trials on each GPU (1/N GPU each)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--data", help="dataset file for the space's dataset (e.g. the SNUMAT file)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray instance (default: 2 x cores + 1)")
-    p.add_argument("--watchdog-factor", type=float, default=10.0,
-                   help="stop a trial silent for this many times its slowest epoch (default 10)")
-    p.add_argument("--watchdog-floor", type=float, default=600.0,
-                   help="... but never before this many seconds (default 600; also the limit before its first epoch)")
-    p.add_argument("--stall-timeout", type=float, default=1800.0,
-                   help="stop the search (resumable) when no trial could run for this many seconds (default 1800)")
+    p.add_argument(
+        "--watchdog-factor",
+        type=float,
+        default=10.0,
+        help="stop a trial silent for this many times its slowest epoch (default 10)",
+    )
+    p.add_argument(
+        "--watchdog-floor",
+        type=float,
+        default=600.0,
+        help="... but never before this many seconds (default 600; also the limit before its first epoch)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=1800.0,
+        help="stop the search (resumable) when no trial could run for this many seconds (default 1800)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     return p
 
@@ -47,14 +67,30 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    summary = run_search(SearchOptions(
-        space=a.space, num_samples=a.num_samples, max_epochs=a.max_epochs, grace_period=a.grace_period,
-        address=a.address,
-        tracking_uri=a.tracking_uri, storage=a.storage, output=a.output, resume=a.resume,
-        workers_per_trial=a.workers_per_trial, gpus_per_worker=a.gpus_per_worker,
-        cpus_per_worker=a.cpus_per_worker, trials_per_gpu=a.trials_per_gpu, seed=a.seed,
-        watchdog_factor=a.watchdog_factor, watchdog_floor_s=a.watchdog_floor, stall_timeout_s=a.stall_timeout, data=a.data,
-        num_cpus=a.num_cpus, executor=a.executor))
+    summary = run_search(
+        SearchOptions(
+            space=a.space,
+            num_samples=a.num_samples,
+            max_epochs=a.max_epochs,
+            grace_period=a.grace_period,
+            address=a.address,
+            tracking_uri=a.tracking_uri,
+            storage=a.storage,
+            output=a.output,
+            resume=a.resume,
+            workers_per_trial=a.workers_per_trial,
+            gpus_per_worker=a.gpus_per_worker,
+            cpus_per_worker=a.cpus_per_worker,
+            trials_per_gpu=a.trials_per_gpu,
+            seed=a.seed,
+            watchdog_factor=a.watchdog_factor,
+            watchdog_floor_s=a.watchdog_floor,
+            stall_timeout_s=a.stall_timeout,
+            data=a.data,
+            num_cpus=a.num_cpus,
+            executor=a.executor,
+        )
+    )
     if a.json:
         print(json.dumps(summary, indent=1, default=str))
     return 130 if summary.get("interrupted") else 0

@@ -53,7 +53,9 @@ def _load_file(ref: str, source: str) -> tuple[dict[str, Any], str]:
     for path in candidates:
         if path.is_file():
             return TrialConfig.from_yaml(path).to_dict(), str(path)
-    raise CrystaltuneError(f"{source}: default: no such config file {ref!r} (looked in {', '.join(map(str, candidates))})")
+    raise CrystaltuneError(
+        f"{source}: default: no such config file {ref!r} (looked in {', '.join(map(str, candidates))})"
+    )
 
 
 def _check_consistent(space, point: dict[str, Any], default_flat: dict[str, Any], where: str) -> None:
@@ -62,8 +64,10 @@ def _check_consistent(space, point: dict[str, Any], default_flat: dict[str, Any]
     bad = [k for k, v in default_flat.items() if not k.startswith(FREE_KEYS) and k in trial and trial[k] != v]
     if bad:
         diffs = ", ".join(f"{k} = {default_flat[k]!r} but the space gives {trial[k]!r}" for k in bad[:4])
-        raise CrystaltuneError(f"{where}: the default is not a point of this space ({diffs}): search or fix those keys "
-                               "to the default's values")
+        raise CrystaltuneError(
+            f"{where}: the default is not a point of this space ({diffs}): search or fix those keys "
+            "to the default's values"
+        )
 
 
 def resolve_default(spec: Any, space, source: str) -> tuple[dict[str, Any], str]:
@@ -80,10 +84,14 @@ def resolve_default(spec: Any, space, source: str) -> tuple[dict[str, Any], str]
         known = {p.name for p in space.params}
         for k in overrides:
             if k not in known:
-                raise CrystaltuneError(f"{where}: {k!r} is not a searched parameter (searched: {', '.join(sorted(known))})")
+                raise CrystaltuneError(
+                    f"{where}: {k!r} is not a searched parameter (searched: {', '.join(sorted(known))})"
+                )
         origin = "the space's default entry"
     elif spec is not None:
-        raise CrystaltuneError(f"{where}: expected a config file name or a mapping of searched parameters, got {spec!r}")
+        raise CrystaltuneError(
+            f"{where}: expected a config file name or a mapping of searched parameters, got {spec!r}"
+        )
     flat = file_flat if file_flat is not None else flatten(space.trial_config({}).to_dict())
     point: dict[str, Any] = {}
     for p in space.params:
@@ -93,7 +101,8 @@ def resolve_default(spec: Any, space, source: str) -> tuple[dict[str, Any], str]
         if not p.contains(value):
             raise CrystaltuneError(
                 f"{where}: the default trial (trial 0) has {p.name} = {value!r}, which the search cannot take "
-                f"({p.describe()}); widen the search or add `default: {{{p.name}: VALUE}}` to the space file")
+                f"({p.describe()}); widen the search or add `default: {{{p.name}: VALUE}}` to the space file"
+            )
         point[p.name] = value
     if file_flat is not None:
         _check_consistent(space, point, file_flat, where)

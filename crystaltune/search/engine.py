@@ -44,14 +44,23 @@ class SearchOptions:
 
 def prepare_space(opts: SearchOptions) -> SearchSpace:
     """Load the space and apply CLI overrides; everything validated before Ray starts."""
-    for name in ("num_samples", "max_epochs", "grace_period", "workers_per_trial", "cpus_per_worker", "num_cpus",
-                 "trials_per_gpu"):
+    for name in (
+        "num_samples",
+        "max_epochs",
+        "grace_period",
+        "workers_per_trial",
+        "cpus_per_worker",
+        "num_cpus",
+        "trials_per_gpu",
+    ):
         v = getattr(opts, name)
         if v is not None and v < 1:
             raise CrystaltuneError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     for name in ("watchdog_factor", "watchdog_floor_s", "stall_timeout_s"):
         if not getattr(opts, name) > 0:
-            raise CrystaltuneError(f"--{name.replace('_', '-').removesuffix('-s')} must be > 0, got {getattr(opts, name)}")
+            raise CrystaltuneError(
+                f"--{name.replace('_', '-').removesuffix('-s')} must be > 0, got {getattr(opts, name)}"
+            )
     if opts.seed < 0:
         raise CrystaltuneError(f"--seed must be >= 0, got {opts.seed}")
     if opts.gpus_per_worker is not None and opts.gpus_per_worker < 0:
@@ -74,8 +83,9 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
         space.cpus_per_worker = opts.cpus_per_worker
     if opts.trials_per_gpu is not None:
         if space.workers != 1:
-            raise CrystaltuneError("--trials-per-gpu packs one-worker trials; this search has "
-                                   f"{space.workers} workers per trial")
+            raise CrystaltuneError(
+                f"--trials-per-gpu packs one-worker trials; this search has {space.workers} workers per trial"
+            )
         space.gpus_per_worker = 1.0 / opts.trials_per_gpu
     if opts.executor or opts.workers_per_trial:
         space.executor = check_executor("--executor", opts.executor or space.executor, space.workers)
@@ -113,7 +123,8 @@ def refuse_second_local_cluster(wait_s: float = 15.0) -> None:
         if time.time() > deadline:  # a cluster that is shutting down gets a few seconds first
             raise CrystaltuneError(
                 f"a Ray instance is already running on this machine ({', '.join(running)}): join it with "
-                f"--address {running[0]}, or stop it (`ray stop`) first")
+                f"--address {running[0]}, or stop it (`ray stop`) first"
+            )
         time.sleep(1.0)
 
 
@@ -150,8 +161,9 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         concurrency = plan_concurrency(space, ray.cluster_resources())
         state_file = str(output / "tracker_state.json")
         trainable = make_trainable(space, opts, storage, state_file, ray.put(dataset))
-        tuner = make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency,
-                           log)
+        tuner = make_tuner(
+            opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, log
+        )
         t0 = time.perf_counter()
         tuner.fit()
         search_time = time.perf_counter() - t0
@@ -183,9 +195,11 @@ def load_shared_graphs(space: SearchSpace, log):
 
     t0 = time.perf_counter()
     dataset = load_trial_dataset(space.graph_config())
-    log(f"[crystaltune] {space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
+    log(
+        f"[crystaltune] {space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
         f"{time.perf_counter() - t0:.1f}s; {space.num_samples} trials x <= {space.max_epochs} epochs, "
-        f"{space.workers} worker(s)/trial ({'Ray Train' if space.uses_ray_train else 'direct'})")
+        f"{space.workers} worker(s)/trial ({'Ray Train' if space.uses_ray_train else 'direct'})"
+    )
     return dataset
 
 
@@ -196,9 +210,13 @@ def make_trainable(space: SearchSpace, opts: SearchOptions, storage: str, state_
     from .trainable import direct_trial_fn, trial_fn
 
     train_storage = str(Path(storage) / "train") if "://" not in storage else f"{storage.rstrip('/')}/train"
-    settings = {"workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
-                "gpus_per_worker": space.gpus_per_worker, "train_storage": train_storage,
-                "max_failures": opts.max_failures}
+    settings = {
+        "workers": space.workers,
+        "cpus_per_worker": space.cpus_per_worker,
+        "gpus_per_worker": space.gpus_per_worker,
+        "train_storage": train_storage,
+        "max_failures": opts.max_failures,
+    }
     if opts.resume and Path(state_file).exists():  # trials done before the interruption never train again
         settings["finished"] = finished_trials(state_file)
     if space.uses_ray_train:
@@ -224,36 +242,64 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
         if not tune.Tuner.can_restore(exp_path):
             raise CrystaltuneError(f"--resume: no interrupted search at {exp_path}")
         log(f"[crystaltune] resuming the search stored at {exp_path}")
-        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False)
+        return tune.Tuner.restore(
+            exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
     if "://" not in storage and Path(exp_path).exists():
         old = f"{exp_path}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(Path(exp_path).stat().st_mtime))}"
         Path(exp_path).rename(old)
         log(f"[crystaltune] previous search moved to {old}")
         if Path(state_file).exists():
             Path(state_file).rename(f"{old}-tracker_state.json")
-    info = {"space": space.name, "num_samples": space.num_samples, "max_epochs": space.max_epochs,
-            "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
-            "workers_per_trial": space.workers, "gpus_per_worker": space.gpus_per_worker, "seed": opts.seed,
-            "executor": "train" if space.uses_ray_train else "direct", "storage": redact(storage),
-            "crystals": len(dataset), "machine": describe_machine(), "versions": versions_line()}
+    info = {
+        "space": space.name,
+        "num_samples": space.num_samples,
+        "max_epochs": space.max_epochs,
+        "grace_period": space.grace_period,
+        "reduction_factor": space.reduction_factor,
+        "workers_per_trial": space.workers,
+        "gpus_per_worker": space.gpus_per_worker,
+        "seed": opts.seed,
+        "executor": "train" if space.uses_ray_train else "direct",
+        "storage": redact(storage),
+        "crystals": len(dataset),
+        "machine": describe_machine(),
+        "versions": versions_line(),
+    }
     tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
     watchdog = Watchdog(tracker, opts.watchdog_factor, opts.watchdog_floor_s, opts.stall_timeout_s, not opts.quiet)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric="best_val_mae", mode="min", num_samples=space.num_samples, max_concurrent_trials=concurrency,
+            metric="best_val_mae",
+            mode="min",
+            num_samples=space.num_samples,
+            max_concurrent_trials=concurrency,
             reuse_actors=not space.uses_ray_train,  # a direct trial keeps its warm process
             # the default configuration is trial 0, then Optuna's sampler takes over
-            search_alg=OptunaSearch(DefineByRun(space), metric="best_val_mae", mode="min", seed=opts.seed,
-                                    points_to_evaluate=[encode_point(space.default_point, space)]),
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
-                                    reduction_factor=space.reduction_factor),
+            search_alg=OptunaSearch(
+                DefineByRun(space),
+                metric="best_val_mae",
+                mode="min",
+                seed=opts.seed,
+                points_to_evaluate=[encode_point(space.default_point, space)],
+            ),
+            scheduler=ASHAScheduler(
+                time_attr="epoch",
+                max_t=space.max_epochs,
+                grace_period=space.grace_period,
+                reduction_factor=space.reduction_factor,
+            ),
         ),
         # a trial whose actor dies with its node is retried elsewhere; its Ray Train run resumes from
         # the last epoch checkpoint
-        run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=0, callbacks=[tracker, watchdog],
-                                  failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
+        run_config=tune.RunConfig(
+            name=space.name,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[tracker, watchdog],
+            failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        ),
     )
 
 
@@ -262,8 +308,11 @@ def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
     import json
 
     state = json.loads(Path(state_file).read_text())
-    return {tid: state.get("last_result", {}).get(tid, {}) for tid, st in state.get("status", {}).items()
-            if st in ("FINISHED", "FAILED")}
+    return {
+        tid: state.get("last_result", {}).get(tid, {})
+        for tid, st in state.get("status", {}).items()
+        if st in ("FINISHED", "FAILED")
+    }
 
 
 def write_top_configs(tracker, space: SearchSpace, ok: list[dict[str, Any]], path: Path, k: int = 10) -> None:
@@ -272,14 +321,28 @@ def write_top_configs(tracker, space: SearchSpace, ok: list[dict[str, Any]], pat
 
     from .space import decode_sampled
 
-    top = [{"trial": r["trial"], "val_mae": r["val_mae"], "default": r["default"],
-            "config": space.trial_config(decode_sampled(tracker.configs[r["trial_id"]], space)).to_dict()}
-           for r in ok[:k]]
+    top = [
+        {
+            "trial": r["trial"],
+            "val_mae": r["val_mae"],
+            "default": r["default"],
+            "config": space.trial_config(decode_sampled(tracker.configs[r["trial_id"]], space)).to_dict(),
+        }
+        for r in ok[:k]
+    ]
     path.write_text(yaml.safe_dump(top, sort_keys=False))
 
 
-def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experiment: str, state_file: str, dataset,
-                  search_time: float, log) -> dict[str, Any]:
+def finish_search(
+    space: SearchSpace,
+    output: Path,
+    tracking_uri: str,
+    experiment: str,
+    state_file: str,
+    dataset,
+    search_time: float,
+    log,
+) -> dict[str, Any]:
     """Leaderboard, best_config.yaml and the parent run's artifacts (all from the driver)."""
     from mlflow.entities import Metric
 
@@ -293,47 +356,81 @@ def finish_search(space: SearchSpace, output: Path, tracking_uri: str, experimen
     interrupted = len(rows) < space.num_samples or any(r["status"] in ("INTERRUPTED", "RUNNING") for r in rows)
     write_csv(rows, output / "leaderboard.csv")
     ok = [r for r in rows if ranked(r["status"], r["val_mae"])]
-    summary: dict[str, Any] = {"trials": len(rows), "failed": sum(r["status"] == "FAILED" for r in rows),
-                               "search_time_s": search_time, "output": str(output), "tracking_uri": tracking_uri,
-                               "experiment": experiment, "parent_run_id": tracker.parent_run_id,
-                               "epochs_run": sum(int(r["epochs"] or 0) for r in rows),
-                               "epochs_full_budget": space.num_samples * space.max_epochs,
-                               "interrupted": interrupted}
+    summary: dict[str, Any] = {
+        "trials": len(rows),
+        "failed": sum(r["status"] == "FAILED" for r in rows),
+        "search_time_s": search_time,
+        "output": str(output),
+        "tracking_uri": tracking_uri,
+        "experiment": experiment,
+        "parent_run_id": tracker.parent_run_id,
+        "epochs_run": sum(int(r["epochs"] or 0) for r in rows),
+        "epochs_full_budget": space.num_samples * space.max_epochs,
+        "interrupted": interrupted,
+    }
     # for the report's overhead / ASHA figures (the latest session's tuner time when --resume was used)
-    tracker.client.log_batch(tracker.parent_run_id, metrics=[
-        Metric(k, float(summary[k]), int(time.time() * 1000), 0) for k in ("search_time_s", "epochs_run", "epochs_full_budget")])
+    tracker.client.log_batch(
+        tracker.parent_run_id,
+        metrics=[
+            Metric(k, float(summary[k]), int(time.time() * 1000), 0)
+            for k in ("search_time_s", "epochs_run", "epochs_full_budget")
+        ],
+    )
     log("\n" + format_table(rows))
     if ok:
         best = ok[0]
-        cfg = space.trial_config(decode_sampled(tracker.configs[best["trial_id"]], space),
-                                 output=str(output / "best_model.pt"))
+        cfg = space.trial_config(
+            decode_sampled(tracker.configs[best["trial_id"]], space), output=str(output / "best_model.pt")
+        )
         cfg.to_yaml(output / "best_config.yaml")
         write_top_configs(tracker, space, ok, output / "top_configs.yaml")
-        summary.update({"best_trial": best["name"], "best_val_mae": best["val_mae"], "best_test_mae": best["test_mae"],
-                        "best_run_id": best["run_id"]})
+        summary.update(
+            {
+                "best_trial": best["name"],
+                "best_val_mae": best["val_mae"],
+                "best_test_mae": best["test_mae"],
+                "best_run_id": best["run_id"],
+            }
+        )
         log_search_artifacts(tracker, space, rows, best, cfg, dataset, output)
     if interrupted:
         tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", "interrupted")
         tracker.client.set_terminated(tracker.parent_run_id, "KILLED")
-        log(f"\n[crystaltune] interrupted after {len(rows)} of {space.num_samples} trials; the state is saved: "
-            f"continue with the same command plus --resume")
+        log(
+            f"\n[crystaltune] interrupted after {len(rows)} of {space.num_samples} trials; the state is saved: "
+            f"continue with the same command plus --resume"
+        )
     else:
         tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", "finished")
         tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
-    log(f"\n[crystaltune] {len(rows)} trials ({summary['failed']} failed) in {search_time:.0f}s; "
-        f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)")
+    log(
+        f"\n[crystaltune] {len(rows)} trials ({summary['failed']} failed) in {search_time:.0f}s; "
+        f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)"
+    )
     default = next((r for r in ok if r["default"]), None)
     if default:
-        summary.update({"default_trial": default["name"], "default_val_mae": default["val_mae"],
-                        "default_test_mae": default["test_mae"]})
+        summary.update(
+            {
+                "default_trial": default["name"],
+                "default_val_mae": default["val_mae"],
+                "default_test_mae": default["test_mae"],
+            }
+        )
     if ok:
-        log(f"[crystaltune] best: {summary['best_trial']}  val_mae {summary['best_val_mae']:.4f}  test_mae {summary['best_test_mae']:.4f}")
+        log(
+            f"[crystaltune] best: {summary['best_trial']}  val_mae {summary['best_val_mae']:.4f}  "
+            f"test_mae {summary['best_test_mae']:.4f}"
+        )
     if default:
         gain = 100 * (1 - summary["best_val_mae"] / default["val_mae"]) if default["val_mae"] > 0 else 0.0
-        log(f"[crystaltune] default ({space.default_source}): {default['trial']}  val_mae {default['val_mae']:.4f}  "
-            f"test_mae {default['test_mae']:.4f}; the best is {gain:.1f}% lower on val MAE")
+        log(
+            f"[crystaltune] default ({space.default_source}): {default['trial']}  val_mae {default['val_mae']:.4f}  "
+            f"test_mae {default['test_mae']:.4f}; the best is {gain:.1f}% lower on val MAE"
+        )
         log(f"[crystaltune] wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
         log(f"[crystaltune] retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
-    log(f"[crystaltune] MLflow: mlflow ui --backend-store-uri {tracking_uri}  (experiment '{experiment}', "
-        f"parent run {tracker.parent_run_id}; sort the child runs by metrics.best_val_mae, the selection metric)")
+    log(
+        f"[crystaltune] MLflow: mlflow ui --backend-store-uri {tracking_uri}  (experiment '{experiment}', "
+        f"parent run {tracker.parent_run_id}; sort the child runs by metrics.best_val_mae, the selection metric)"
+    )
     return summary

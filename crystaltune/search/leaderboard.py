@@ -24,15 +24,24 @@ def build_leaderboard(tracker, space) -> list[dict[str, Any]]:
         if tracker.status.get(tid) == "LOST":  # never resumed by Tune; its slot was sampled again
             continue
         last = tracker.last_result.get(tid, {})
-        rows.append({
-            "trial": tracker.names.get(tid, tid).split(" ")[0], "trial_id": tid, "run_id": run_id,
-            "status": tracker.status.get(tid, "UNKNOWN"), "name": tracker.names.get(tid, tid),
-            "val_mae": last.get("best_val_mae", math.nan), "test_mae": last.get("test_mae", math.nan),
-            "test_rmse": last.get("test_rmse", math.nan), "test_r2": last.get("test_r2", math.nan),
-            "epochs": last.get("epoch", 0), "error": tracker.errors.get(tid, ""),
-            "checkpoint": last.get("checkpoint_path", ""),
-            "params": params, "default": params == space.default_point,
-        })
+        rows.append(
+            {
+                "trial": tracker.names.get(tid, tid).split(" ")[0],
+                "trial_id": tid,
+                "run_id": run_id,
+                "status": tracker.status.get(tid, "UNKNOWN"),
+                "name": tracker.names.get(tid, tid),
+                "val_mae": last.get("best_val_mae", math.nan),
+                "test_mae": last.get("test_mae", math.nan),
+                "test_rmse": last.get("test_rmse", math.nan),
+                "test_r2": last.get("test_r2", math.nan),
+                "epochs": last.get("epoch", 0),
+                "error": tracker.errors.get(tid, ""),
+                "checkpoint": last.get("checkpoint_path", ""),
+                "params": params,
+                "default": params == space.default_point,
+            }
+        )
     ok = [r for r in rows if ranked(r["status"], r["val_mae"])]
     bad = [r for r in rows if r not in ok]
     return sorted(ok, key=lambda r: r["val_mae"]) + bad
@@ -47,12 +56,41 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys = sorted({k for r in rows for k in r["params"]})
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["rank", "trial", "default", "status", "best_val_mae", "test_mae", "test_rmse", "test_r2", "epochs", "run_id",
-                    "name", *keys, "error"])
+        w.writerow(
+            [
+                "rank",
+                "trial",
+                "default",
+                "status",
+                "best_val_mae",
+                "test_mae",
+                "test_rmse",
+                "test_r2",
+                "epochs",
+                "run_id",
+                "name",
+                *keys,
+                "error",
+            ]
+        )
         for i, r in enumerate(rows, start=1):
-            w.writerow([i, r["trial"], r["default"], r["status"], _f(r["val_mae"]), _f(r["test_mae"]), _f(r["test_rmse"]),
-                        _f(r["test_r2"]), r["epochs"], r["run_id"], r["name"], *[r["params"].get(k, "") for k in keys],
-                        r["error"]])
+            w.writerow(
+                [
+                    i,
+                    r["trial"],
+                    r["default"],
+                    r["status"],
+                    _f(r["val_mae"]),
+                    _f(r["test_mae"]),
+                    _f(r["test_rmse"]),
+                    _f(r["test_r2"]),
+                    r["epochs"],
+                    r["run_id"],
+                    r["name"],
+                    *[r["params"].get(k, "") for k in keys],
+                    r["error"],
+                ]
+            )
 
 
 def column_names(keys: list[str]) -> list[str]:
@@ -68,8 +106,17 @@ def format_table(rows: list[dict[str, Any]], top: int = 10) -> str:
     body = []
     shown = rows[:top] + [r for r in rows[top:] if r["default"]]  # the default always, to compare with
     for r in shown:
-        body.append([str(rows.index(r) + 1), r["trial"] + ("*" if r["default"] else ""), r["status"], _f(r["val_mae"]), _f(r["test_mae"]), str(r["epochs"]),
-                     *[_short(r["params"].get(k, "-")) for k in diff]])
+        body.append(
+            [
+                str(rows.index(r) + 1),
+                r["trial"] + ("*" if r["default"] else ""),
+                r["status"],
+                _f(r["val_mae"]),
+                _f(r["test_mae"]),
+                str(r["epochs"]),
+                *[_short(r["params"].get(k, "-")) for k in diff],
+            ]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     note = ["* the default configuration (the search's first trial)"] if any(r["default"] for r in shown) else []

@@ -37,8 +37,12 @@ class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
             records.append({"id": rid, "line": i + 1, "structure": s, "props": {}})
         from pathlib import Path
 
-        store, _, _ = build_store(RawDataset(Path("."), records), GraphParams(self.loaded.cutoff, self.loaded.max_neighbors),
-                                  workers=1, progress=False)
+        store, _, _ = build_store(
+            RawDataset(Path("."), records),
+            GraphParams(self.loaded.cutoff, self.loaded.max_neighbors),
+            workers=1,
+            progress=False,
+        )
         preds = predict_store(self.loaded, store) if len(store) else np.zeros((0, len(self.loaded.targets)))
         by_id = {rid: preds[k] for k, rid in enumerate(store.ids)}
         rows = [by_id.get(rid, np.full(len(self.loaded.targets), np.nan)) for rid in ids]

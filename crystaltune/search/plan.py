@@ -30,14 +30,19 @@ def plan_concurrency(space, res: dict[str, float]) -> int:
     trial can never fit (Ray would otherwise wait for resources forever)."""
     cpu = (1 + space.workers * space.cpus_per_worker) if space.uses_ray_train else space.cpus_per_worker
     gpu = space.workers * space.gpus_per_worker
-    how = (f"{space.workers} worker(s) x {space.cpus_per_worker:g} CPU" + (" + 1 for the trial's driver" if space.uses_ray_train
-                                                                            else ""))
+    how = f"{space.workers} worker(s) x {space.cpus_per_worker:g} CPU" + (
+        " + 1 for the trial's driver" if space.uses_ray_train else ""
+    )
     if gpu > res.get("GPU", 0):
-        raise CrystaltuneError(f"each trial needs {gpu:g} GPU(s) ({space.workers} worker(s) x {space.gpus_per_worker:g}); "
-                               f"the cluster has {res.get('GPU', 0):g}: use --gpus-per-worker 0 to train on CPUs")
+        raise CrystaltuneError(
+            f"each trial needs {gpu:g} GPU(s) ({space.workers} worker(s) x {space.gpus_per_worker:g}); "
+            f"the cluster has {res.get('GPU', 0):g}: use --gpus-per-worker 0 to train on CPUs"
+        )
     if cpu > res.get("CPU", 0):
-        raise CrystaltuneError(f"each trial needs {cpu:g} CPUs ({how}); the cluster has {res.get('CPU', 0):g}: lower "
-                               "resources.cpus_per_worker (--cpus-per-worker) or --workers-per-trial, or start Ray with "
-                               "more (--num-cpus)")
+        raise CrystaltuneError(
+            f"each trial needs {cpu:g} CPUs ({how}); the cluster has {res.get('CPU', 0):g}: lower "
+            "resources.cpus_per_worker (--cpus-per-worker) or --workers-per-trial, or start Ray with "
+            "more (--num-cpus)"
+        )
     fits = int(res["CPU"] // cpu)
     return max(1, min(fits, int(res.get("GPU", 0) // gpu)) if gpu else fits)

@@ -27,8 +27,11 @@ def optuna_study(tracker, space, rows):
             continue
         raw = tracker.configs.get(r["trial_id"], {})
         params = {k: v for k, v in raw.items() if k in dists}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                                  value=float(r["val_mae"])))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions={k: dists[k] for k in params}, value=float(r["val_mae"])
+            )
+        )
     return study
 
 
@@ -73,11 +76,18 @@ def describe_registered_model(client, name: str, info, space, best) -> None:
     version = info.registered_model_version
     if version is None:
         return
-    text = (f"Best trial `{best['name']}` of the `{space.name}` search (selection: lowest best_val_mae). "
-            f"best_val_mae {best['val_mae']:.4f}, test_mae {best['test_mae']:.4f}. Trial run {best['run_id']}.")
+    text = (
+        f"Best trial `{best['name']}` of the `{space.name}` search (selection: lowest best_val_mae). "
+        f"best_val_mae {best['val_mae']:.4f}, test_mae {best['test_mae']:.4f}. Trial run {best['run_id']}."
+    )
     client.update_model_version(name, str(version), description=text)
-    for key, value in (("best_val_mae", f"{best['val_mae']:.6g}"), ("test_mae", f"{best['test_mae']:.6g}"),
-                       ("trial", best["name"]), ("trial_run_id", best["run_id"]), ("search", space.name)):
+    for key, value in (
+        ("best_val_mae", f"{best['val_mae']:.6g}"),
+        ("test_mae", f"{best['test_mae']:.6g}"),
+        ("trial", best["name"]),
+        ("trial_run_id", best["run_id"]),
+        ("search", space.name),
+    ):
         client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, "best", str(version))
     client.set_tag(best["run_id"], "crystaltune.registered_model", f"models:/{name}@best (version {version})")
@@ -113,7 +123,9 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
                 import optuna
 
                 # one method for the JSON, the PNG and the report: fANOVA, seeded
-                imp = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+                imp = optuna.importance.get_param_importances(
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+                )
                 (art / "param_importances.json").write_text(json.dumps(imp, indent=1))
                 made["importances"] = imp
                 ax = ovm.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
@@ -143,13 +155,15 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
             with mlflow.start_run(run_id=parent), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 info = mlflow.pyfunc.log_model(
-                    name="best_model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                    name="best_model",
+                    python_model=str(Path(__file__).with_name("mlflow_model.py")),
                     artifacts={"checkpoint": str(output / "best_trial.pt")},
                     registered_model_name=f"crystaltune-{space.name}",
                     pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
                     params={k: str(v)[:500] for k, v in cfg.flat().items()},  # the best trial's own config
                     input_example=_input_example(dataset, data),  # MLflow infers the signature from it
-                    tags={"crystaltune.trial": best["name"], "crystaltune.trial_run": best["run_id"]})
+                    tags={"crystaltune.trial": best["name"], "crystaltune.trial_run": best["run_id"]},
+                )
             made["model_uri"] = info.model_uri
             describe_registered_model(client, f"crystaltune-{space.name}", info, space, best)
         except Exception as exc:

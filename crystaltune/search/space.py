@@ -37,8 +37,11 @@ RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "executor")
 #: how a trial trains: "train" = a Ray Train worker group (DDP), "direct" = inside the Tune trial's own
 #: (reused) actor, one worker only; "auto" = direct for one worker, train for more
 EXECUTORS = ("auto", "train", "direct")
-PARAM_KEYS = {"categorical": ("type", "choices", "when"), "int": ("type", "low", "high", "step", "log", "when"),
-              "float": ("type", "low", "high", "step", "log", "when")}
+PARAM_KEYS = {
+    "categorical": ("type", "choices", "when"),
+    "int": ("type", "low", "high", "step", "log", "when"),
+    "float": ("type", "low", "high", "step", "log", "when"),
+}
 
 
 @dataclass
@@ -135,7 +138,6 @@ class SearchSpace:
         if output:
             d["output"] = output
         return TrialConfig.from_dict(d, where=f"{self.source} (trial)")
-
 
     def graph_config(self) -> TrialConfig:
         """The config the search's shared graphs are built with: the largest ``data.max_neighbors``
@@ -242,7 +244,9 @@ def parse_param(where: str, name: str, spec: Any, earlier: dict[str, Param]) -> 
     when = {}
     for k, v in (_check_keys(f"{where}.when", spec.get("when"), tuple(spec.get("when") or ())) or {}).items():
         if k not in earlier:
-            raise CrystaltuneError(f"{where}.when: condition on {k!r}, which is not a parameter searched before {name!r}")
+            raise CrystaltuneError(
+                f"{where}.when: condition on {k!r}, which is not a parameter searched before {name!r}"
+            )
         vals = v if isinstance(v, list) and not (earlier[k].type == "categorical" and v in earlier[k].choices) else [v]
         if earlier[k].type == "categorical":
             for x in vals:
@@ -305,15 +309,21 @@ def resolve_space(name_or_path: str | Path) -> Path:
     if text in builtin:
         return builtin[text]
     hint = did_you_mean(text, list(builtin))
-    raise CrystaltuneError(f"unknown search space {text!r}{hint} (built in: {', '.join(sorted(builtin))}; or a path to a .yaml file)")
+    raise CrystaltuneError(
+        f"unknown search space {text!r}{hint} (built in: {', '.join(sorted(builtin))}; or a path to a .yaml file)"
+    )
 
 
 def check_executor(where: str, executor: Any, workers: Any) -> str:
     if executor not in EXECUTORS:
-        raise CrystaltuneError(f"{where}: expected one of {', '.join(EXECUTORS)}, got {executor!r}"
-                               + did_you_mean(str(executor), EXECUTORS))
+        raise CrystaltuneError(
+            f"{where}: expected one of {', '.join(EXECUTORS)}, got {executor!r}"
+            + did_you_mean(str(executor), EXECUTORS)
+        )
     if executor == "direct" and isinstance(workers, int) and workers > 1:
-        raise CrystaltuneError(f"{where}: 'direct' trains one worker per trial; {workers} workers need 'train' (or 'auto')")
+        raise CrystaltuneError(
+            f"{where}: 'direct' trains one worker per trial; {workers} workers need 'train' (or 'auto')"
+        )
     return executor
 
 
@@ -342,13 +352,17 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
     params: dict[str, Param] = {}
     for k, spec in search.items():
         if k.startswith("data.") and k != "data.max_neighbors":
-            raise CrystaltuneError(f"{source}: search.{k}: only data.max_neighbors can be searched (the graphs and the "
-                                   "split are built once and shared by every trial); set the others under dataset:")
+            raise CrystaltuneError(
+                f"{source}: search.{k}: only data.max_neighbors can be searched (the graphs and the "
+                "split are built once and shared by every trial); set the others under dataset:"
+            )
         if k in fixed:
             raise CrystaltuneError(f"{source}: {k!r} is both fixed and searched")
         params[k] = parse_param(f"{source}: search.{k}", k, spec, params)
     space = SearchSpace(
-        name=name, base=base, params=list(params.values()),
+        name=name,
+        base=base,
+        params=list(params.values()),
         num_samples=_int(f"{source}: budget.num_samples", budget.get("num_samples", 20)),
         max_epochs=_int(f"{source}: budget.max_epochs", budget.get("max_epochs", 20)),
         grace_period=_int(f"{source}: budget.grace_period", budget.get("grace_period", 3)),
@@ -360,7 +374,9 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
         source=source,
     )
     if space.grace_period > space.max_epochs:
-        raise CrystaltuneError(f"{source}: budget.grace_period ({space.grace_period}) > max_epochs ({space.max_epochs})")
+        raise CrystaltuneError(
+            f"{source}: budget.grace_period ({space.grace_period}) > max_epochs ({space.max_epochs})"
+        )
     validate_samples(space)
     from .default_point import resolve_default
 

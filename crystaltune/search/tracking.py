@@ -33,6 +33,7 @@ def redact(value: Any) -> str:
 
 def run_name(index: int, sampled: dict[str, Any], base: dict[str, Any]) -> str:
     """A readable child-run name: ``t007 csgcnn rbf/extended kl``."""
+
     def get(key):
         if key in sampled:
             return sampled[key]
@@ -48,8 +49,15 @@ def run_name(index: int, sampled: dict[str, Any], base: dict[str, Any]) -> str:
 class MLflowTracker(tune.Callback):
     """Tune callback writing parent/child runs, per-epoch metrics and final metrics to MLflow."""
 
-    def __init__(self, tracking_uri: str, space: SearchSpace, experiment: str, search_info: dict[str, Any],
-                 state_file: str | None = None, verbose: bool = True):
+    def __init__(
+        self,
+        tracking_uri: str,
+        space: SearchSpace,
+        experiment: str,
+        search_info: dict[str, Any],
+        state_file: str | None = None,
+        verbose: bool = True,
+    ):
         self.tracking_uri = tracking_uri
         self.verbose = verbose
         self.state_file = state_file
@@ -77,8 +85,21 @@ class MLflowTracker(tune.Callback):
         return d
 
     def get_state(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("parent_run_id", "experiment_id", "runs", "names", "last_epoch",
-                                               "last_result", "status", "errors", "configs", "watchdog")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "parent_run_id",
+                "experiment_id",
+                "runs",
+                "names",
+                "last_epoch",
+                "last_result",
+                "status",
+                "errors",
+                "configs",
+                "watchdog",
+            )
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore after --resume. Tune's snapshot of this state can lag behind (it is taken
@@ -129,8 +150,11 @@ class MLflowTracker(tune.Callback):
             exp = self.client.get_experiment_by_name(self.experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         if self.parent_run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"search {self.space.name} {time.strftime('%Y-%m-%d %H:%M')}",
-                                         tags={"crystaltune.kind": "search", "crystaltune.space": self.space.name})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"search {self.space.name} {time.strftime('%Y-%m-%d %H:%M')}",
+                tags={"crystaltune.kind": "search", "crystaltune.space": self.space.name},
+            )
             self.parent_run_id = run.info.run_id
             from mlflow.entities import Param
 
@@ -159,9 +183,16 @@ class MLflowTracker(tune.Callback):
         self.configs[tid] = dict(trial.config)
         is_default = sampled == self.space.default_point
         name = run_name(number, sampled, self.space.base) + (" (default)" if is_default else "")
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": self.parent_run_id, "crystaltune.trial_id": tid, "crystaltune.kind": "trial",
-            "crystaltune.default": str(is_default).lower()})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                "crystaltune.trial_id": tid,
+                "crystaltune.kind": "trial",
+                "crystaltune.default": str(is_default).lower(),
+            },
+        )
         self.runs[tid], self.names[tid] = run.info.run_id, name
         cfg = self.space.trial_config(sampled)
         from mlflow.entities import Param
@@ -188,16 +219,26 @@ class MLflowTracker(tune.Callback):
             if self.status.get(tid) in ("RUNNING", "INTERRUPTED"):
                 self.client.set_tag(rid, "crystaltune.kind", "lost_trial")
                 self.client.set_tag(rid, "crystaltune.status", "lost")
-                self.client.set_tag(rid, "crystaltune.note", "started after Tune's last experiment snapshot before the "
-                                    "driver died; Tune could not resume it and sampled its slot again")
+                self.client.set_tag(
+                    rid,
+                    "crystaltune.note",
+                    "started after Tune's last experiment snapshot before the "
+                    "driver died; Tune could not resume it and sampled its slot again",
+                )
                 self.client.set_terminated(rid, "KILLED")
                 self.status[tid] = "LOST"
                 if self.verbose:
-                    print(f"[crystaltune] {name}: started after Tune's last snapshot, so it cannot be resumed; "
-                          "kept in MLflow as a lost trial, its slot is sampled again", flush=True)
+                    print(
+                        f"[crystaltune] {name}: started after Tune's last snapshot, so it cannot be resumed; "
+                        "kept in MLflow as a lost trial, its slot is sampled again",
+                        flush=True,
+                    )
             elif self.status.get(tid) in ("FINISHED", "FAILED") and self.verbose:
-                print(f"[crystaltune] {name}: finished after Tune's last snapshot; kept, and Tune samples one more "
-                      "trial than the budget", flush=True)
+                print(
+                    f"[crystaltune] {name}: finished after Tune's last snapshot; kept, and Tune samples one more "
+                    "trial than the budget",
+                    flush=True,
+                )
         self.save()
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -215,8 +256,9 @@ class MLflowTracker(tune.Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if epoch <= self.last_epoch.get(trial.trial_id, 0):
             return  # a retried worker re-reporting an epoch already logged
-        self.last_result[trial.trial_id] = {k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS, "epoch", "checkpoint_path")
-                                            if k in result}
+        self.last_result[trial.trial_id] = {
+            k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS, "epoch", "checkpoint_path") if k in result
+        }
         self.last_epoch[trial.trial_id] = epoch
         self.client.log_batch(rid, metrics=finite_metrics(result, EPOCH_METRICS, epoch))
         self.save()
@@ -265,8 +307,11 @@ class MLflowTracker(tune.Callback):
             if status == "FAILED":
                 print(f"[crystaltune] {name}: FAILED ({self.errors.get(trial.trial_id, '')[:200]})", flush=True)
             else:
-                print(f"[crystaltune] {name}: best val_mae {last.get('best_val_mae', float('nan')):.4f}, test_mae "
-                      f"{last.get('test_mae', float('nan')):.4f} after {last.get('epoch', 0)} epoch(s)", flush=True)
+                print(
+                    f"[crystaltune] {name}: best val_mae {last.get('best_val_mae', float('nan')):.4f}, test_mae "
+                    f"{last.get('test_mae', float('nan')):.4f} after {last.get('epoch', 0)} epoch(s)",
+                    flush=True,
+                )
 
     def on_experiment_end(self, trials, **info):
         for t in trials:  # trials stopped by Ctrl-C: mark interrupted, resumable

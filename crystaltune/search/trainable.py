@@ -34,7 +34,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(ray.train.torch.get_device())
 
     def send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        )
 
     run_trial(cfg, config, ray.train.get_checkpoint(), send, rank=ray.train.get_context().get_world_rank())
 
@@ -78,8 +80,16 @@ def run_trial(cfg: TrialConfig, config: dict[str, Any], checkpoint, send, rank: 
         # deterministic failures: report them (the trial is recorded as failed with this reason) instead
         # of raising, which would make Ray retry the same doomed run max_failures times
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        send({"epoch": last_epoch[0] + 1, "val_mae": float("inf"), "best_val_mae": float("inf"), "trial_failed": reason,
-              "done": True}, None)
+        send(
+            {
+                "epoch": last_epoch[0] + 1,
+                "val_mae": float("inf"),
+                "best_val_mae": float("inf"),
+                "trial_failed": reason,
+                "done": True,
+            },
+            None,
+        )
 
 
 def _maybe_inject_fault(fault: str, rank: int, epoch: int) -> None:
@@ -128,10 +138,15 @@ def trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: dict[s
         resources["GPU"] = settings["gpus_per_worker"]
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": cfg.to_dict(), "data_ref": data_ref[0] if data_ref else None, "use_gpu": use_gpu,
-                           "cpus_per_worker": settings.get("cpus_per_worker", 1)},
-        scaling_config=ray.train.ScalingConfig(num_workers=settings.get("workers", 1), use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        train_loop_config={
+            "trial": cfg.to_dict(),
+            "data_ref": data_ref[0] if data_ref else None,
+            "use_gpu": use_gpu,
+            "cpus_per_worker": settings.get("cpus_per_worker", 1),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.get("workers", 1), use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=settings.get("train_storage"),
@@ -155,5 +170,13 @@ def direct_trial_fn(config: dict[str, Any], space=None, data_ref=None, settings:
     def send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    run_trial(cfg, {"data_ref": data_ref[0] if data_ref else None, "use_gpu": settings.get("gpus_per_worker", 0) > 0,
-                    "cpus_per_worker": settings.get("cpus_per_worker", 1)}, tune.get_checkpoint(), send)
+    run_trial(
+        cfg,
+        {
+            "data_ref": data_ref[0] if data_ref else None,
+            "use_gpu": settings.get("gpus_per_worker", 0) > 0,
+            "cpus_per_worker": settings.get("cpus_per_worker", 1),
+        },
+        tune.get_checkpoint(),
+        send,
+    )

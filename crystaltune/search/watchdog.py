@@ -21,8 +21,14 @@ DEFAULT_FACTOR, DEFAULT_FLOOR_S, DEFAULT_STALL_S = 10.0, 600.0, 1800.0  # Search
 
 
 class Watchdog(tune.Callback):
-    def __init__(self, tracker, factor: float = DEFAULT_FACTOR, floor_s: float = DEFAULT_FLOOR_S,
-                 stall_s: float = DEFAULT_STALL_S, verbose: bool = True):
+    def __init__(
+        self,
+        tracker,
+        factor: float = DEFAULT_FACTOR,
+        floor_s: float = DEFAULT_FLOOR_S,
+        stall_s: float = DEFAULT_STALL_S,
+        verbose: bool = True,
+    ):
         self.tracker, self.factor, self.floor_s, self.stall_s, self.verbose = tracker, factor, floor_s, stall_s, verbose
         self.last_seen: dict[str, float] = {}
         self.slowest: dict[str, float] = {}
@@ -64,16 +70,20 @@ class Watchdog(tune.Callback):
         elif self.idle_since is None:
             self.idle_since = now
         elif now - self.idle_since > self.stall_s:
-            self.log(f"[crystaltune] no trial could start for {self.stall_s:.0f} s (resources the cluster no longer has?); "
-                     "stopping the search: continue it with the same command plus --resume")
+            self.log(
+                f"[crystaltune] no trial could start for {self.stall_s:.0f} s (resources the cluster no longer has?); "
+                "stopping the search: continue it with the same command plus --resume"
+            )
             self.idle_since = None
             os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C path: runs marked interrupted, state saved
 
     def _stop(self, trial, silent_s: float) -> None:
         import ray
 
-        reason = (f"watchdog: no report for {silent_s:.0f} s (limit {self.limit(trial.trial_id):.0f} s: "
-                  f"{self.factor:g} x its slowest epoch, at least {self.floor_s:.0f} s); stopped")
+        reason = (
+            f"watchdog: no report for {silent_s:.0f} s (limit {self.limit(trial.trial_id):.0f} s: "
+            f"{self.factor:g} x its slowest epoch, at least {self.floor_s:.0f} s); stopped"
+        )
         self.tracker.note_watchdog(trial.trial_id, reason)
         self.log(f"[crystaltune] {self.tracker.names.get(trial.trial_id, trial.trial_id)}: {reason}")
         self.last_seen[trial.trial_id] = time.monotonic()  # one kill per limit; the retry starts afresh

@@ -33,10 +33,19 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TrialConfig:
     raw = TrialConfig.from_yaml(args.config).to_dict() if args.config else TrialConfig().to_dict()
-    overrides = {("data", "dataset"): args.dataset, ("data", "data"): args.data, ("data", "targets"): args.targets,
-                 ("model", "name"): args.model, ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
-                 ("optim", "lr"): args.lr, ("train", "seed"): args.seed, ("data", "limit"): args.limit,
-                 ("train", "device"): args.device, ("train", "num_threads"): args.threads}
+    overrides = {
+        ("data", "dataset"): args.dataset,
+        ("data", "data"): args.data,
+        ("data", "targets"): args.targets,
+        ("model", "name"): args.model,
+        ("train", "epochs"): args.epochs,
+        ("train", "batch_size"): args.batch_size,
+        ("optim", "lr"): args.lr,
+        ("train", "seed"): args.seed,
+        ("data", "limit"): args.limit,
+        ("train", "device"): args.device,
+        ("train", "num_threads"): args.threads,
+    }
     for (section, key), value in overrides.items():
         if value is not None:
             raw[section][key] = value
@@ -56,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     from .trial_data import prepare_trial_data
 
     data = prepare_trial_data(cfg)
-    print(f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test crystals, "
-          f"targets {', '.join(data.targets)}; model {cfg.model.name} ({cfg.model.edge_featurizer}/{cfg.model.node_featurizer})",
-          flush=True)
+    print(
+        f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test crystals, "
+        f"targets {', '.join(data.targets)}; "
+        f"model {cfg.model.name} ({cfg.model.edge_featurizer}/{cfg.model.node_featurizer})",
+        flush=True,
+    )
     try:
         summary = fit(cfg, data=data, verbose=True)
     except TrialDiverged as exc:
@@ -66,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        print(f"best epoch {summary['best_epoch']}: val_mae {summary['val_mae']:.4f}  test_mae {summary['test_mae']:.4f}  "
-              f"test_rmse {summary['test_rmse']:.4f}  test_r2 {summary['test_r2']:.3f}  "
-              f"alignment {summary.get('alignment', float('nan')):.4f}  uniformity {summary.get('uniformity', float('nan')):.4f}")
+        print(
+            f"best epoch {summary['best_epoch']}: val_mae {summary['val_mae']:.4f}  "
+            f"test_mae {summary['test_mae']:.4f}  "
+            f"test_rmse {summary['test_rmse']:.4f}  test_r2 {summary['test_r2']:.3f}  "
+            f"alignment {summary.get('alignment', float('nan')):.4f}  "
+            f"uniformity {summary.get('uniformity', float('nan')):.4f}"
+        )
         print(f"checkpoint: {cfg.output}")
     return 0
 

@@ -9,8 +9,14 @@ from typing import Any
 from ..config import TrialConfig
 
 
-def fit_distributed(cfg: TrialConfig, num_workers: int = 2, use_gpu: bool = False, cpus_per_worker: float = 1,
-                    address: str | None = None, storage: str | None = None) -> dict[str, Any]:
+def fit_distributed(
+    cfg: TrialConfig,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1,
+    address: str | None = None,
+    storage: str | None = None,
+) -> dict[str, Any]:
     """Train with ``num_workers`` DDP ranks through a real Ray Train TorchTrainer; returns the last
     report (best-val metrics included). Starts a local Ray instance unless one is running."""
     import ray
@@ -32,11 +38,19 @@ def fit_distributed(cfg: TrialConfig, num_workers: int = 2, use_gpu: bool = Fals
         resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         trainer = ray.train.torch.TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"trial": cfg.to_dict(), "data_ref": data_ref, "use_gpu": use_gpu,
-                               "cpus_per_worker": cpus_per_worker},
-            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=ray.train.RunConfig(storage_path=storage or tempfile.mkdtemp(prefix="crystaltune-train-"),
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+            train_loop_config={
+                "trial": cfg.to_dict(),
+                "data_ref": data_ref,
+                "use_gpu": use_gpu,
+                "cpus_per_worker": cpus_per_worker,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                storage_path=storage or tempfile.mkdtemp(prefix="crystaltune-train-"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            ),
         )
         result = trainer.fit()
         return dict(result.metrics)

@@ -93,13 +93,25 @@ class TrainingState:
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scheduler is not None and saved.get("scheduler"):
             self.scheduler.load_state_dict(saved["scheduler"])
-        self.epoch, self.best, self.best_state, self.history = saved["epoch"] + 1, saved["best"], saved["best_state"], saved["history"]
+        self.epoch, self.best, self.best_state, self.history = (
+            saved["epoch"] + 1,
+            saved["best"],
+            saved["best_state"],
+            saved["history"],
+        )
         torch.set_rng_state(saved["torch_rng"])
 
 
-def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | None = None,
-        resume: dict[str, Any] | None = None, checkpoint_every_epoch: bool = False, verbose: bool = False,
-        device_store: bool | None = None) -> dict[str, Any]:
+def fit(
+    cfg: TrialConfig,
+    report: Report | None = None,
+    *,
+    data: TrialData | None = None,
+    resume: dict[str, Any] | None = None,
+    checkpoint_every_epoch: bool = False,
+    verbose: bool = False,
+    device_store: bool | None = None,
+) -> dict[str, Any]:
     """Train one configuration; returns the final summary (best-val epoch's test metrics).
     ``device_store``: gather batches from a copy of the graphs on the training device (default: on a
     GPU when the graphs fit its budget; True forces it, also on the CPU, as the tests do)."""
@@ -111,15 +123,26 @@ def fit(cfg: TrialConfig, report: Report | None = None, *, data: TrialData | Non
         train_mae, seen, train_time = train_epoch(run, state)
         val = evaluate(run, state)
         improved = update_best(run, state, val)
-        metrics = {"epoch": state.epoch + 1, "train_mae": train_mae, **val, "lr": state.optimizer.param_groups[0]["lr"],
-                   "epoch_time_s": time.perf_counter() - t0, "graphs_per_s": seen * run.world / train_time,
-                   "best_val_mae": state.best["val_mae"], **{k: v for k, v in state.best.items() if k != "val_mae"}}
+        metrics = {
+            "epoch": state.epoch + 1,
+            "train_mae": train_mae,
+            **val,
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": time.perf_counter() - t0,
+            "graphs_per_s": seen * run.world / train_time,
+            "best_val_mae": state.best["val_mae"],
+            **{k: v for k, v in state.best.items() if k != "val_mae"},
+        }
         state.history.append({k: metrics[k] for k in ("epoch", "train_mae", "val_mae", "lr")})
         stop = cfg.train.early_stopping is not None and state.bad_epochs >= cfg.train.early_stopping
         metrics["done"] = bool(stop or state.epoch + 1 == cfg.train.epochs)
         if verbose and run.rank == 0:
-            print(f"epoch {state.epoch + 1:3d}/{cfg.train.epochs}  train_mae {train_mae:.4f}  val_mae {val['val_mae']:.4f}  "
-                  f"lr {metrics['lr']:.2e}  {metrics['graphs_per_s']:.0f} graphs/s{'  *' if improved else ''}", flush=True)
+            print(
+                f"epoch {state.epoch + 1:3d}/{cfg.train.epochs}  train_mae {train_mae:.4f}  "
+                f"val_mae {val['val_mae']:.4f}  "
+                f"lr {metrics['lr']:.2e}  {metrics['graphs_per_s']:.0f} graphs/s{'  *' if improved else ''}",
+                flush=True,
+            )
         if report is not None:
             _report(run, state, report, metrics, checkpoint_every_epoch)
         state.epoch += 1
@@ -157,8 +180,22 @@ def setup(cfg: TrialConfig, data: TrialData | None, device_store: bool | None) -
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = Run(cfg, data, batches, device, model, train_model, Normalizer.fit(y_train), Loss(cfg.loss), world, rank,
-              per_rank, steps, use_amp, amp_dtype)
+    run = Run(
+        cfg,
+        data,
+        batches,
+        device,
+        model,
+        train_model,
+        Normalizer.fit(y_train),
+        Loss(cfg.loss),
+        world,
+        rank,
+        per_rank,
+        steps,
+        use_amp,
+        amp_dtype,
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     return run, TrainingState(optimizer, scheduler, scaler)
 
@@ -174,7 +211,7 @@ def train_epoch(run: Run, state: TrainingState) -> tuple[float, int, float]:
     seen = 0
     for s in range(run.steps):
         lo = (s * run.world + run.rank) * run.per_rank
-        batch = run.batches.batch(order[lo:lo + run.per_rank], targets).to(run.device)
+        batch = run.batches.batch(order[lo : lo + run.per_rank], targets).to(run.device)
         seen += batch.num_graphs
         pred = _step(run, state, batch, s)
         with torch.no_grad():
@@ -186,7 +223,7 @@ def train_epoch(run: Run, state: TrainingState) -> tuple[float, int, float]:
     if run.world > 1:
         stats = torch.cat([abs_err, count]).to(run.device if run.device.type == "cuda" else "cpu")
         dist.all_reduce(stats)
-        abs_err, count = stats[: len(targets)], stats[len(targets):]
+        abs_err, count = stats[: len(targets)], stats[len(targets) :]
     abs_err, count = abs_err.cpu(), count.cpu()
     return float((abs_err / count.clamp_min(1))[count > 0].mean()), seen, train_time
 
@@ -203,8 +240,10 @@ def _step(run: Run, state: TrainingState, batch, s: int) -> torch.Tensor:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         bad = bool(flag.item())
     if bad:
-        raise TrialDiverged(f"loss became {float(loss.detach())} at epoch {state.epoch + 1}, step {s + 1} "
-                            f"(lr {state.optimizer.param_groups[0]['lr']:.3g})")
+        raise TrialDiverged(
+            f"loss became {float(loss.detach())} at epoch {state.epoch + 1}, step {s + 1} "
+            f"(lr {state.optimizer.param_groups[0]['lr']:.3g})"
+        )
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if run.cfg.optim.grad_clip:
@@ -219,8 +258,15 @@ def _step(run: Run, state: TrainingState, batch, s: int) -> torch.Tensor:
 
 def evaluate(run: Run, state: TrainingState) -> dict[str, float]:
     """Validation metrics after an epoch (and the plateau schedule's step)."""
-    pv, yv = predict_indices(run.model, run.batches, run.data.val, run.data.targets, run.normalizer, run.device,
-                             run.cfg.train.eval_batch_size)
+    pv, yv = predict_indices(
+        run.model,
+        run.batches,
+        run.data.val,
+        run.data.targets,
+        run.normalizer,
+        run.device,
+        run.cfg.train.eval_batch_size,
+    )
     val = regression_metrics(pv, yv, run.data.targets, "val")
     if not math.isfinite(val["val_mae"]):
         raise TrialDiverged(f"validation MAE is {val['val_mae']} at epoch {state.epoch + 1}")
@@ -236,11 +282,21 @@ def update_best(run: Run, state: TrainingState, val: dict[str, float]) -> bool:
         return False
     state.bad_epochs = 0
     state.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
-    pt, yt = predict_indices(run.model, run.batches, run.data.test, run.data.targets, run.normalizer, run.device,
-                             run.cfg.train.eval_batch_size)
-    state.best = {"val_mae": val["val_mae"], "best_epoch": state.epoch + 1,
-                  **regression_metrics(pt, yt, run.data.targets, "test"),
-                  **embedding_metrics(run.model, run.data.store, run.data.test, run.device, seed=run.cfg.train.seed)}
+    pt, yt = predict_indices(
+        run.model,
+        run.batches,
+        run.data.test,
+        run.data.targets,
+        run.normalizer,
+        run.device,
+        run.cfg.train.eval_batch_size,
+    )
+    state.best = {
+        "val_mae": val["val_mae"],
+        "best_epoch": state.epoch + 1,
+        **regression_metrics(pt, yt, run.data.targets, "test"),
+        **embedding_metrics(run.model, run.data.store, run.data.test, run.device, seed=run.cfg.train.seed),
+    }
     return True
 
 
@@ -250,16 +306,33 @@ def _report(run: Run, state: TrainingState, report: Report, metrics: dict[str, A
         return
     with tempfile.TemporaryDirectory() as tmp:
         if run.rank == 0:
-            _write_epoch_checkpoint(tmp, run.model, state.optimizer, state.scheduler, state.epoch, state.best,
-                                    state.best_state, state.history, run.cfg, run.normalizer, run.data.targets)
+            _write_epoch_checkpoint(
+                tmp,
+                run.model,
+                state.optimizer,
+                state.scheduler,
+                state.epoch,
+                state.best,
+                state.best_state,
+                state.history,
+                run.cfg,
+                run.normalizer,
+                run.data.targets,
+            )
         report(metrics, tmp if run.rank == 0 else None)
 
 
 def finish(run: Run, state: TrainingState) -> dict[str, Any]:
     """The summary (best-val epoch's metrics); the best weights saved when the config names an output."""
     data = run.data
-    summary = {**state.best, "epochs_run": len(state.history), "targets": data.targets, "train_size": int(len(data.train)),
-               "val_size": int(len(data.val)), "test_size": int(len(data.test))}
+    summary = {
+        **state.best,
+        "epochs_run": len(state.history),
+        "targets": data.targets,
+        "train_size": int(len(data.train)),
+        "val_size": int(len(data.val)),
+        "test_size": int(len(data.test)),
+    }
     if run.cfg.output and run.rank == 0 and state.best_state is not None:
         run.model.load_state_dict(state.best_state)
         save_checkpoint(run.cfg.output, run.model, run.cfg, run.normalizer, data.targets, metrics=summary)
@@ -271,12 +344,23 @@ def load_epoch_checkpoint(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
 
 
-def _write_epoch_checkpoint(directory, model, optimizer, scheduler, epoch, best, best_state, history, cfg, normalizer, targets):
+def _write_epoch_checkpoint(
+    directory, model, optimizer, scheduler, epoch, best, best_state, history, cfg, normalizer, targets
+):
     """state.pt (everything to resume) and best.pt (the best-val model, a crystaltune checkpoint)."""
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch, "best": best, "best_state": best_state, "history": history,
-                "torch_rng": torch.get_rng_state()}, Path(directory) / "state.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch,
+            "best": best,
+            "best_state": best_state,
+            "history": history,
+            "torch_rng": torch.get_rng_state(),
+        },
+        Path(directory) / "state.pt",
+    )
     if best_state is not None:
         current = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)

@@ -11,13 +11,20 @@ from ..graphs.store import GraphStore
 
 
 @torch.no_grad()
-def predict_indices(model, store: GraphStore, index: np.ndarray, targets: list[str], normalizer: Normalizer,
-                    device, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def predict_indices(
+    model,
+    store: GraphStore,
+    index: np.ndarray,
+    targets: list[str],
+    normalizer: Normalizer,
+    device,
+    batch_size: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, targets) in target units for crystals ``index``."""
     model.eval()
     preds, ys = [], []
     for s in range(0, len(index), batch_size):
-        b = store.batch(index[s:s + batch_size], targets).to(device)
+        b = store.batch(index[s : s + batch_size], targets).to(device)
         preds.append(normalizer.denorm(model(b).float()).cpu())
         ys.append(b.y.cpu())
     if not preds:
@@ -34,9 +41,9 @@ def regression_metrics(pred: np.ndarray, y: np.ndarray, targets: list[str], pref
         if not m.any():
             continue
         err = pred[m, t] - y[m, t]
-        mae, rmse = float(np.abs(err).mean()), float(np.sqrt((err ** 2).mean()))
+        mae, rmse = float(np.abs(err).mean()), float(np.sqrt((err**2).mean()))
         var = float(((y[m, t] - y[m, t].mean()) ** 2).sum())
-        r2 = 1.0 - float((err ** 2).sum()) / var if var > 0 else float("nan")
+        r2 = 1.0 - float((err**2).sum()) / var if var > 0 else float("nan")
         maes.append(mae)
         rmses.append(rmse)
         r2s.append(r2)
@@ -49,8 +56,9 @@ def regression_metrics(pred: np.ndarray, y: np.ndarray, targets: list[str], pref
 
 
 @torch.no_grad()
-def embedding_metrics(model, store: GraphStore, index: np.ndarray, device, noise: float = 0.05, seed: int = 0,
-                      batch_size: int = 512) -> dict[str, float]:
+def embedding_metrics(
+    model, store: GraphStore, index: np.ndarray, device, noise: float = 0.05, seed: int = 0, batch_size: int = 512
+) -> dict[str, float]:
     """alignment: mean cosine similarity of each crystal's pooled embedding with that of a copy whose
     atoms are moved by N(0, noise^2) Å (same edges, distances recomputed); uniformity: mean pairwise
     Euclidean distance between L2-normalised embeddings (0..2; higher = more spread out)."""
@@ -58,7 +66,7 @@ def embedding_metrics(model, store: GraphStore, index: np.ndarray, device, noise
     rng = np.random.default_rng(seed)
     clean, noisy = [], []
     for s in range(0, len(index), batch_size):
-        idx = index[s:s + batch_size]
+        idx = index[s : s + batch_size]
         clean.append(model.embed(store.batch(idx, []).to(device)).float().cpu())
         noisy.append(model.embed(store.batch(idx, [], noise=noise, rng=rng).to(device)).float().cpu())
     if not clean:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..config import TrialConfig
 from ..data.dataset import Dataset, load_dataset
-from ..featurizers import supported_elements
+from ..featurizers import unsupported_crystals
 from ..graphs.cache import GraphParams
 from ..graphs.store import GraphStore
 from ..graphs.trim import trim_neighbors
@@ -31,10 +31,14 @@ class TrialData:
 def load_trial_dataset(cfg: TrialConfig, progress: bool | None = None) -> Dataset:
     """The dataset (cached graphs) for a config, limited to a seeded subset when ``data.limit`` is set."""
     d = cfg.data
-    ds = load_dataset(d.dataset, d.targets, data=d.data, params=GraphParams(d.cutoff, d.max_neighbors), progress=progress)
+    ds = load_dataset(
+        d.dataset, d.targets, data=d.data, params=GraphParams(d.cutoff, d.max_neighbors), progress=progress
+    )
     if d.limit and d.limit < len(ds):
         keep = np.sort(np.random.default_rng(d.split_seed).permutation(len(ds))[: d.limit])
-        ds = Dataset(f"{ds.name}-limit{d.limit}", ds.source, ds.targets, ds.store.subset(keep), ds.skipped, ds.key, ds.params)
+        ds = Dataset(
+            f"{ds.name}-limit{d.limit}", ds.source, ds.targets, ds.store.subset(keep), ds.skipped, ds.key, ds.params
+        )
     return ds
 
 
@@ -46,11 +50,9 @@ def prepare_trial_data(cfg: TrialConfig, dataset: Dataset | None = None) -> Tria
         ds = replace(ds, store=trim_neighbors(ds.store, cfg.data.max_neighbors))
     d = cfg.data
     split = ds.split(d.split_seed, tuple(d.split), folds=d.folds, fold=d.fold)
-    supported = supported_elements(cfg.model.node_featurizer)
-    z, ptr = ds.store.arrays["z"], ds.store.node_ptr
-    ok_atom = np.isin(z, np.array(sorted(supported)))
-    ok = np.logical_and.reduceat(ok_atom, ptr[:-1]) if len(z) else np.zeros(0, bool)
-    dropped = [{"id": str(ds.store.ids[g]), "reason": f"elements without {cfg.model.node_featurizer!r} features"}
-               for g in np.flatnonzero(~ok)]
+    bad = unsupported_crystals(ds.store.arrays["z"], ds.store.node_ptr, cfg.model.node_featurizer)
+    dropped = [{"id": str(ds.store.ids[g]), "reason": reason} for g, reason in bad.items()]
+    ok = np.ones(len(ds.store), bool)
+    ok[list(bad)] = False
     idx = [s[ok[s]] for s in (split.train, split.val, split.test)]
     return TrialData(ds.store, ds.targets, *idx, name=ds.name, dropped=dropped)
