@@ -63,6 +63,7 @@ class LoadedModel:
     max_neighbors: int
     metrics: dict[str, Any]
     kind: str  # crystaltune | reference-cgcnn
+    domain: dict[str, Any] | None = None  # training elements, target ranges and units (crystaltune.domain)
 
 
 def save_checkpoint(
@@ -156,6 +157,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         cfg.data.max_neighbors,
         dict(ck.get("metrics", {})),
         kind,
+        ck.get("domain") if isinstance(ck.get("domain"), dict) else None,
     )
 
 

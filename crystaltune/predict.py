@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -77,35 +78,43 @@ def predict_store(loaded: LoadedModel, store: GraphStore, batch_size: int = 256)
     return torch.cat(preds).numpy() if preds else np.zeros((0, len(loaded.targets)))
 
 
-def predict(checkpoint: str, inputs: list[str]) -> tuple[list[str], list[dict]]:
-    """Header and rows (id, one column per target, error) in input order."""
+def predict(checkpoint: str, inputs: list[str]) -> tuple[list[str], list[dict], dict | None]:
+    """Header, rows (id, one column per target named as the target, flags, error) in input order, and
+    the model's training domain. ``flags`` says when a crystal leaves that domain (unseen elements, a
+    value outside the training targets' range, a negative band gap)."""
     loaded = load_checkpoint(checkpoint)
     raw = read_inputs(inputs)
     # a reference CGCNN checkpoint gets the reference code's own neighbours (ties included), so its
     # published predictions are reproduced exactly
     mode = "reference" if loaded.kind == "reference-cgcnn" else "crystaltune"
     store, skipped, _ = build_store(raw, GraphParams(loaded.cutoff, loaded.max_neighbors, mode), progress=False)
+    from .domain import flags
     from .featurizers import unsupported_crystals
 
     preds = predict_store(loaded, store) if len(store) else np.zeros((0, len(loaded.targets)))
     bad = unsupported_crystals(store.arrays["z"], store.node_ptr, loaded.config.model.node_featurizer)
-    by_id = {
-        rid: {"error": bad[i]} if i in bad else dict(zip(loaded.targets, map(float, preds[i])))
-        for i, rid in enumerate(store.ids)
-    }
+    by_id = {}
+    for i, rid in enumerate(store.ids):
+        if i in bad:
+            by_id[rid] = {"error": bad[i]}
+            continue
+        values = dict(zip(loaded.targets, map(float, preds[i])))
+        by_id[rid] = {**values, "flags": flags(set(store.graph(i)["z"].tolist()), values, loaded.domain)}
     for s in skipped:
         by_id.setdefault(s["id"], {"error": s["reason"]})
-    header = ["id", *(["prediction"] if len(loaded.targets) == 1 else loaded.targets), "error"]
+    header = ["id", *loaded.targets, "flags", "error"]
     rows = []
     for rec_id in [r["id"] for r in raw.records] + [s["id"] for s in raw.skipped]:
         res = by_id.get(rec_id, {"error": "skipped"})
-        row = {"id": rec_id, "error": res.get("error", "")}
-        if len(loaded.targets) == 1:
-            row["prediction"] = res.get(loaded.targets[0], "")
-        else:
-            row.update({t: res.get(t, "") for t in loaded.targets})
-        rows.append(row)
-    return header, rows
+        rows.append(
+            {
+                "id": rec_id,
+                **{t: res.get(t, "") for t in loaded.targets},
+                "flags": res.get("flags", ""),
+                "error": res.get("error", ""),
+            }
+        )
+    return header, rows, loaded.domain
 
 
 @cli_main
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, nargs="+", help="CIF files, a folder of CIFs, or a dataset file")
     p.add_argument("--output", default="-", help="CSV file (default: stdout)")
     args = p.parse_args(argv)
-    header, rows = predict(args.checkpoint, args.input)
+    header, rows, loaded_domain = predict(args.checkpoint, args.input)
     fh = sys.stdout if args.output == "-" else open(args.output, "w", newline="")
     try:
         w = csv.DictWriter(fh, fieldnames=header)
@@ -125,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if fh is not sys.stdout:
             fh.close()
+    if args.output != "-":  # units and the model's domain beside the CSV
+        from .domain import UNITS
+
+        units = {t: (loaded_domain or {}).get("units", {}).get(t) or UNITS.get(t, "") for t in header[1:-2]}
+        Path(f"{args.output}.json").write_text(
+            json.dumps({"checkpoint": args.checkpoint, "units": units, "domain": loaded_domain}, indent=1)
+        )
     errors = sum(1 for r in rows if r["error"])
     print(
         f"predicted {len(rows) - errors} crystal(s), {errors} error row(s)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def small_cfg(**over) -> TrialConfig:
 
 
 def test_reference_checkpoint_reproduces_reference_predictions():
-    header, rows = predict(str(REF_DIR / "band-gap.pth.tar"), [str(REF_DIR / "sample-regression")])
+    header, rows, _ = predict(str(REF_DIR / "band-gap.pth.tar"), [str(REF_DIR / "sample-regression")])
     ours = {r["id"]: r["prediction"] for r in rows}
     with open(REF_DIR / "sample-regression" / "reference_band_gap_predictions.csv") as fh:
         ref = {row[0]: float(row[2]) for row in csv.reader(fh)}
@@ -44,7 +45,7 @@ def test_reference_checkpoint_reproduces_the_reference_code_on_tied_neighbours()
     reference checkpoint uses the reference code's own neighbour choice, so every crystal matches its
     output (before, Rb3BrO was 0.65 eV off and SrTiO3 0.10 eV)."""
     folder = REF_DIR / "high-symmetry"
-    header, rows = predict(str(REF_DIR / "band-gap.pth.tar"), [str(folder)])
+    header, rows, _ = predict(str(REF_DIR / "band-gap.pth.tar"), [str(folder)])
     with open(folder / "reference_band_gap_predictions.csv") as fh:
         ref = {row[0]: float(row[2]) for row in csv.reader(fh)}
     ours = {r["id"]: r["prediction"] for r in rows}
@@ -96,8 +97,8 @@ def test_multi_target_training(tmp_path):
     cfg = small_cfg(data={"targets": ["band_gap", "band_gap_gga"]}, output=str(tmp_path / "mt.pt"))
     s = fit(cfg)
     assert "test_mae_band_gap" in s and "test_mae_band_gap_gga" in s
-    header, rows = predict(str(tmp_path / "mt.pt"), [str(REF_DIR / "sample-regression" / "1000041.cif")])
-    assert header == ["id", "band_gap", "band_gap_gga", "error"] and rows[0]["id"] == "1000041"
+    header, rows, _ = predict(str(tmp_path / "mt.pt"), [str(REF_DIR / "sample-regression" / "1000041.cif")])
+    assert header == ["id", "band_gap", "band_gap_gga", "flags", "error"] and rows[0]["id"] == "1000041"
 
 
 def test_nan_loss_is_reported_as_diverged():
@@ -158,8 +159,23 @@ def test_train_and_predict_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(open(csv_out)))
     assert [r["id"] for r in rows] == ["1000041", "bad"]
-    assert float(rows[0]["prediction"]) > 0 and rows[0]["error"] == ""
-    assert rows[1]["prediction"] == "" and "could not be parsed" in rows[1]["error"]
+    assert float(rows[0]["band_gap"]) > 0 and rows[0]["error"] == ""  # the column is the target's name
+    assert rows[1]["band_gap"] == "" and "could not be parsed" in rows[1]["error"]
+    # units and the training domain beside the CSV; a crystal of elements never trained on is flagged
+    side = json.loads((tmp_path / "p.csv.json").read_text())
+    assert side["units"] == {"band_gap": "eV"} and 6 in side["domain"]["elements"]  # the HOIP set has carbon
+    assert "elements never seen in training:" in rows[0]["flags"]  # 1000041 holds elements HOIP lacks
+
+
+def test_domain_flags_fire_on_unseen_elements_negative_gaps_and_out_of_range_values():
+    from crystaltune.domain import flags
+
+    domain = {"elements": [6, 8], "range": {"band_gap": [1.5, 6.6]}}
+    assert flags({6, 8}, {"band_gap": 3.0}, domain) == ""
+    assert flags({6, 30}, {"band_gap": 3.0}, domain) == "elements never seen in training: Zn"
+    assert "band_gap -0.2 < 0" in flags({6}, {"band_gap": -0.2}, domain)
+    assert "band_gap -0.2 < 0" in flags({6}, {"band_gap": -0.2}, None)  # a negative gap even without a domain
+    assert "outside the training range [1.5, 6.6]" in flags({6}, {"band_gap": 21.3}, domain)
 
 
 def test_train_cli_bad_config_is_one_line(tmp_path):

@@ -43,10 +43,19 @@ class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
             workers=1,
             progress=False,
         )
+        from crystaltune.domain import flags
+
         preds = predict_store(self.loaded, store) if len(store) else np.zeros((0, len(self.loaded.targets)))
+        targets = self.loaded.targets
         by_id = {rid: preds[k] for k, rid in enumerate(store.ids)}
-        rows = [by_id.get(rid, np.full(len(self.loaded.targets), np.nan)) for rid in ids]
-        return pd.DataFrame(np.array(rows).reshape(len(ids), -1), columns=self.loaded.targets, index=ids)
+        notes = {
+            rid: flags(set(store.graph(k)["z"].tolist()), dict(zip(targets, map(float, preds[k]))), self.loaded.domain)
+            for k, rid in enumerate(store.ids)
+        }
+        rows = [by_id.get(rid, np.full(len(targets), np.nan)) for rid in ids]
+        out = pd.DataFrame(np.array(rows).reshape(len(ids), -1), columns=targets, index=ids)
+        out["flags"] = [notes.get(rid, "structure could not be used") for rid in ids]  # outside the training domain
+        return out
 
 
 mlflow.models.set_model(CrystaltunePyfunc())

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..checkpoint import Normalizer, save_checkpoint
 from ..config import TrialConfig
+from ..domain import domain_of
 from ..errors import CrystaltuneError
 from ..graphs.device_store import DeviceGraphStore, on_device
 from ..losses import Loss
@@ -72,6 +73,7 @@ class Run:
     steps: int
     use_amp: bool
     amp_dtype: torch.dtype
+    domain: dict[str, Any]  # training elements and target ranges, saved with every checkpoint (domain.py)
 
 
 @dataclass
@@ -195,6 +197,7 @@ def setup(cfg: TrialConfig, data: TrialData | None, device_store: bool | None) -
         steps,
         use_amp,
         amp_dtype,
+        domain_of(data),
     )
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     return run, TrainingState(optimizer, scheduler, scaler)
@@ -306,19 +309,7 @@ def _report(run: Run, state: TrainingState, report: Report, metrics: dict[str, A
         return
     with tempfile.TemporaryDirectory() as tmp:
         if run.rank == 0:
-            _write_epoch_checkpoint(
-                tmp,
-                run.model,
-                state.optimizer,
-                state.scheduler,
-                state.epoch,
-                state.best,
-                state.best_state,
-                state.history,
-                run.cfg,
-                run.normalizer,
-                run.data.targets,
-            )
+            _write_epoch_checkpoint(tmp, run, state)
         report(metrics, tmp if run.rank == 0 else None)
 
 
@@ -335,7 +326,15 @@ def finish(run: Run, state: TrainingState) -> dict[str, Any]:
     }
     if run.cfg.output and run.rank == 0 and state.best_state is not None:
         run.model.load_state_dict(state.best_state)
-        save_checkpoint(run.cfg.output, run.model, run.cfg, run.normalizer, data.targets, metrics=summary)
+        save_checkpoint(
+            run.cfg.output,
+            run.model,
+            run.cfg,
+            run.normalizer,
+            data.targets,
+            metrics=summary,
+            extra={"domain": run.domain},
+        )
     return summary
 
 
@@ -344,25 +343,31 @@ def load_epoch_checkpoint(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
 
 
-def _write_epoch_checkpoint(
-    directory, model, optimizer, scheduler, epoch, best, best_state, history, cfg, normalizer, targets
-):
+def _write_epoch_checkpoint(directory, run: Run, state: TrainingState) -> None:
     """state.pt (everything to resume) and best.pt (the best-val model, a crystaltune checkpoint)."""
     torch.save(
         {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": epoch,
-            "best": best,
-            "best_state": best_state,
-            "history": history,
+            "model": run.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+            "epoch": state.epoch,
+            "best": state.best,
+            "best_state": state.best_state,
+            "history": state.history,
             "torch_rng": torch.get_rng_state(),
         },
         Path(directory) / "state.pt",
     )
-    if best_state is not None:
-        current = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(best_state)
-        save_checkpoint(Path(directory) / "best.pt", model, cfg, normalizer, targets, metrics=best)
-        model.load_state_dict(current)
+    if state.best_state is not None:
+        current = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
+        run.model.load_state_dict(state.best_state)
+        save_checkpoint(
+            Path(directory) / "best.pt",
+            run.model,
+            run.cfg,
+            run.normalizer,
+            run.data.targets,
+            metrics=state.best,
+            extra={"domain": run.domain},
+        )
+        run.model.load_state_dict(current)
