@@ -154,6 +154,7 @@ def test_mlflow_pyfunc_model_predicts(smoke_search):
     cif = (ROOT / "tests/data/reference_cgcnn/sample-regression/1000041.cif").read_text()
     out = model.predict(pd.DataFrame({"id": ["a", "bad"], "structure": [cif, "garbage"]}))
     assert math.isfinite(out.loc["a", "band_gap"]) and math.isnan(out.loc["bad", "band_gap"])
+    assert "elements never seen in training" in out.loc["a", "flags"] and out.loc["bad", "flags"]
 
 
 # validation before Ray starts -------------------------------------------------------------------
