@@ -642,3 +642,78 @@ def test_auto_resources_pack_trials_on_gpus_and_fall_back_to_cpus():
     assert planned({"CPU": 16, "GPU": 1}) == (0.25, 4.0, 4)  # 4 trials share the GPU, 4 cores each
     assert planned({"CPU": 64, "GPU": 8}) == (0.25, 2.0, 32)
     assert planned({"CPU": 16, "GPU": 2}, trials_per_gpu=8) == (0.125, 1.0, 16)
+
+
+def test_optuna_study_persisted_and_a_warm_started_search_runs_its_configs_first(smoke_search):
+    """OUTPUT/optuna.db opens with optuna.load_study and holds every trial once (scored by best_val_mae);
+    --warm-start seeds a new search with its best configurations, run right after the default."""
+    import optuna
+
+    from crystaltune.search.warm_start import warm_points
+
+    work, stdout, _ = smoke_search
+    db = work / "out" / "optuna.db"
+    study = optuna.load_study(study_name="crystaltune-smoke", storage=f"sqlite:///{db}")
+    rows = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))
+    assert sorted(t.user_attrs["trial"] for t in study.trials) == sorted(r["trial"] for r in rows)
+    assert min(t.value for t in study.trials if t.value is not None) == pytest.approx(
+        float(rows[0]["best_val_mae"]), abs=1e-4
+    )
+    assert f"optuna-dashboard sqlite:///{db}" in stdout and "#/experiments/" in stdout
+    expected = warm_points(str(db), load_space("smoke"), log=lambda *a: None)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crystaltune.search",
+            "smoke",
+            "--num-samples",
+            "3",
+            "--warm-start",
+            str(db),
+            "--output",
+            str(work / "out2"),
+            "--json",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "run first, after the default" in out.stdout
+    client, runs = _runs(work)
+    parent = sorted(
+        (r for r in runs if r.data.tags.get("crystaltune.kind") == "search"), key=lambda r: r.info.start_time
+    )[-1]
+    second = {
+        r.info.run_name.split()[0]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert second["t001"].data.tags["crystaltune.default"] == "true"
+    for key, value in expected[0].items():
+        assert second["t002"].data.params[key] == str(value), key
+    exp = client.get_experiment_by_name("crystaltune-smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "crystaltune search `smoke`" in parent.data.tags["mlflow.note.content"]
+
+
+def test_warm_start_refuses_an_incompatible_study(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="crystaltune-other", storage=storage)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"model.hidden": 48},
+            distributions={"model.hidden": optuna.distributions.IntDistribution(16, 64)},
+            value=0.5,
+        )
+    )
+    from crystaltune.search.warm_start import warm_points
+
+    with pytest.raises(
+        CrystaltuneError, match="no configuration of that study fits this space .*model.hidden is not searched"
+    ):
+        warm_points(str(tmp_path / "o.db"), load_space("smoke"), log=lambda *a: None)
+    with pytest.raises(CrystaltuneError, match="no such file"):
+        warm_points(str(tmp_path / "none.db"), load_space("smoke"))

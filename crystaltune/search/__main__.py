@@ -60,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
         default=1800.0,
         help="stop the search (resumable) when no trial could run for this many seconds (default 1800)",
     )
+    p.add_argument(
+        "--warm-start",
+        metavar="PATH|URI",
+        help="an earlier search's optuna.db (OUTPUT/optuna.db) or Optuna storage URI: its best compatible "
+        "configurations run first, after the default",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     return p
 
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=a.gpus_per_worker,
             cpus_per_worker=a.cpus_per_worker,
             trials_per_gpu=a.trials_per_gpu,
+            warm_start=a.warm_start,
             seed=a.seed,
             watchdog_factor=a.watchdog_factor,
             watchdog_floor_s=a.watchdog_floor,

@@ -31,6 +31,7 @@ class SearchOptions:
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
     trials_per_gpu: int | None = None
+    warm_start: str | None = None  # an earlier search's optuna.db (or storage URI): its best configs run first
     seed: int = 0
     data: str | None = None
     num_cpus: int | None = None  # local Ray only (logical CPUs; default 2 x cores + 1)
@@ -150,6 +151,9 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     experiment = f"crystaltune-{space.name}"
     log = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
     ncpu = plan_local(opts, space)
+    from .warm_start import warm_points
+
+    warm = warm_points(opts.warm_start, space, log=log) if opts.warm_start and not opts.resume else []
     dataset = load_shared_graphs(space, log)
 
     import ray
@@ -162,7 +166,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         state_file = str(output / "tracker_state.json")
         trainable = make_trainable(space, opts, storage, state_file, ray.put(dataset))
         tuner = make_tuner(
-            opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, log
+            opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, log, warm
         )
         t0 = time.perf_counter()
         tuner.fit()
@@ -227,7 +231,9 @@ def make_trainable(space: SearchSpace, opts: SearchOptions, storage: str, state_
     return tune.with_resources(tune.with_parameters(fn, space=space, data_ref=[data_ref], settings=settings), resources)
 
 
-def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, log):
+def make_tuner(
+    opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, log, warm=()
+):
     """A new Tuner (Optuna from the default point, ASHA, tracker and watchdog), or the restored one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -282,7 +288,7 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
                 metric="best_val_mae",
                 mode="min",
                 seed=opts.seed,
-                points_to_evaluate=[encode_point(space.default_point, space)],
+                points_to_evaluate=[encode_point(p, space) for p in [space.default_point, *warm]],
             ),
             scheduler=ASHAScheduler(
                 time_attr="epoch",
@@ -301,6 +307,33 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         ),
     )
+
+
+def run_description(rows: list[dict[str, Any]], summary: dict[str, Any], space: SearchSpace, exp_id: str) -> str:
+    """The parent run's Markdown description (MLflow shows it on the run page): outcome and top trials."""
+    lines = [
+        f"**crystaltune search `{space.name}`**: {summary['trials']} trials ({summary['failed']} failed), "
+        f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA).",
+        "",
+    ]
+    if "best_trial" in summary:
+        lines += [
+            f"Best: **{summary['best_trial']}**, best_val_mae {summary['best_val_mae']:.4f}, test_mae "
+            f"{summary['best_test_mae']:.4f} ([run](#/experiments/{exp_id}/runs/{summary['best_run_id']})).",
+            "",
+        ]
+    if "default_trial" in summary:
+        lines += [
+            f"Default configuration ({summary['default_trial']}): best_val_mae {summary['default_val_mae']:.4f}.",
+            "",
+        ]
+    lines += ["| # | trial | best_val_mae | test_mae |", "|---|---|---|---|"]
+    lines += [
+        f"| {i} | {r['name']} | {r['val_mae']:.4f} | {r['test_mae']:.4f} |"
+        for i, r in enumerate(rows[:5], 1)
+        if r["status"] != "FAILED"
+    ]
+    return "\n".join(lines)
 
 
 def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
@@ -429,8 +462,17 @@ def finish_search(
         )
         log(f"[crystaltune] wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
         log(f"[crystaltune] retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
-    log(
-        f"[crystaltune] MLflow: mlflow ui --backend-store-uri {tracking_uri}  (experiment '{experiment}', "
-        f"parent run {tracker.parent_run_id}; sort the child runs by metrics.best_val_mae, the selection metric)"
+    tracker.client.set_tag(
+        tracker.parent_run_id, "mlflow.note.content", run_description(rows, summary, space, tracker.experiment_id)
     )
+    log(
+        f"[crystaltune] MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open "
+        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs (experiment '{experiment}'; the parent "
+        f"run {tracker.parent_run_id} has the summary; sort by metrics.best_val_mae, the selection metric)"
+    )
+    if (output / "optuna.db").exists():
+        log(
+            f"[crystaltune] Optuna study: optuna-dashboard sqlite:///{output / 'optuna.db'}  (a later search can "
+            f"start from it: --warm-start {output / 'optuna.db'})"
+        )
     return summary

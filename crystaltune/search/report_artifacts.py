@@ -13,23 +13,32 @@ from typing import Any
 import numpy as np
 
 
-def optuna_study(tracker, space, rows):
-    """An in-memory Optuna study rebuilt from the finished trials (works after --resume too)."""
+def optuna_study(tracker, space, rows, storage: str | None = None):
+    """The search as an Optuna study, every trial once in the order they ran, scored by the selection
+    metric (best_val_mae); failed ones as FAIL. With ``storage`` (e.g. ``sqlite:///.../optuna.db``)
+    it is saved there as ``crystaltune-NAME`` (replacing an earlier copy), for optuna-dashboard and
+    ``--warm-start``. Rebuilt from the tracker, so it is complete after --resume too."""
     import optuna
 
     from .leaderboard import ranked
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = {p.name: p.distribution() for p in space.params}
-    study = optuna.create_study(direction="minimize")
+    name = f"crystaltune-{space.name}"
+    if storage is not None and name in optuna.get_all_study_names(storage):
+        optuna.delete_study(study_name=name, storage=storage)
+    study = optuna.create_study(direction="minimize", storage=storage, study_name=name if storage else None)
     for r in sorted(rows, key=lambda r: r["trial"]):  # the order the trials ran (t001, t002, ...), not rank order
-        if not ranked(r["status"], r["val_mae"]):
-            continue
         raw = tracker.configs.get(r["trial_id"], {})
         params = {k: v for k, v in raw.items() if k in dists}
+        ok = ranked(r["status"], r["val_mae"])
         study.add_trial(
             optuna.trial.create_trial(
-                params=params, distributions={k: dists[k] for k in params}, value=float(r["val_mae"])
+                params=params,
+                distributions={k: dists[k] for k in params},
+                value=float(r["val_mae"]) if ok else None,
+                state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+                user_attrs={"trial": r["trial"], "mlflow_run_id": r["run_id"], "default": bool(r.get("default"))},
             )
         )
     return study
@@ -104,8 +113,10 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
     shutil.copy(output / "best_config.yaml", art / "best_config.yaml")
     shutil.copy(output / "top_configs.yaml", art / "top_configs.yaml")
     try:
-        study = optuna_study(tracker, space, rows)
+        study = optuna_study(tracker, space, rows, f"sqlite:///{output / 'optuna.db'}")
+        made["optuna_storage"] = f"sqlite:///{output / 'optuna.db'}"
         import matplotlib
+        import optuna
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -117,11 +128,13 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
             ax.set_title("Best val MAE per trial, in the order they ran")
             ax.figure.savefig(art / "optuna_history.png", dpi=110, bbox_inches="tight")
             plt.close(ax.figure)
-            history = [{"number": t.number, "value": t.value, "params": t.params} for t in study.trials]
+            history = [
+                {"number": t.number, "value": t.value, "params": t.params}
+                for t in study.trials
+                if t.state == optuna.trial.TrialState.COMPLETE
+            ]
             (art / "optuna_history.json").write_text(json.dumps(history, indent=1, default=str))
             if len(study.trials) >= 3:
-                import optuna
-
                 # one method for the JSON, the PNG and the report: fANOVA, seeded
                 imp = optuna.importance.get_param_importances(
                     study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)

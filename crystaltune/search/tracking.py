@@ -149,6 +149,8 @@ class MLflowTracker(tune.Callback):
         if self.experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            # MLflow 3 opens experiments of unknown kind on its GenAI traces page: say these are model runs
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         if self.parent_run_id is None:
             run = self.client.create_run(
                 self.experiment_id,

@@ -1,0 +1,85 @@
+"""``--warm-start PATH|URI``: seed a search with the best configurations of an earlier one.
+
+The earlier search's Optuna study (``OUTPUT/optuna.db``, written by every search) is read, its best
+completed trials (by best_val_mae) become points Optuna evaluates first, right after the default.
+A trial is *compatible* with the new space when every parameter it set is searched here, with a value
+this space can take, and it sets exactly the parameters this space's ``when`` conditions make active
+for those values. Incompatible trials are left out with the reason; if none is compatible the search
+stops before Ray starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import CrystaltuneError
+from .space import SearchSpace, decode_sampled
+
+
+def _storage(source: str) -> str:
+    if "://" in source:
+        return source
+    if not Path(source).is_file():
+        raise CrystaltuneError(f"--warm-start {source}: no such file (an optuna.db a search wrote, or a storage URI)")
+    return f"sqlite:///{Path(source).resolve()}"
+
+
+def _study(source: str, space: SearchSpace):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _storage(source)
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:
+        raise CrystaltuneError(f"--warm-start {source}: not an Optuna storage ({type(exc).__name__})") from None
+    if not names:
+        raise CrystaltuneError(f"--warm-start {source}: holds no Optuna study")
+    name = f"crystaltune-{space.name}" if f"crystaltune-{space.name}" in names else names[0]
+    if len(names) > 1 and name not in (f"crystaltune-{space.name}",):
+        raise CrystaltuneError(f"--warm-start {source}: several studies ({', '.join(names)}) and none is {name!r}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def why_incompatible(point: dict[str, Any], space: SearchSpace) -> str | None:
+    """None when ``point`` is a configuration this space can sample, else the reason."""
+    params = {p.name: p for p in space.params}
+    for key, value in point.items():
+        if key not in params:
+            return f"{key} is not searched in this space"
+        if not params[key].contains(value):
+            return f"{key} = {value!r} is outside this space ({params[key].describe()})"
+    active: dict[str, Any] = {}
+    for p in space.params:
+        if p.active(active) and p.name in point:
+            active[p.name] = point[p.name]
+    missing = [p.name for p in space.params if p.active(active) and p.name not in point]
+    if missing or set(active) != set(point):
+        return f"it leaves {', '.join(missing) or 'conditional parameters'} unset"
+    return None
+
+
+def warm_points(source: str, space: SearchSpace, k: int = 5, log=print) -> list[dict[str, Any]]:
+    """The best ``k`` compatible configurations of the study at ``source``, as parameter values."""
+    import optuna
+
+    study = _study(source, space)
+    done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    points, reasons = [], []
+    for t in done:
+        point = decode_sampled(t.params, space) if set(t.params) <= {p.name for p in space.params} else dict(t.params)
+        reason = why_incompatible(point, space)
+        if reason:
+            reasons.append(f"trial {t.user_attrs.get('trial', t.number)}: {reason}")
+        elif point not in points and point != space.default_point:
+            points.append(point)
+        if len(points) == k:
+            break
+    if not points:
+        first = reasons[0] if reasons else "it has no completed trial"
+        raise CrystaltuneError(f"--warm-start {source}: no configuration of that study fits this space ({first})")
+    for r in reasons[:3]:
+        log(f"[crystaltune] --warm-start: left out {r}")
+    log(f"[crystaltune] --warm-start: {len(points)} configuration(s) from {source} run first, after the default")
+    return points
