@@ -123,9 +123,30 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+ENSEMBLE_FORMAT = "crystaltune-ensemble"
+
+
+def load_members(path: str | Path) -> list[LoadedModel]:
+    """The models of a checkpoint file: one, or every member of an ensemble (crystaltune.ensemble)."""
+    ck = read_checkpoint(path)
+    if ck.get("format") != ENSEMBLE_FORMAT:
+        return [load_checkpoint_dict(ck, path)]
+    members = ck.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise CrystaltuneError(f"{path}: an ensemble checkpoint without members")
+    loaded = [load_checkpoint_dict(m, f"{path} (member {i + 1})") for i, m in enumerate(members)]
+    if len({tuple(m.targets) for m in loaded}) != 1:
+        raise CrystaltuneError(f"{path}: the ensemble's members predict different targets")
+    return loaded
+
+
 def load_checkpoint(path: str | Path) -> LoadedModel:
     """A model in eval mode from a crystaltune checkpoint or a reference CGCNN ``.pth.tar``."""
-    ck = read_checkpoint(path)
+    return load_checkpoint_dict(read_checkpoint(path), path)
+
+
+def load_checkpoint_dict(ck: dict[str, Any], path) -> LoadedModel:
+    """A model in eval mode from a checkpoint's dict (``path`` names it in errors)."""
     if ck.get("format") == FORMAT:
         cfg = TrialConfig.from_dict(ck["config"])
         targets = list(ck["targets"])

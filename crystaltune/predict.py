@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import LoadedModel, load_checkpoint
+from .checkpoint import LoadedModel
 from .data.readers import read_source
 from .errors import CrystaltuneError, cli_main
 from .graphs.cache import GraphParams, build_store
@@ -79,42 +79,59 @@ def predict_store(loaded: LoadedModel, store: GraphStore, batch_size: int = 256)
 
 
 def predict(checkpoint: str, inputs: list[str]) -> tuple[list[str], list[dict], dict | None]:
-    """Header, rows (id, one column per target named as the target, flags, error) in input order, and
-    the model's training domain. ``flags`` says when a crystal leaves that domain (unseen elements, a
-    value outside the training targets' range, a negative band gap)."""
-    loaded = load_checkpoint(checkpoint)
-    raw = read_inputs(inputs)
+    """Header, rows (id, one column per target named as the target, ``<target>_std`` for an ensemble,
+    flags, error) in input order, and the model's training domain. ``flags`` says when a crystal
+    leaves that domain (unseen elements, a value outside the training range, a negative band gap)."""
+    from .checkpoint import load_members
+
+    members = load_members(checkpoint)
+    header, rows = predict_records(members, read_inputs(inputs))
+    return header, rows, members[0].domain
+
+
+def predict_records(members: list, raw) -> tuple[list[str], list[dict]]:
+    """Predictions of one model or an ensemble's members (mean, and std across members) for raw
+    records, in their order; what the CLI and the MLflow pyfunc both return."""
+    from .domain import flags
+
+    targets, domain = members[0].targets, members[0].domain
+    preds, zs, errors = [], {}, {}
+    for loaded in members:
+        p, z, e = _member_predictions(loaded, raw)
+        preds.append(p)
+        zs.update(z)
+        errors.update(e)
+    by_id = {}
+    for rid, z in zs.items():
+        if rid in errors:
+            continue
+        stack = np.stack([p[rid] for p in preds])
+        values = dict(zip(targets, map(float, stack.mean(0))))
+        stds = {f"{t}_std": float(v) for t, v in zip(targets, stack.std(0))} if len(members) > 1 else {}
+        by_id[rid] = {**values, **stds, "flags": flags(z, values, domain)}
+    std_cols = [f"{t}_std" for t in targets] if len(members) > 1 else []
+    header = ["id", *targets, *std_cols, "flags", "error"]
+    rows = []
+    for rec_id in [r["id"] for r in raw.records] + [s["id"] for s in raw.skipped]:
+        res = by_id.get(rec_id, {"error": errors.get(rec_id, "skipped")})
+        rows.append({"id": rec_id, **{k: res.get(k, "") for k in header[1:-1]}, "error": res.get("error", "")})
+    return header, rows
+
+
+def _member_predictions(loaded, raw) -> tuple[dict[str, np.ndarray], dict[str, set[int]], dict[str, str]]:
+    """One model's predictions by id, the elements of each crystal, and why a crystal got none."""
+    from .featurizers import unsupported_crystals
+
     # a reference CGCNN checkpoint gets the reference code's own neighbours (ties included), so its
     # published predictions are reproduced exactly
     mode = "reference" if loaded.kind == "reference-cgcnn" else "crystaltune"
     store, skipped, _ = build_store(raw, GraphParams(loaded.cutoff, loaded.max_neighbors, mode), progress=False)
-    from .domain import flags
-    from .featurizers import unsupported_crystals
-
-    preds = predict_store(loaded, store) if len(store) else np.zeros((0, len(loaded.targets)))
+    out = predict_store(loaded, store) if len(store) else np.zeros((0, len(loaded.targets)))
     bad = unsupported_crystals(store.arrays["z"], store.node_ptr, loaded.config.model.node_featurizer)
-    by_id = {}
-    for i, rid in enumerate(store.ids):
-        if i in bad:
-            by_id[rid] = {"error": bad[i]}
-            continue
-        values = dict(zip(loaded.targets, map(float, preds[i])))
-        by_id[rid] = {**values, "flags": flags(set(store.graph(i)["z"].tolist()), values, loaded.domain)}
-    for s in skipped:
-        by_id.setdefault(s["id"], {"error": s["reason"]})
-    header = ["id", *loaded.targets, "flags", "error"]
-    rows = []
-    for rec_id in [r["id"] for r in raw.records] + [s["id"] for s in raw.skipped]:
-        res = by_id.get(rec_id, {"error": "skipped"})
-        rows.append(
-            {
-                "id": rec_id,
-                **{t: res.get(t, "") for t in loaded.targets},
-                "flags": res.get("flags", ""),
-                "error": res.get("error", ""),
-            }
-        )
-    return header, rows, loaded.domain
+    errors = {str(store.ids[g]): reason for g, reason in bad.items()}
+    errors.update({s["id"]: s["reason"] for s in skipped})
+    zs = {str(rid): set(store.graph(i)["z"].tolist()) for i, rid in enumerate(store.ids)}
+    return {str(rid): out[i] for i, rid in enumerate(store.ids)}, zs, errors
 
 
 @cli_main

@@ -717,3 +717,43 @@ def test_warm_start_refuses_an_incompatible_study(tmp_path):
         warm_points(str(tmp_path / "o.db"), load_space("smoke"), log=lambda *a: None)
     with pytest.raises(CrystaltuneError, match="no such file"):
         warm_points(str(tmp_path / "none.db"), load_space("smoke"))
+
+
+def test_ensemble_of_the_top_trials_is_measured_logged_registered_and_predicts(smoke_search):
+    import json
+
+    work, _, _ = smoke_search
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.ensemble", "smoke", "--top-k", "3", "--output", str(work / "ens")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    res = json.loads(out.stdout[out.stdout.index("{") :])
+    assert len(res["trials"]) == 3 and math.isfinite(res["test_mae_ensemble"]) and 0 <= res["within_2_std"] <= 1
+    assert res["test_mae_best_single"] > 0 and res["test_crystals"] > 10
+    client, runs = _runs(work)
+    assert any(r.data.tags.get("crystaltune.kind") == "ensemble" for r in runs)
+    assert client.search_model_versions("name='crystaltune-smoke-ensemble'")
+    cif = str(ROOT / "tests/data/reference_cgcnn/sample-regression/1000041.cif")
+    pred = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crystaltune.predict",
+            "--checkpoint",
+            str(work / "ens" / "ensemble.pt"),
+            "--input",
+            cif,
+            "--output",
+            str(work / "ens.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    rows = list(csv.DictReader(open(work / "ens.csv")))
+    assert float(rows[0]["band_gap"]) > -10 and float(rows[0]["band_gap_std"]) >= 0

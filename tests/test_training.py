@@ -235,3 +235,27 @@ def test_training_from_the_device_store_gives_the_same_losses():
         assert a["train_mae"] == pytest.approx(b["train_mae"], rel=1e-5)
         assert a["val_mae"] == pytest.approx(b["val_mae"], rel=1e-5)
     assert host["test_mae"] == pytest.approx(dev["test_mae"], rel=1e-5)
+
+
+def test_ensemble_prediction_is_the_members_mean_with_their_std(tmp_path):
+    """An ensemble checkpoint of two identical members has std 0 and the member's prediction; of two
+    different members, the mean and (population) std of their own predictions."""
+    from crystaltune.checkpoint import ENSEMBLE_FORMAT, read_checkpoint
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    fit(small_cfg(output=str(a)))
+    fit(small_cfg(output=str(b), train={"seed": 1}))
+    cif = [str(REF_DIR / "sample-regression")]
+    single = {p: {r["id"]: r["band_gap"] for r in predict(str(p), cif)[1]} for p in (a, b)}
+    for members, name in (([a, a], "same.pt"), ([a, b], "pair.pt")):
+        torch.save(
+            {"format": ENSEMBLE_FORMAT, "version": 1, "members": [read_checkpoint(m) for m in members]}, tmp_path / name
+        )
+        header, rows, _ = predict(str(tmp_path / name), cif)
+        assert header == ["id", "band_gap", "band_gap_std", "flags", "error"]
+        for r in rows:
+            values = [single[m][r["id"]] for m in members]
+            assert r["band_gap"] == pytest.approx(np.mean(values), abs=1e-5)
+            assert r["band_gap_std"] == pytest.approx(np.std(values), abs=1e-5)
+            if members[0] == members[1]:
+                assert r["band_gap_std"] == 0.0

@@ -13,21 +13,22 @@ import pandas as pd
 
 class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
     """Input: a DataFrame with a ``structure`` column (CIF text or a pymatgen Structure dict) and an
-    optional ``id`` column. Output: one column per target (NaN where a structure is unusable)."""
+    optional ``id`` column. Output: one column per target (NaN where a structure is unusable), ``<target>_std``
+    for an ensemble, and ``flags`` (outside the training domain, or why there is no prediction)."""
 
     def load_context(self, context):
-        from crystaltune.checkpoint import load_checkpoint
+        from crystaltune.checkpoint import load_members
 
-        self.loaded = load_checkpoint(context.artifacts["checkpoint"])
+        self.members = load_members(context.artifacts["checkpoint"])  # one model, or an ensemble's members
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:  # noqa: D401
         import json
+        from pathlib import Path
 
         import numpy as np
 
         from crystaltune.data.readers import RawDataset
-        from crystaltune.graphs.cache import GraphParams, build_store
-        from crystaltune.predict import predict_store
+        from crystaltune.predict import predict_records
 
         ids = [str(i) for i in (model_input["id"] if "id" in model_input else range(len(model_input)))]
         records = []
@@ -35,27 +36,12 @@ class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
             if isinstance(s, str) and s.lstrip().startswith("{"):
                 s = json.loads(s)
             records.append({"id": rid, "line": i + 1, "structure": s, "props": {}})
-        from pathlib import Path
-
-        store, _, _ = build_store(
-            RawDataset(Path("."), records),
-            GraphParams(self.loaded.cutoff, self.loaded.max_neighbors),
-            workers=1,
-            progress=False,
-        )
-        from crystaltune.domain import flags
-
-        preds = predict_store(self.loaded, store) if len(store) else np.zeros((0, len(self.loaded.targets)))
-        targets = self.loaded.targets
-        by_id = {rid: preds[k] for k, rid in enumerate(store.ids)}
-        notes = {
-            rid: flags(set(store.graph(k)["z"].tolist()), dict(zip(targets, map(float, preds[k]))), self.loaded.domain)
-            for k, rid in enumerate(store.ids)
-        }
-        rows = [by_id.get(rid, np.full(len(targets), np.nan)) for rid in ids]
-        out = pd.DataFrame(np.array(rows).reshape(len(ids), -1), columns=targets, index=ids)
-        out["flags"] = [notes.get(rid, "structure could not be used") for rid in ids]  # outside the training domain
-        return out
+        header, rows = predict_records(self.members, RawDataset(Path("."), records))
+        out = pd.DataFrame(rows, columns=header).set_index("id")
+        numeric = [c for c in header[1:] if c not in ("flags", "error")]
+        out[numeric] = out[numeric].replace("", np.nan).astype(float)
+        out.loc[out["flags"] == "", "flags"] = out["error"]  # a crystal without a prediction says why
+        return out.drop(columns="error")
 
 
 mlflow.models.set_model(CrystaltunePyfunc())

@@ -1,0 +1,171 @@
+"""``python -m crystaltune.ensemble NAME --top-k K``: the top-k trials of a finished search as one
+model with an uncertainty.
+
+The members are the trials' own best checkpoints (from MLflow: nothing is retrained). A prediction is
+the members' mean, its uncertainty their standard deviation. The command measures on the search's
+test split the ensemble's MAE against the best single model (the member with the lowest val MAE) and
+the calibration of the std (share of crystals within 1 and 2 std, rank correlation of |error| with
+std), writes ``ensemble.pt`` (``predict --checkpoint`` takes it: ``id,<target>,<target>_std``),
+logs all of it to MLflow under the search run and registers it as ``crystaltune-NAME-ensemble``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import ENSEMBLE_FORMAT, load_checkpoint_dict, read_checkpoint
+from .errors import CrystaltuneError, cli_main
+
+
+def member_checkpoints(client, exp_id: str, parent_id: str, k: int, folder: Path) -> list[tuple[str, dict]]:
+    """(trial name, checkpoint dict) of the k trials with the lowest best_val_mae that have a checkpoint."""
+    from .search.leaderboard import ranked
+
+    runs = client.search_runs(
+        [exp_id],
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`crystaltune.kind` = 'trial'",
+        max_results=5000,
+    )
+    runs = [r for r in runs if ranked(r.info.status, r.data.metrics.get("best_val_mae", math.nan))]
+    out = []
+    for r in sorted(runs, key=lambda r: r.data.metrics["best_val_mae"]):
+        try:
+            path = client.download_artifacts(r.info.run_id, "checkpoint/best.pt", str(folder))
+        except Exception:
+            continue  # a trial without a logged checkpoint cannot be a member
+        out.append((r.info.run_name.split()[0], read_checkpoint(Path(path).rename(folder / f"{r.info.run_id}.pt"))))
+        if len(out) == k:
+            break
+    if len(out) < 2:
+        raise CrystaltuneError(f"an ensemble needs at least 2 trials with checkpoints; this search has {len(out)}")
+    return out
+
+
+def test_predictions(members: list) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Each member's predictions on the test crystals all members can describe: (k, n, T), (n, T), ids."""
+    from .train.metrics import predict_indices
+    from .train.trial_data import prepare_trial_data
+
+    per_member = []
+    for m in members:
+        data = prepare_trial_data(m.config)
+        p, y = predict_indices(m.model, data.store, data.test, data.targets, m.normalizer, "cpu")
+        per_member.append({str(i): (p[j], y[j]) for j, i in enumerate(data.store.ids[data.test])})
+    ids = sorted(set.intersection(*(set(d) for d in per_member)))
+    preds = np.stack([[d[i][0] for i in ids] for d in per_member])
+    return preds, np.stack([per_member[0][i][1] for i in ids]), ids
+
+
+def calibration(preds: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Ensemble vs best single model (member 0) on the test split, and how well the std tracks the error."""
+    from scipy.stats import spearmanr
+
+    mean, std = preds.mean(0), preds.std(0)
+    err = np.abs(mean - y)
+    ok = np.isfinite(y)
+    single = float(np.abs(preds[0] - y)[ok].mean())
+    ens = float(err[ok].mean())
+    return {
+        "test_mae_ensemble": ens,
+        "test_mae_best_single": single,
+        "improvement": 1 - ens / single,
+        "within_1_std": float((err[ok] <= std[ok]).mean()),
+        "within_2_std": float((err[ok] <= 2 * std[ok]).mean()),
+        "spearman_abs_error_std": float(spearmanr(err[ok], std[ok]).statistic),
+        "mean_std": float(std[ok].mean()),
+        "test_crystals": int(ok.sum()),
+    }
+
+
+def build_ensemble(name: str, tracking_uri: str, k: int, output: Path) -> dict[str, Any]:
+    """Members, test-split measurements, ensemble.pt, and the MLflow run and registered model."""
+    from mlflow.tracking import MlflowClient
+
+    from .report import _latest_parent
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(f"crystaltune-{name}")
+    if exp is None:
+        raise CrystaltuneError(f"no MLflow experiment 'crystaltune-{name}' in {tracking_uri}")
+    parent = _latest_parent(client, exp.experiment_id, None)
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        chosen = member_checkpoints(client, exp.experiment_id, parent.info.run_id, k, Path(tmp))
+    members = [load_checkpoint_dict(ck, f"trial {t}") for t, ck in chosen]
+    preds, y, _ = test_predictions(members)
+    metrics = calibration(preds[:, :, 0], y[:, 0])
+    payload = {
+        "format": ENSEMBLE_FORMAT,
+        "version": 1,
+        "members": [ck for _, ck in chosen],
+        "trials": [t for t, _ in chosen],
+        "targets": members[0].targets,
+        "metrics": metrics,
+    }
+    torch.save(payload, output / "ensemble.pt")
+    (output / "ensemble.json").write_text(json.dumps({"trials": payload["trials"], **metrics}, indent=1))
+    log_ensemble(client, tracking_uri, exp.experiment_id, parent.info.run_id, name, output, payload["trials"], metrics)
+    return {"trials": payload["trials"], **metrics, "checkpoint": str(output / "ensemble.pt")}
+
+
+def log_ensemble(client, uri: str, exp_id: str, parent_id: str, name: str, output: Path, trials: list[str], metrics):
+    """An MLflow run under the search (metrics, the checkpoint) and the ensemble registered as a pyfunc."""
+    import warnings
+
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(
+        exp_id,
+        run_name=f"ensemble of {len(trials)}: {' '.join(trials)}",
+        tags={"mlflow.parentRunId": parent_id, "crystaltune.kind": "ensemble"},
+    )
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+        params=[Param("members", " ".join(trials))],
+    )
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlflow.pyfunc.log_model(
+            name="ensemble",
+            python_model=str(Path(__file__).parent / "search" / "mlflow_model.py"),
+            artifacts={"checkpoint": str(output / "ensemble.pt")},
+            registered_model_name=f"crystaltune-{name}-ensemble",
+            pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
+        )
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m crystaltune.ensemble", description=__doc__)
+    ap.add_argument("name", help="search-space name (MLflow experiment crystaltune-NAME)")
+    ap.add_argument("--top-k", type=int, default=5, help="members: the K trials with the lowest best_val_mae")
+    ap.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
+    ap.add_argument("--output", help="folder for ensemble.pt and ensemble.json (default: crystaltune-results/NAME)")
+    a = ap.parse_args(argv)
+    if a.top_k < 2:
+        raise CrystaltuneError(f"--top-k must be >= 2, got {a.top_k}")
+    from .search.engine import default_tracking_uri
+
+    uri = a.tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise CrystaltuneError(f"no MLflow store at {uri}")
+    out = build_ensemble(a.name, uri, a.top_k, Path(a.output or f"crystaltune-results/{a.name}"))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
