@@ -64,6 +64,7 @@ class LoadedModel:
     metrics: dict[str, Any]
     kind: str  # crystaltune | reference-cgcnn
     domain: dict[str, Any] | None = None  # training elements, target ranges and units (crystaltune.domain)
+    std_scale: float = 1.0  # an ensemble member: the calibration factor of the members' std
 
 
 def save_checkpoint(
@@ -135,6 +136,11 @@ def load_members(path: str | Path) -> list[LoadedModel]:
     if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
         raise CrystaltuneError(f"{path}: an ensemble checkpoint without members")
     loaded = [load_checkpoint_dict(m, f"{path} (member {i + 1})") for i, m in enumerate(members)]
+    scale = ck.get("std_scale", 1.0)
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and 0 < scale < 1e6):
+        raise CrystaltuneError(f"{path}: std_scale must be a positive number, got {scale!r}")
+    for m in loaded:
+        m.std_scale = float(scale)
     if len({tuple(m.targets) for m in loaded}) != 1:
         raise CrystaltuneError(f"{path}: the ensemble's members predict different targets")
     return loaded

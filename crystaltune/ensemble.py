@@ -2,8 +2,9 @@
 model with an uncertainty.
 
 The members are the trials' own best checkpoints (from MLflow: nothing is retrained). A prediction is
-the members' mean, its uncertainty their standard deviation. The command measures on the search's
-test split the ensemble's MAE against the best single model (the member with the lowest val MAE) and
+the members' mean, its uncertainty their standard deviation times a factor fitted on the
+validation split (members of one search agree more than their errors warrant). The command measures
+on the search's test split the ensemble's MAE against the best single model (the member with the lowest val MAE) and
 the calibration of the std (share of crystals within 1 and 2 std, rank correlation of |error| with
 std), writes ``ensemble.pt`` (``predict --checkpoint`` takes it: ``id,<target>,<target>_std``),
 logs all of it to MLflow under the search run and registers it as ``crystaltune-NAME-ensemble``.
@@ -50,26 +51,37 @@ def member_checkpoints(client, exp_id: str, parent_id: str, k: int, folder: Path
     return out
 
 
-def test_predictions(members: list) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Each member's predictions on the test crystals all members can describe: (k, n, T), (n, T), ids."""
+def split_predictions(members: list, split: str = "test") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Each member's predictions on a split's crystals all members can describe: (k, n, T), (n, T), ids."""
     from .train.metrics import predict_indices
     from .train.trial_data import prepare_trial_data
 
     per_member = []
     for m in members:
         data = prepare_trial_data(m.config)
-        p, y = predict_indices(m.model, data.store, data.test, data.targets, m.normalizer, "cpu")
-        per_member.append({str(i): (p[j], y[j]) for j, i in enumerate(data.store.ids[data.test])})
+        index = getattr(data, split)
+        p, y = predict_indices(m.model, data.store, index, data.targets, m.normalizer, "cpu")
+        per_member.append({str(i): (p[j], y[j]) for j, i in enumerate(data.store.ids[index])})
     ids = sorted(set.intersection(*(set(d) for d in per_member)))
     preds = np.stack([[d[i][0] for i in ids] for d in per_member])
     return preds, np.stack([per_member[0][i][1] for i in ids]), ids
 
 
-def calibration(preds: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Ensemble vs best single model (member 0) on the test split, and how well the std tracks the error."""
+def std_scale(preds: np.ndarray, y: np.ndarray) -> float:
+    """The factor that turns the members' std into a calibrated error scale, fitted on the validation
+    split (members of one search agree more than their errors warrant): for Gaussian errors the median
+    of |error| / sigma is 0.6745."""
+    std = preds.std(0)
+    ok = np.isfinite(y) & (std > 0)
+    return float(np.median(np.abs(preds.mean(0) - y)[ok] / std[ok]) / 0.6745) if ok.any() else 1.0
+
+
+def calibration(preds: np.ndarray, y: np.ndarray, scale: float = 1.0) -> dict[str, float]:
+    """Ensemble vs best single model (member 0) on the test split, and how well the (scaled) std tracks
+    the error."""
     from scipy.stats import spearmanr
 
-    mean, std = preds.mean(0), preds.std(0)
+    mean, std = preds.mean(0), scale * preds.std(0)
     err = np.abs(mean - y)
     ok = np.isfinite(y)
     single = float(np.abs(preds[0] - y)[ok].mean())
@@ -82,6 +94,7 @@ def calibration(preds: np.ndarray, y: np.ndarray) -> dict[str, float]:
         "within_2_std": float((err[ok] <= 2 * std[ok]).mean()),
         "spearman_abs_error_std": float(spearmanr(err[ok], std[ok]).statistic),
         "mean_std": float(std[ok].mean()),
+        "std_scale": scale,
         "test_crystals": int(ok.sum()),
     }
 
@@ -101,11 +114,14 @@ def build_ensemble(name: str, tracking_uri: str, k: int, output: Path) -> dict[s
     with tempfile.TemporaryDirectory() as tmp:
         chosen = member_checkpoints(client, exp.experiment_id, parent.info.run_id, k, Path(tmp))
     members = [load_checkpoint_dict(ck, f"trial {t}") for t, ck in chosen]
-    preds, y, _ = test_predictions(members)
-    metrics = calibration(preds[:, :, 0], y[:, 0])
+    val_preds, val_y, _ = split_predictions(members, "val")
+    scale = std_scale(val_preds[:, :, 0], val_y[:, 0])
+    preds, y, _ = split_predictions(members, "test")
+    metrics = calibration(preds[:, :, 0], y[:, 0], scale)
     payload = {
         "format": ENSEMBLE_FORMAT,
         "version": 1,
+        "std_scale": scale,
         "members": [ck for _, ck in chosen],
         "trials": [t for t, _ in chosen],
         "targets": members[0].targets,

@@ -107,7 +107,8 @@ def predict_records(members: list, raw) -> tuple[list[str], list[dict]]:
             continue
         stack = np.stack([p[rid] for p in preds])
         values = dict(zip(targets, map(float, stack.mean(0))))
-        stds = {f"{t}_std": float(v) for t, v in zip(targets, stack.std(0))} if len(members) > 1 else {}
+        scale = members[0].std_scale  # calibrated on the validation split when the ensemble was built
+        stds = {f"{t}_std": float(scale * v) for t, v in zip(targets, stack.std(0))} if len(members) > 1 else {}
         by_id[rid] = {**values, **stds, "flags": flags(z, values, domain)}
     std_cols = [f"{t}_std" for t in targets] if len(members) > 1 else []
     header = ["id", *targets, *std_cols, "flags", "error"]
