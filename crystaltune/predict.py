@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, nargs="+", help="CIF files, a folder of CIFs, or a dataset file")
     p.add_argument("--output", default="-", help="CSV file (default: stdout)")
     args = p.parse_args(argv)
+    if args.output != "-":
+        from .outputs import check_output_file
+
+        check_output_file(args.output, "--output")  # before predicting
     header, rows, loaded_domain = predict(args.checkpoint, args.input)
     fh = sys.stdout if args.output == "-" else open(args.output, "w", newline="")
     try:

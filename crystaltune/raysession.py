@@ -68,7 +68,13 @@ def join_ray(address: str) -> None:
     require_token_auth()
     import ray
 
-    ray.init(address=address, log_to_driver=False)
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as exc:
+        raise CrystaltuneError(
+            f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0][:200]}); "
+            "start one (`ray start --head`, `ray up cluster.yaml`) or leave --address out"
+        ) from None
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, **kwargs: Any) -> None:

@@ -161,6 +161,28 @@ def zero_threads(tmp: Path) -> list[str]:
     return ["crystaltune.train", "--config", str(tmp / "c.yaml")]
 
 
+def plain_path_tracking_uri(tmp: Path) -> list[str]:
+    return ["crystaltune.search", "smoke", "--tracking-uri", str(tmp / "store")]
+
+
+def bogus_storage(tmp: Path) -> list[str]:
+    return ["crystaltune.search", "smoke", "--storage", "bogus://x/y"]
+
+
+def corrupt_mlflow_db(tmp: Path) -> list[str]:
+    (tmp / "mlflow.db").write_bytes(b"this is not a database" * 10)
+    return ["crystaltune.search", "smoke", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+
+
+def unreachable_tracking_server_with_password(tmp: Path) -> list[str]:
+    return ["crystaltune.search", "smoke", "--tracking-uri", "http://alice:s3cret@127.0.0.1:9"]
+
+
+def train_output_is_a_folder(tmp: Path) -> list[str]:
+    (tmp / "out.pt").mkdir()
+    return ["crystaltune.train", "--limit", "40", "--epochs", "1", "--output", str(tmp / "out.pt")]
+
+
 CASES = [  # (input, exit code, what the output must say)
     (dense_record, 0, "denser than any real crystal (at least 1.0 Å^3 per atom are accepted)"),
     (ids_outside, 0, "the id names a file outside"),
@@ -175,6 +197,11 @@ CASES = [  # (input, exit code, what the output must say)
     (negative_seed, 2, "--seed must be >= 0"),
     (tiny_featurizer_step, 2, "model.edge_params.step must be in [0.001, 10.0]"),
     (zero_threads, 2, "train.num_threads must be in [1, 1024]"),
+    (plain_path_tracking_uri, 2, "not a URI; for a local store use sqlite:///"),
+    (bogus_storage, 2, "--storage bogus://x/y: unknown scheme 'bogus'"),
+    (corrupt_mlflow_db, 2, "is not an SQLite database"),
+    (unreachable_tracking_server_with_password, 2, "http://***@127.0.0.1:9: the tracking server does not answer"),
+    (train_output_is_a_folder, 2, "is a folder; give a file name"),
 ]
 
 
@@ -188,4 +215,5 @@ def test_hostile_input_gets_its_one_line_answer(tmp_path, make, code, message):
     assert message in text and "Traceback" not in text, text[-2000:]
     if code == 2:
         assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: "), out.stderr
+    assert "s3cret" not in text  # secrets never printed
     assert time.time() - t0 < 60

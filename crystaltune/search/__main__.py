@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from ..errors import cli_main
@@ -73,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    # SIGTERM (a scheduler, `kill`) stops the search like Ctrl-C: runs marked interrupted, resumable
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     summary = run_search(
         SearchOptions(
             space=a.space,

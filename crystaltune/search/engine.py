@@ -4,7 +4,6 @@ trials, then write the leaderboard, best_config.yaml and the search-level MLflow
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError
+from ..outputs import check_storage, check_tracking_uri, check_writable
 from .plan import plan_concurrency, resolve_auto
 from .space import SearchSpace, check_executor, load_space
 
@@ -97,20 +97,6 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
     return space
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Fail before any trial starts when an output location cannot be written (or the disk is full)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".crystaltune-write-test-{os.getpid()}"
-        probe.write_bytes(b"\0" * 65536)
-        probe.unlink()
-    except OSError as exc:
-        raise CrystaltuneError(f"{what} {path} is not writable ({exc.strerror or exc})") from None
-    free = shutil.disk_usage(path).free
-    if free < 200 * 2**20:
-        raise CrystaltuneError(f"{what} {path}: only {free / 2**20:.0f} MiB free; need at least 200 MiB")
-
-
 def refuse_second_local_cluster(wait_s: float = 15.0) -> None:
     """Ray's state API (used by Ray Train to clean up trials) cannot tell two local clusters on one
     machine apart and then hangs; refuse to start a second one and name the running one instead."""
@@ -144,10 +130,12 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     output = Path(opts.output or Path("crystaltune-results") / space.name).resolve()
     check_writable(output, "--output")
     storage = opts.storage or str(output / "ray")
+    check_storage(storage)
     if "://" not in storage:
         storage = str(Path(storage).resolve())
         check_writable(Path(storage), "--storage")
     tracking_uri = opts.tracking_uri or default_tracking_uri()
+    check_tracking_uri(tracking_uri)
     experiment = f"crystaltune-{space.name}"
     log = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
     ncpu = plan_local(opts, space)

@@ -17,18 +17,13 @@ from ray import tune
 
 from ..config import flatten
 from ..mlflow_metrics import finite_metrics
+from ..outputs import redact  # noqa: F401  (re-exported: the tracker's callers redact through it)
 from .space import SearchSpace, decode_sampled
 
 #: per epoch; best_val_mae (the best val MAE so far) is the selection metric everywhere: leaderboard,
 #: Optuna's objective, ASHA's rungs and the MLflow column to sort by
 EPOCH_METRICS = ("train_mae", "val_mae", "best_val_mae", "lr", "graphs_per_s", "epoch_time_s")
 FINAL_METRICS = ("best_val_mae", "test_mae", "test_rmse", "test_r2", "alignment", "uniformity", "best_epoch")
-SECRET = re.compile(r"(?i)(://)([^/@:\s]+):([^/@\s]+)@")
-
-
-def redact(value: Any) -> str:
-    """Strip credentials from URIs (s3://KEY:SECRET@bucket -> s3://***@bucket)."""
-    return SECRET.sub(r"\1***@", str(value))
 
 
 def run_name(index: int, sampled: dict[str, Any], base: dict[str, Any]) -> str:

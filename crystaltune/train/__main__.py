@@ -61,6 +61,9 @@ def config_from_args(args) -> TrialConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
+    from ..outputs import check_output_file
+
+    check_output_file(cfg.output, "--output")  # before training, not after it
     from .loop import TrialDiverged, fit
     from .trial_data import prepare_trial_data
 

@@ -1,0 +1,88 @@
+"""Where results go, checked before any work: output files and folders, storage and tracking URIs.
+A run that cannot write its result, or a tracking server that does not answer, fails in seconds with
+one line (credentials redacted), not after hours of training."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import CrystaltuneError
+
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "file", "hdfs")  # Ray Tune's pyarrow filesystems
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def redact(value: object) -> str:
+    """Strip credentials from URIs (s3://KEY:SECRET@bucket -> s3://***@bucket)."""
+    import re
+
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@", r"\1***@", str(value))
+
+
+def check_writable(path: Path, what: str, min_free: int = 200 * 2**20) -> None:
+    """A folder that exists (or can be made), takes a write, and has ``min_free`` bytes free."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".crystaltune-write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 65536)
+        probe.unlink()
+    except OSError as exc:
+        raise CrystaltuneError(f"{what} {path} is not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(path).free
+    if free < min_free:
+        raise CrystaltuneError(
+            f"{what} {path}: only {free / 2**20:.0f} MiB free; need at least {min_free / 2**20:.0f} MiB"
+        )
+
+
+def check_output_file(path: str | Path, what: str) -> None:
+    """A file to write at the end of a run: not a folder, its folder writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise CrystaltuneError(f"{what} {p} is a folder; give a file name")
+    check_writable(p.parent if str(p.parent) else Path("."), what, min_free=10 * 2**20)
+
+
+def check_storage(storage: str) -> None:
+    scheme = storage.split("://", 1)[0] if "://" in storage else ""
+    if scheme and scheme not in STORAGE_SCHEMES:
+        raise CrystaltuneError(
+            f"--storage {redact(storage)}: unknown scheme {scheme!r} "
+            f"(a path, or one of {', '.join(s + '://' for s in STORAGE_SCHEMES)})"
+        )
+
+
+def _head(path: Path, n: int = 16) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Known scheme; a plain path is refused with the sqlite:/// form; an HTTP server must answer."""
+    if "://" not in uri:
+        raise CrystaltuneError(
+            f"--tracking-uri {redact(uri)}: not a URI; for a local store use sqlite:///{Path(uri).resolve()}"
+        )
+    scheme = uri.split("://", 1)[0].split("+", 1)[0]
+    if scheme not in TRACKING_SCHEMES:
+        raise CrystaltuneError(f"--tracking-uri {redact(uri)}: unknown scheme {scheme!r}")
+    if scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        if db.is_file() and db.stat().st_size and _head(db) != b"SQLite format 3\x00":
+            raise CrystaltuneError(f"--tracking-uri {redact(uri)}: {db} is not an SQLite database")
+        check_writable(db.parent if str(db.parent) else Path("."), "--tracking-uri folder", min_free=10 * 2**20)
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout)  # noqa: S310 (the user's server)
+        except urllib.error.HTTPError:
+            pass  # it answered; MLflow reports what it dislikes
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CrystaltuneError(
+                f"--tracking-uri {redact(uri)}: the tracking server does not answer within "
+                f"{timeout:g} s ({redact(reason)})"
+            ) from None
