@@ -174,3 +174,29 @@ def render_performance(b: dict[str, Any]) -> str:
             "GPU figures: none in this run (no CUDA device); `scripts/gpu_check.sh` measures them on a GPU machine.",
         ]
     return "\n".join(out)
+
+
+def render_gpu(b: dict[str, Any]) -> str:
+    """The README's GPU section from a ``bench gpu`` JSON document (or the statement that none ran)."""
+    if not b.get("device"):
+        return "GPU figures: not measured on a GPU yet (`python -m crystaltune.bench gpu --readme README.md` on one)."
+    out = [
+        f"Measured on {b['device']}" + (" (quick sizes)" if b.get("quick") else "") + ".",
+        "",
+        "| run | graphs/s | peak GPU MB |",
+        "|---|---|---|",
+    ]
+    out += [f"| `{k}` | {r['graphs_per_s']:.0f} | {_f(r.get('peak_cuda_mb'), 0)} |" for k, r in b["single"].items()]
+    for model, runs in b["packed"].items():
+        out += [
+            f"| `{model}` x {r['trials']} packed trials (batch 256) | {r['graphs_per_s_total']:.0f} in total | "
+            f"{', '.join(_f(m, 0) for m in r['peak_cuda_mb'])} |"
+            for r in runs
+        ]
+    if b.get("reference_code"):
+        r = b["reference_code"]
+        out.append(
+            f"| reference CGCNN code on the same GPU vs cgcnn | {r['reference']:.0f} vs {r['ours']:.0f}: "
+            f"**{r['ratio']:.1f}x** | - |"
+        )
+    return "\n".join(out)

@@ -109,3 +109,24 @@ def test_reference_code_batch_lines_are_read_as_graphs_per_epoch():
     assert per_epoch[0] == (80, 3.5)
     graphs, secs = per_epoch[1]
     assert graphs == 80 and abs(secs - 0.25) < 1e-9
+
+
+def test_bench_gpu_quick_says_when_there_is_no_gpu(tmp_path):
+    """On a machine without CUDA (CI), bench gpu runs, measures nothing it cannot, and says so in the
+    JSON and in the README section it writes."""
+    import torch
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.bench", "gpu", "--quick", "--readme", str(readme)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout[out.stdout.index("{") :])
+    if not torch.cuda.is_available():
+        assert res["device"] is None and "not measured" in res["skipped"]
+        assert "not measured on a GPU yet" in readme.read_text()

@@ -38,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--limit", type=int, help="a seeded subset of N crystals")
     t.add_argument("--json", action="store_true")
+    gp = sub.add_parser("gpu", help="one GPU: batch sizes x AMP per model, packed trials, the reference code")
+    gp.add_argument("--quick", action="store_true", help="small sizes (CI; without CUDA it only says so)")
+    gp.add_argument("--models", nargs="+", default=["cgcnn"])
+    gp.add_argument("--reference-code", metavar="DIR", help="the reference CGCNN code's folder, run on the same GPU")
+    gp.add_argument("--output", help="also write the JSON document to this file")
+    gp.add_argument("--readme", help="write the GPU section into this README (between its markers)")
     a = sub.add_parser("all", help="the whole suite: graphs, cache, training per model, DDP 1->2, search overhead, GPU")
     a.add_argument("--quick", action="store_true", help="small sizes (CI)")
     a.add_argument(
@@ -79,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.output).write_text(json.dumps(out, indent=1, default=str))
         if args.readme:
             _render(out, args.readme)
+    elif args.cmd == "gpu":
+        from ..readme import render_gpu, splice
+        from .gpu import bench_gpu
+
+        out = bench_gpu(args.quick, tuple(args.models), args.reference_code)
+        if args.output:
+            Path(args.output).write_text(json.dumps(out, indent=1, default=str))
+        if args.readme:
+            splice(args.readme, "gpu", render_gpu(out))
     elif args.cmd == "train":
         from .train import bench_train
 
@@ -96,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
             reference_code=args.reference_code,
         )
-    if args.json or args.cmd == "all":
+    if getattr(args, "json", False) or args.cmd in ("all", "gpu"):
         print(json.dumps(out, indent=1, default=str))
     else:
         for k, v in out.items():

@@ -70,8 +70,10 @@ def reference_throughput(
     head_hidden: int = 128,
     layers: int = 3,
     timeout: float = 3600,
+    cuda: bool = False,
 ) -> dict[str, Any]:
-    """Run the reference code on ``records`` and return its graphs/s (epochs after the first)."""
+    """Run the reference code on ``records`` and return its graphs/s (epochs after the first); on the
+    GPU when ``cuda`` (its default when one is present), else with ``--disable-cuda``."""
     code = Path(code_dir).resolve()
     if not (code / "main.py").is_file():
         raise CrystaltuneError(f"--reference-code {code_dir}: no main.py there (the reference CGCNN code's folder)")
@@ -90,7 +92,7 @@ def reference_throughput(
             str(batch_size),
             "-j",
             "0",
-            "--disable-cuda",
+            *([] if cuda else ["--disable-cuda"]),
             "--print-freq",
             "1",
             "--train-ratio",

@@ -94,7 +94,18 @@ def _reference_code_figures(
 
     wanted = set(data.store.ids[data.train].tolist())
     records = [r for r in read_source(load_trial_dataset(cfg).source).records if r["id"] in wanted]
-    ref = reference_throughput(code, records, data.targets[0], epochs, batch_size, threads, hidden, head_hidden, layers)
+    ref = reference_throughput(
+        code,
+        records,
+        data.targets[0],
+        epochs,
+        batch_size,
+        threads,
+        hidden,
+        head_hidden,
+        layers,
+        cuda=cfg.train.device == "cuda",
+    )
     return {
         "reference_code": ref,
         "reference_code_graphs_per_s": ref["graphs_per_s"],
