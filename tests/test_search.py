@@ -235,7 +235,7 @@ def test_registered_model_describes_the_best_trial(smoke_search):
     best_run = client.get_run(best_row["run_id"])
     assert best_row["trial"] in version.description and version.tags["trial_run_id"] == best_run.info.run_id
     assert abs(float(version.tags["best_val_mae"]) - float(best_row["best_val_mae"])) < 1e-4
-    logged = client.get_logged_model(version.model_id)
+    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
     for key in ("model.name", "model.layers", "optim.lr", "model.node_featurizer"):
         assert logged.params[key] == best_run.data.params[key], key
     from mlflow.models import get_model_info
