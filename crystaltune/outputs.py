@@ -86,3 +86,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 f"--tracking-uri {redact(uri)}: the tracking server does not answer within "
                 f"{timeout:g} s ({redact(reason)})"
             ) from None
+
+
+def lock_output(folder: Path):
+    """Hold ``folder/.crystaltune.lock`` for this process's lifetime (the OS drops it when the process
+    ends, however it ends): a second search writing to the same output folder, which would move the
+    first one's Tune state and tracker file away, is refused instead."""
+    import fcntl
+
+    fh = open(folder / ".crystaltune.lock", "a+")  # noqa: SIM115 (kept open: the lock lives with it)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise CrystaltuneError(
+            f"--output {folder}: another search is writing there ({holder}); give this one its own "
+            "--output (or wait for it to end)"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    return fh

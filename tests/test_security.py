@@ -71,3 +71,23 @@ def test_ray_without_token_authentication_is_refused(monkeypatch):
         init_ray(None, 1)
     with pytest.raises(CrystaltuneError, match="token authentication only"):
         init_ray("127.0.0.1:6379", 1)
+
+
+def test_a_second_search_in_the_same_output_folder_is_refused(tmp_path):
+    """While one search holds its output folder, another one aimed at it stops before touching its files."""
+    import subprocess
+    import sys
+
+    from crystaltune.outputs import lock_output
+
+    held = lock_output(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "another search is writing there (pid" in out.stderr, out.stderr[-1000:]
+    assert not (tmp_path / "ray").exists()
+    held.close()  # released: the folder is free again
+    lock_output(tmp_path).close()

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError
-from ..outputs import check_storage, check_tracking_uri, check_writable
+from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
 from .plan import plan_concurrency, resolve_auto
 from .space import SearchSpace, check_executor, load_space
 
@@ -129,6 +129,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     space = prepare_space(opts)
     output = Path(opts.output or Path("crystaltune-results") / space.name).resolve()
     check_writable(output, "--output")
+    lock = lock_output(output)  # noqa: F841 (held until this process ends)
     storage = opts.storage or str(output / "ray")
     check_storage(storage)
     if "://" not in storage:
