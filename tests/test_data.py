@@ -166,3 +166,11 @@ def test_cross_validation_folds_are_disjoint_and_cover_the_set(small_records, tm
         tests.append(parts[2])
     assert set().union(*tests) == set(ds.store.ids) and sum(map(len, tests)) == len(ds)
     assert ds.split(seed=3, folds=k, fold=0).ids == ds.split(seed=3, folds=k, fold=0, cache=False).ids
+
+
+def test_a_number_too_long_to_convert_skips_its_record_with_the_reason(tmp_path, small_records):
+    rec = json.dumps(small_records[0]).replace('"band_gap": 0.0', '"band_gap": ' + "9" * 5000)
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([rec] + [json.dumps(r) for r in small_records[1:]]) + "\n")
+    raw = read_source(path)
+    assert len(raw.records) == 11 and "integer string conversion" in raw.skipped[0]["reason"]

@@ -183,6 +183,27 @@ def train_output_is_a_folder(tmp: Path) -> list[str]:
     return ["crystaltune.train", "--limit", "40", "--epochs", "1", "--output", str(tmp / "out.pt")]
 
 
+def negative_cutoff(tmp: Path) -> list[str]:
+    return ["crystaltune.data", "info", "perovskites", "--cutoff", "-1"]
+
+
+def huge_number(tmp: Path) -> list[str]:
+    """A 5000-digit number: more than Python converts to an int by default."""
+    rec = json.dumps(record("x", rocksalt(), band_gap=1.0)).replace('"band_gap": 1.0', '"band_gap": ' + "9" * 5000)
+    (tmp / "big.jsonl").write_text(rec + "\n")
+    return ["crystaltune.data", "info", str(tmp / "big.jsonl")]
+
+
+def overlong_csv_field(tmp: Path) -> list[str]:
+    (tmp / "f").mkdir()
+    (tmp / "f" / "id_prop.csv").write_text("a," + "x" * 200_000 + "\n")
+    return ["crystaltune.data", "info", str(tmp / "f")]
+
+
+def negative_threads(tmp: Path) -> list[str]:
+    return ["crystaltune.bench", "train", "--threads", "-1", "--limit", "20", "--epochs", "1"]
+
+
 CASES = [  # (input, exit code, what the output must say)
     (dense_record, 0, "denser than any real crystal (at least 1.0 Å^3 per atom are accepted)"),
     (ids_outside, 0, "the id names a file outside"),
@@ -202,6 +223,10 @@ CASES = [  # (input, exit code, what the output must say)
     (corrupt_mlflow_db, 2, "is not an SQLite database"),
     (unreachable_tracking_server_with_password, 2, "http://***@127.0.0.1:9: the tracking server does not answer"),
     (train_output_is_a_folder, 2, "is a folder; give a file name"),
+    (negative_cutoff, 2, "--cutoff must be in [0.5, 20] Å, got -1.0"),
+    (huge_number, 2, "no numeric property to use as a target"),  # its only record skipped: not valid JSON
+    (overlong_csv_field, 2, "id_prop.csv: not a readable CSV of id,target rows (field larger than field limit"),
+    (negative_threads, 2, "--threads must be >= 1, got -1"),
 ]
 
 

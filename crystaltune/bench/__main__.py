@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    for name in ("threads", "epochs", "batch_size", "limit"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1 and not (name == "limit" and value == 0):
+            raise CrystaltuneError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.cmd == "graphs":
         from .graphs import bench_graphs
 

@@ -36,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not 0.5 <= args.cutoff <= 20:  # also NaN
+        raise CrystaltuneError(f"--cutoff must be in [0.5, 20] Å, got {args.cutoff}")
+    if args.max_neighbors is not None and not 0 <= args.max_neighbors <= 64:
+        raise CrystaltuneError(f"--max-neighbors must be in [1, 64] (0: no cap), got {args.max_neighbors}")
     if args.max_records is not None:
         if args.max_records < 1:
             raise CrystaltuneError(f"--max-records must be >= 1, got {args.max_records}")

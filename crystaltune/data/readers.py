@@ -65,8 +65,8 @@ def read_source(path: str | Path) -> RawDataset:
     if stripped.startswith("[") or (stripped.startswith("{") and _is_single_json(stripped)):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CrystaltuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except ValueError as exc:  # JSONDecodeError, or a number too long to convert
+            raise CrystaltuneError(f"{path}: not valid JSON ({_json_problem(exc)})") from None
         items = _top_level_records(path, data)
         if not items:
             raise CrystaltuneError(f"{path}: the JSON list holds no records")
@@ -81,8 +81,10 @@ def read_source(path: str | Path) -> RawDataset:
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            out.skipped.append({"id": f"line {lineno}", "reason": f"line {lineno}: not valid JSON ({exc.msg})"})
+        except ValueError as exc:
+            out.skipped.append(
+                {"id": f"line {lineno}", "reason": f"line {lineno}: not valid JSON ({_json_problem(exc)})"}
+            )
             continue
         _add(out, item, line=lineno, where=f"line {lineno}")
         _check_count(path, out)
@@ -138,11 +140,19 @@ def _check_count(path: Path, out: RawDataset) -> None:
         )
 
 
+def _json_problem(exc: ValueError) -> str:
+    """What is wrong with a JSON text, in a few words (a decode error's message and line, or the number
+    too long to convert)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno}"
+    return str(exc).split(";")[0][:120]
+
+
 def _is_single_json(text: str) -> bool:
     """True when the whole text is one JSON value (a dict keyed by id), not JSON lines."""
     try:
         json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:
         return False
     return True
 
@@ -224,7 +234,7 @@ def _read_json_folder(folder: Path, files: list[Path]) -> RawDataset:
     for i, file in enumerate(files, start=1):
         try:
             item = json.loads(_read_text(file))
-        except (CrystaltuneError, json.JSONDecodeError) as exc:
+        except (CrystaltuneError, ValueError) as exc:
             out.skipped.append({"id": file.name, "reason": f"{file.name}: not valid JSON ({exc})"})
             continue
         if isinstance(item, dict) and not any(k in item for k in ID_KEYS):
@@ -244,8 +254,11 @@ def _inside(folder: Path, rid: str, cif: Path) -> bool:
 def _read_cif_folder(folder: Path) -> RawDataset:
     """The reference CGCNN layout: ``id_prop.csv`` rows ``id,target[,target...]`` and ``<id>.cif``."""
     out = RawDataset(folder)
-    with open(folder / "id_prop.csv", newline="", encoding="utf-8-sig") as fh:  # BOM: not part of the first id
-        rows = list(csv.reader(fh))
+    try:
+        with open(folder / "id_prop.csv", newline="", encoding="utf-8-sig") as fh:  # BOM: not part of the first id
+            rows = list(csv.reader(fh))
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise CrystaltuneError(f"{folder / 'id_prop.csv'}: not a readable CSV of id,target rows ({exc})") from None
     if not rows:
         raise CrystaltuneError(f"{folder / 'id_prop.csv'}: file is empty")
     for lineno, row in enumerate(rows, start=1):
