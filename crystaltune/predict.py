@@ -16,15 +16,15 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .data.readers import read_source
 from .errors import CrystaltuneError, cli_main
 from .graphs.cache import GraphParams, build_store
 from .graphs.store import GraphStore
+from .readers import read_source
 
 
 def read_inputs(inputs: list[str]):
     """Raw records from CIF files, folders (id_prop.csv or *.cif / *.json) and dataset files."""
-    from .data.readers import RawDataset
+    from .readers import RawDataset
 
     out = RawDataset(Path(inputs[0]) if inputs else Path("."))
     cifs: list[Path] = []

@@ -86,10 +86,10 @@ def test_graph_has_globals_and_spacegroup():
 def test_spacegroup_agrees_with_spglib_on_shipped_data():
     import spglib
 
-    from crystaltune.data.readers import read_source
-    from crystaltune.data.registry import resolve
+    from crystaltune.data.catalog import resolve
     from crystaltune.graphs.build import _spacegroup
     from crystaltune.graphs.structure import parse_crystal
+    from crystaltune.readers import read_source
 
     for rec in read_source(resolve("perovskites")[1]).records[::67]:
         c = parse_crystal(rec["structure"])

@@ -9,8 +9,8 @@ from conftest import rocksalt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crystaltune.data.readers import read_source
 from crystaltune.errors import CrystaltuneError
+from crystaltune.readers import read_source
 from crystaltune.search.space import parse_space
 
 GOOD = rocksalt().as_dict()

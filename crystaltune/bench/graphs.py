@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data.readers import read_source
-from ..data.registry import resolve
+from ..data.catalog import resolve
 from ..graphs.build import build_graph
 from ..graphs.structure import parse_structure
+from ..readers import read_source
 
 
 def reference_graph(structure, cutoff: float = 8.0, max_neighbors: int = 12):

@@ -1,22 +1,7 @@
-"""Datasets: readers for crystal files, the registry of named datasets, target selection and splits."""
+"""Datasets: the catalog of named datasets, target selection and splits (file readers: crystaltune.readers)."""
 
-from __future__ import annotations
+from ..readers import read_source
+from .catalog import DATASETS, resolve
+from .dataset import Dataset, Split, load_dataset
 
-import importlib
-
-_LAZY = {
-    "Dataset": "dataset",
-    "Split": "dataset",
-    "load_dataset": "dataset",
-    "read_source": "readers",
-    "DATASETS": "registry",
-    "resolve": "registry",
-}
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    # lazy so that crystaltune.graphs can import the readers without a cycle through dataset.py
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(name)
+__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "read_source", "resolve"]

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import CrystaltuneError
 from ..graphs.cache import GraphParams, cache_dir, load_graphs
 from ..graphs.store import GraphStore
-from .registry import resolve
+from .catalog import resolve
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.readers import RawDataset, check_source, read_source
+from ..readers import RawDataset, check_source, read_source
 from .build import build_graph
 from .store import GraphStore
 from .structure import RecordError

@@ -6,7 +6,7 @@ from ..config import ModelConfig
 from . import cgcnn, csgann, csgcnn, csginn, egcnn, flowgnn  # noqa: F401  (each registers its model)
 from .base import CrystalModel
 from .pooling import POOLINGS
-from .registry import MODELS
+from .zoo import MODELS
 
 
 def build_model(config: ModelConfig, n_targets: int = 1, cutoff: float = 8.0) -> CrystalModel:

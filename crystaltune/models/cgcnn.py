@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import CrystalModel, make_norm
-from .registry import MODELS
+from .zoo import MODELS
 
 
 def gather_target(t: torch.Tensor, dst: torch.Tensor, degree: int = 0) -> torch.Tensor:

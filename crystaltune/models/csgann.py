@@ -29,7 +29,7 @@ from torch_geometric.nn import GATv2Conv, TransformerConv
 
 from .base import CrystalModel, make_norm
 from .params import ModelParams, require
-from .registry import MODELS
+from .zoo import MODELS
 
 ACTIVATIONS = {"softplus": nn.Softplus, "silu": nn.SiLU}
 ATTENTIONS = ("transformer", "gatv2")

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from .base import make_norm
 from .cgcnn import CGCNN, factored_edge_linear
 from .params import ModelParams
-from .registry import MODELS
+from .zoo import MODELS
 
 
 class EdgeUpdate(nn.Module):

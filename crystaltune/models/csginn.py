@@ -22,7 +22,7 @@ from torch_geometric.nn import GINEConv
 
 from .base import CrystalModel, make_norm
 from .params import ModelParams, require
-from .registry import MODELS
+from .zoo import MODELS
 
 
 def _mlp(dim: int, n_layers: int, norm: str) -> nn.Sequential:

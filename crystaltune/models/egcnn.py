@@ -49,7 +49,7 @@ from ..graphs.store import Batch
 from .base import CrystalModel, make_norm
 from .cgcnn import factored_edge_linear, scatter_target
 from .params import ModelParams, as_kwargs, parse_params, require
-from .registry import MODELS
+from .zoo import MODELS
 
 ACTIVATIONS = {"silu": nn.SiLU, "softplus": nn.Softplus}
 EPS = 1e-6

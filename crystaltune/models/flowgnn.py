@@ -29,7 +29,7 @@ from ..errors import CrystaltuneError
 from .base import CrystalModel
 from .cgcnn import CGConv
 from .params import ModelParams, require
-from .registry import MODELS
+from .zoo import MODELS
 
 
 class AffineCoupling(nn.Module):

@@ -27,8 +27,8 @@ class CrystaltunePyfunc(mlflow.pyfunc.PythonModel):
 
         import numpy as np
 
-        from crystaltune.data.readers import RawDataset
         from crystaltune.predict import predict_records
+        from crystaltune.readers import RawDataset
 
         ids = [str(i) for i in (model_input["id"] if "id" in model_input else range(len(model_input)))]
         records = []

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import Normalizer, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..config import TrialConfig
 from ..domain import domain_of
 from ..errors import CrystaltuneError
 from ..graphs.device_store import DeviceGraphStore, on_device
 from ..losses import Loss
 from ..models import build_model
+from ..normalizer import Normalizer
 from .metrics import embedding_metrics, predict_indices, regression_metrics
 from .optim import make_optimizer
 from .trial_data import TrialData, prepare_trial_data

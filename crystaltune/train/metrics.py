@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..checkpoint import Normalizer
 from ..graphs.store import GraphStore
+from ..normalizer import Normalizer
 
 
 @torch.no_grad()

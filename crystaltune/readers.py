@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CrystaltuneError
+from .errors import CrystaltuneError
 
 STRUCTURE_KEYS = ("structure", "crystal_structure", "Structure_rlx")
 ID_KEYS = ("id", "material_id", "SNUMAT_id")

@@ -1,4 +1,4 @@
-"""The model registry (filled by ``@MODELS.register`` in each model module)."""
+"""The model zoo: the registry every model module fills with ``@MODELS.register``."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import CrystaltuneError
+from ..readers import FORMATS_HELP
 from ..registry import Registry
-from .readers import FORMATS_HELP
 
 SNUMAT_FILES = ("inorganic_SUNMAT_10k.json", "inorganic_SUNMAT_10k.json.gz", "sunmat.json", "snumat.json", "SNUMAT")
 
