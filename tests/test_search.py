@@ -194,6 +194,8 @@ def _space(**over):
             "unknown parameter 'num_rbf'",
         ),
         (_space(search={"model.dropout": {"type": "float", "low": 0, "high": "x"}}), "expected a number"),
+        (_space(search={"model.layers": {"type": "int", "low": 1, "high": 5, "step": 0}}), r"step > 0"),
+        (_space(search={"optim.lr": {"type": "float", "low": 0.1, "high": 1, "step": 0.1, "log": True}}), "`log`"),
         (_space(resources={"executor": "dirct"}), "did you mean 'direct'"),
         (_space(resources={"workers": 2, "executor": "direct"}), "'direct' trains one worker per trial"),
         ([1, 2], "expected a mapping"),
@@ -202,6 +204,22 @@ def _space(**over):
 def test_bad_search_spaces_fail_before_ray(raw, match):
     with pytest.raises(CrystaltuneError, match=match):
         parse_space(raw, "bad.yaml")
+
+
+def test_search_parameters_are_optuna_distributions():
+    """Each searched parameter is the Optuna distribution it samples from (validated by Optuna's own
+    constructor); categoricals keep their YAML values (lists) beside the scalar keys Optuna sees."""
+    import optuna
+
+    space = load_space("perovskites")
+    by_name = {p.name: p for p in space.params}
+    assert all(isinstance(p.dist, optuna.distributions.BaseDistribution) for p in space.params)
+    lr, feats = by_name["optim.lr"], by_name["model.global_features"]
+    assert isinstance(lr.dist, optuna.distributions.FloatDistribution) and lr.dist.log
+    assert lr.contains(1e-3) and not lr.contains(1.0)
+    assert feats.dist.choices == ("none", "lattice", "lattice+symmetry") and feats.contains(["lattice"])
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()
+    assert feats.suggest(trial) in feats.choices and lr.contains(lr.suggest(trial))
 
 
 def test_mlflow_sorted_by_the_selection_metric_is_the_leaderboard_and_the_readme_filter_works(smoke_search):

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
 from ..config import TrialConfig, flatten
 from ..errors import CrystaltuneError
 from ..registry import did_you_mean
@@ -46,50 +48,47 @@ PARAM_KEYS = {
 
 @dataclass
 class Param:
-    """One searched parameter: its distribution and the condition under which it is sampled."""
+    """One searched parameter: an Optuna distribution (which validated its own bounds when built) and
+    the condition under which it is sampled. A categorical keeps its YAML values (lists included)
+    beside the scalar keys Optuna samples (``encode_choice``)."""
 
     name: str
-    type: str
-    choices: list[Any] = field(default_factory=list)
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
+    dist: BaseDistribution
     when: dict[str, list[Any]] = field(default_factory=dict)
+    choices: list[Any] = field(default_factory=list)
+
+    @property
+    def categorical(self) -> bool:
+        return isinstance(self.dist, CategoricalDistribution)
 
     def active(self, sampled: dict[str, Any]) -> bool:
         return all(k in sampled and sampled[k] in vals for k, vals in self.when.items())
 
-    def distribution(self):
+    def distribution(self) -> BaseDistribution:
         """The Optuna distribution this parameter is sampled from."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-        if self.type == "categorical":
-            return CategoricalDistribution([encode_choice(c) for c in self.choices])
-        if self.type == "int":
-            return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return FloatDistribution(float(self.low), float(self.high), step=self.step, log=self.log)
+        return self.dist
 
     def describe(self) -> str:
-        if self.type == "categorical":
+        d = self.dist
+        if self.categorical:
             return f"choices: {self.choices}"
-        return f"{self.low}..{self.high}" + (f" step {self.step}" if self.step else "") + (" log" if self.log else "")
+        step = d.step if isinstance(d, FloatDistribution) else (d.step if d.step != 1 else None)
+        return f"{d.low}..{d.high}" + (f" step {step}" if step else "") + (" log" if d.log else "")
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` is one this parameter can take (a choice, or on the range and its step)."""
-        dist = self.distribution()
         try:
-            return bool(dist._contains(dist.to_internal_repr(encode_choice(value))))
+            return bool(self.dist._contains(self.dist.to_internal_repr(encode_choice(value))))
         except (ValueError, TypeError):
             return False
 
     def suggest(self, trial) -> Any:
-        if self.type == "categorical":
-            keys = [encode_choice(c) for c in self.choices]
-            return decode_choice(trial.suggest_categorical(self.name, keys), self.choices)
-        if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+        """Sample this parameter on an Optuna trial (define-by-run), decoded back to its YAML value."""
+        d = self.dist
+        if self.categorical:
+            return decode_choice(trial.suggest_categorical(self.name, d.choices), self.choices)
+        suggest = trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float
+        return suggest(self.name, d.low, d.high, step=d.step, log=d.log)
 
 
 def encode_choice(c: Any) -> Any:
@@ -145,7 +144,7 @@ class SearchSpace:
         k = next((p for p in self.params if p.name == "data.max_neighbors"), None)
         if k is None:
             return self.trial_config({})
-        return self.trial_config({"data.max_neighbors": int(max(k.choices) if k.type == "categorical" else k.high)})
+        return self.trial_config({"data.max_neighbors": int(max(k.choices) if k.categorical else k.dist.high)})
 
 
 class DefineByRun:
@@ -164,8 +163,8 @@ class DefineByRun:
 
 def encode_point(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
     """Parameter values -> Optuna's values (for ``points_to_evaluate``); the inverse of decode_sampled."""
-    kinds = {p.name: p.type for p in space.params}
-    return {k: encode_choice(v) if kinds[k] == "categorical" else v for k, v in point.items()}
+    categorical = {p.name: p.categorical for p in space.params}
+    return {k: encode_choice(v) if categorical[k] else v for k, v in point.items()}
 
 
 def decode_sampled(config: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
@@ -175,7 +174,7 @@ def decode_sampled(config: dict[str, Any], space: SearchSpace) -> dict[str, Any]
     for k, v in config.items():
         if k in by_name:
             p = by_name[k]
-            out[k] = decode_choice(v, p.choices) if p.type == "categorical" else v
+            out[k] = decode_choice(v, p.choices) if p.categorical else v
     return out
 
 
@@ -247,8 +246,8 @@ def parse_param(where: str, name: str, spec: Any, earlier: dict[str, Param]) -> 
             raise CrystaltuneError(
                 f"{where}.when: condition on {k!r}, which is not a parameter searched before {name!r}"
             )
-        vals = v if isinstance(v, list) and not (earlier[k].type == "categorical" and v in earlier[k].choices) else [v]
-        if earlier[k].type == "categorical":
+        vals = v if isinstance(v, list) and not (earlier[k].categorical and v in earlier[k].choices) else [v]
+        if earlier[k].categorical:
             for x in vals:
                 if x not in earlier[k].choices:
                     raise CrystaltuneError(f"{where}.when: {k} can never be {x!r} (choices: {earlier[k].choices})")
@@ -260,26 +259,30 @@ def parse_param(where: str, name: str, spec: Any, earlier: dict[str, Param]) -> 
         keys = [encode_choice(c) for c in choices]
         if len(set(map(repr, keys))) != len(keys):
             raise CrystaltuneError(f"{where}.choices: duplicate choices {choices!r}")
-        return Param(name, kind, choices=choices, when=when)
-    low, high = spec.get("low"), spec.get("high")
-    for b, v in (("low", low), ("high", high)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return Param(name, CategoricalDistribution(keys), when=when, choices=choices)
+    return Param(name, _numeric_distribution(where, kind, spec), when=when)
+
+
+def _numeric_distribution(where: str, kind: str, spec: dict[str, Any]) -> BaseDistribution:
+    """An Int/FloatDistribution from a YAML spec: types checked here, bounds/log/step by Optuna's own
+    constructor (its ValueError becomes the usual one-line error naming the key)."""
+    low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+    for b, v in (("low", low), ("high", high), ("step", step)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise CrystaltuneError(f"{where}.{b}: expected a number, got {v!r}")
-    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
-        raise CrystaltuneError(f"{where}: int bounds must be integers, got {low}..{high}")
-    if low > high:
-        raise CrystaltuneError(f"{where}: low ({low}) > high ({high})")
-    log = spec.get("log", False)
+    if low is None or high is None:
+        raise CrystaltuneError(f"{where}: needs both low and high")
     if not isinstance(log, bool):
         raise CrystaltuneError(f"{where}.log: expected true/false, got {log!r}")
-    if log and low <= 0:
-        raise CrystaltuneError(f"{where}: log scale needs low > 0, got {low}")
-    step = spec.get("step")
-    if step is not None:
-        _num(f"{where}.step", step, 0.0)
-        if step <= 0 or log:
-            raise CrystaltuneError(f"{where}.step must be > 0 and cannot be combined with log")
-    return Param(name, kind, low=low, high=high, step=step, log=log, when=when)
+    if kind == "int" and not all(float(v).is_integer() for v in (low, high, step or 1)):
+        raise CrystaltuneError(f"{where}: int bounds and step must be integers, got {low}..{high} step {step}")
+    try:
+        if kind == "int":
+            return IntDistribution(int(low), int(high), log=log, step=1 if step is None else int(step))
+        return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
+    except ValueError as e:  # Optuna's reason, led by the short form users read in our other errors
+        short = f"low ({low}) > high ({high})" if low > high else "log scale needs low > 0" if log and low <= 0 else ""
+        raise CrystaltuneError(f"{where}: {short + ': ' if short else ''}{e}") from None
 
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
@@ -391,7 +394,7 @@ def validate_samples(space: SearchSpace, n: int = 64) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    cat = [p for p in space.params if p.type == "categorical"]
+    cat = [p for p in space.params if p.categorical]
     forced_list = [(None, None)] * n + [(p.name, c) for p in cat for c in p.choices]
     for forced_name, forced_value in forced_list:  # random samples, then every categorical choice once
         trial = study.ask()
