@@ -446,11 +446,40 @@ def test_resume_sets_apart_trials_that_tune_never_snapshotted(tmp_path):
     restored = [trials[0], trials[2]]
     resumed.on_step_begin(0, restored)
     resumed.on_step_begin(1, restored)  # reconciles once
-    assert resumed.status == {"x_00000": "FINISHED", "x_00001": "FINISHED", "x_00002": "RUNNING", "x_00003": "LOST"}
-    lost = resumed.client.get_run(resumed.runs["x_00003"])
+    status = {tid: rec.status for tid, rec in resumed.trials.items()}
+    assert status == {"x_00000": "FINISHED", "x_00001": "FINISHED", "x_00002": "RUNNING", "x_00003": "LOST"}
+    lost = resumed.client.get_run(resumed.trials["x_00003"].run_id)
     assert lost.info.status == "KILLED" and lost.data.tags["crystaltune.kind"] == "lost_trial"
-    assert resumed.client.get_run(resumed.runs["x_00002"]).info.status == "RUNNING"
+    assert resumed.client.get_run(resumed.trials["x_00002"].run_id).info.status == "RUNNING"
     assert [r["trial_id"] for r in build_leaderboard(resumed, space)] == ["x_00000", "x_00001", "x_00002"]
+
+
+def test_tracker_state_is_one_record_per_trial_and_reads_the_older_layout(tmp_path):
+    """The tracker keeps one TrialRecord per trial; a state file from before (one dict per field, as
+    searches of the previous release saved it) still resumes."""
+    from crystaltune.search.tracking import TrialRecord, records_from_state
+
+    old = {
+        "parent_run_id": "p",
+        "runs": {"a": "r1"},
+        "names": {"a": "t001 cgcnn gaussian/cgcnn (default)"},
+        "status": {"a": "FINISHED"},
+        "last_epoch": {"a": 3},
+        "last_result": {"a": {"best_val_mae": 0.5, "epoch": 3}},
+        "errors": {},
+        "configs": {"a": {"model.name": "cgcnn"}},
+        "watchdog": {},
+    }
+    rec = records_from_state(old)["a"]
+    assert rec == TrialRecord(
+        "r1",
+        "t001 cgcnn gaussian/cgcnn (default)",
+        {"model.name": "cgcnn"},
+        "FINISHED",
+        3,
+        {"best_val_mae": 0.5, "epoch": 3},
+    )
+    assert rec.done and records_from_state({"trials": {"a": rec.__dict__}})["a"] == rec
 
 
 def test_report_from_mlflow(smoke_search):

@@ -3,6 +3,7 @@ trials, then write the leaderboard, best_config.yaml and the search-level MLflow
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -11,9 +12,12 @@ from typing import Any
 
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError
+from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
 from .plan import plan_concurrency, resolve_auto
 from .space import SearchSpace, check_executor, load_space
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,12 +142,12 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     tracking_uri = opts.tracking_uri or default_tracking_uri()
     check_tracking_uri(tracking_uri)
     experiment = f"crystaltune-{space.name}"
-    log = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
+    console(quiet=opts.quiet)
     ncpu = plan_local(opts, space)
     from .warm_start import warm_points
 
-    warm = warm_points(opts.warm_start, space, log=log) if opts.warm_start and not opts.resume else []
-    dataset = load_shared_graphs(space, log)
+    warm = warm_points(opts.warm_start, space) if opts.warm_start and not opts.resume else []
+    dataset = load_shared_graphs(space)
 
     import ray
 
@@ -155,14 +159,14 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         state_file = str(output / "tracker_state.json")
         trainable = make_trainable(space, opts, storage, state_file, ray.put(dataset))
         tuner = make_tuner(
-            opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, log, warm
+            opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, warm
         )
         t0 = time.perf_counter()
         tuner.fit()
         search_time = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time, log)
+    return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time)
 
 
 def plan_local(opts: SearchOptions, space: SearchSpace) -> int | None:
@@ -182,14 +186,14 @@ def plan_local(opts: SearchOptions, space: SearchSpace) -> int | None:
     return ncpu
 
 
-def load_shared_graphs(space: SearchSpace, log):
+def load_shared_graphs(space: SearchSpace):
     """The graphs, built once per search in the driver before Ray starts; every trial shares them."""
     from ..train.trial_data import load_trial_dataset
 
     t0 = time.perf_counter()
     dataset = load_trial_dataset(space.graph_config())
-    log(
-        f"[crystaltune] {space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
+    _log.info(
+        f"{space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
         f"{time.perf_counter() - t0:.1f}s; {space.num_samples} trials x <= {space.max_epochs} epochs, "
         f"{space.workers} worker(s)/trial ({'Ray Train' if space.uses_ray_train else 'direct'})"
     )
@@ -220,9 +224,7 @@ def make_trainable(space: SearchSpace, opts: SearchOptions, storage: str, state_
     return tune.with_resources(tune.with_parameters(fn, space=space, data_ref=[data_ref], settings=settings), resources)
 
 
-def make_tuner(
-    opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, log, warm=()
-):
+def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, warm=()):
     """A new Tuner (Optuna from the default point, ASHA, tracker and watchdog), or the restored one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -236,14 +238,14 @@ def make_tuner(
     if opts.resume:
         if not tune.Tuner.can_restore(exp_path):
             raise CrystaltuneError(f"--resume: no interrupted search at {exp_path}")
-        log(f"[crystaltune] resuming the search stored at {exp_path}")
+        _log.info(f"resuming the search stored at {exp_path}")
         return tune.Tuner.restore(
             exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
     if "://" not in storage and Path(exp_path).exists():
         old = f"{exp_path}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(Path(exp_path).stat().st_mtime))}"
         Path(exp_path).rename(old)
-        log(f"[crystaltune] previous search moved to {old}")
+        _log.info(f"previous search moved to {old}")
         if Path(state_file).exists():
             Path(state_file).rename(f"{old}-tracker_state.json")
     info = {
@@ -329,12 +331,10 @@ def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
     """trial id -> last recorded result, for the trials the tracker saw finish or fail."""
     import json
 
-    state = json.loads(Path(state_file).read_text())
-    return {
-        tid: state.get("last_result", {}).get(tid, {})
-        for tid, st in state.get("status", {}).items()
-        if st in ("FINISHED", "FAILED")
-    }
+    from .tracking import records_from_state
+
+    records = records_from_state(json.loads(Path(state_file).read_text()))
+    return {tid: rec.last_result for tid, rec in records.items() if rec.done}
 
 
 def write_top_configs(tracker, space: SearchSpace, ok: list[dict[str, Any]], path: Path, k: int = 10) -> None:
@@ -348,7 +348,7 @@ def write_top_configs(tracker, space: SearchSpace, ok: list[dict[str, Any]], pat
             "trial": r["trial"],
             "val_mae": r["val_mae"],
             "default": r["default"],
-            "config": space.trial_config(decode_sampled(tracker.configs[r["trial_id"]], space)).to_dict(),
+            "config": space.trial_config(decode_sampled(tracker.trials[r["trial_id"]].config, space)).to_dict(),
         }
         for r in ok[:k]
     ]
@@ -363,7 +363,6 @@ def finish_search(
     state_file: str,
     dataset,
     search_time: float,
-    log,
 ) -> dict[str, Any]:
     """Leaderboard, best_config.yaml and the parent run's artifacts (all from the driver)."""
     from mlflow.entities import Metric
@@ -398,11 +397,12 @@ def finish_search(
             for k in ("search_time_s", "epochs_run", "epochs_full_budget")
         ],
     )
-    log("\n" + format_table(rows))
+    if _log.isEnabledFor(logging.INFO):  # the leaderboard is the search's output, not a log line
+        print("\n" + format_table(rows), flush=True)
     if ok:
         best = ok[0]
         cfg = space.trial_config(
-            decode_sampled(tracker.configs[best["trial_id"]], space), output=str(output / "best_model.pt")
+            decode_sampled(tracker.trials[best["trial_id"]].config, space), output=str(output / "best_model.pt")
         )
         cfg.to_yaml(output / "best_config.yaml")
         write_top_configs(tracker, space, ok, output / "top_configs.yaml")
@@ -418,15 +418,15 @@ def finish_search(
     if interrupted:
         tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", "interrupted")
         tracker.client.set_terminated(tracker.parent_run_id, "KILLED")
-        log(
-            f"\n[crystaltune] interrupted after {len(rows)} of {space.num_samples} trials; the state is saved: "
+        _log.info(
+            f"interrupted after {len(rows)} of {space.num_samples} trials; the state is saved: "
             f"continue with the same command plus --resume"
         )
     else:
         tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", "finished")
         tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
-    log(
-        f"\n[crystaltune] {len(rows)} trials ({summary['failed']} failed) in {search_time:.0f}s; "
+    _log.info(
+        f"{len(rows)} trials ({summary['failed']} failed) in {search_time:.0f}s; "
         f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)"
     )
     default = next((r for r in ok if r["default"]), None)
@@ -439,29 +439,29 @@ def finish_search(
             }
         )
     if ok:
-        log(
-            f"[crystaltune] best: {summary['best_trial']}  val_mae {summary['best_val_mae']:.4f}  "
+        _log.info(
+            f"best: {summary['best_trial']}  val_mae {summary['best_val_mae']:.4f}  "
             f"test_mae {summary['best_test_mae']:.4f}"
         )
     if default:
         gain = 100 * (1 - summary["best_val_mae"] / default["val_mae"]) if default["val_mae"] > 0 else 0.0
-        log(
-            f"[crystaltune] default ({space.default_source}): {default['trial']}  val_mae {default['val_mae']:.4f}  "
+        _log.info(
+            f"default ({space.default_source}): {default['trial']}  val_mae {default['val_mae']:.4f}  "
             f"test_mae {default['test_mae']:.4f}; the best is {gain:.1f}% lower on val MAE"
         )
-        log(f"[crystaltune] wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
-        log(f"[crystaltune] retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
+        _log.info(f"wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
+        _log.info(f"retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
     tracker.client.set_tag(
         tracker.parent_run_id, "mlflow.note.content", run_description(rows, summary, space, tracker.experiment_id)
     )
-    log(
-        f"[crystaltune] MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open "
+    _log.info(
+        f"MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open "
         f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs (experiment '{experiment}'; the parent "
         f"run {tracker.parent_run_id} has the summary; sort by metrics.best_val_mae, the selection metric)"
     )
     if (output / "optuna.db").exists():
-        log(
-            f"[crystaltune] Optuna study: optuna-dashboard sqlite:///{output / 'optuna.db'}  (a later search can "
+        _log.info(
+            f"Optuna study: optuna-dashboard sqlite:///{output / 'optuna.db'}  (a later search can "
             f"start from it: --warm-start {output / 'optuna.db'})"
         )
     return summary

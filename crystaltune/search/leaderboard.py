@@ -19,24 +19,23 @@ def build_leaderboard(tracker, space) -> list[dict[str, Any]]:
     from .space import decode_sampled
 
     rows = []
-    for tid, run_id in tracker.runs.items():
-        params = decode_sampled(tracker.configs.get(tid, {}), space)
-        if tracker.status.get(tid) == "LOST":  # never resumed by Tune; its slot was sampled again
+    for tid, rec in tracker.trials.items():
+        if rec.status == "LOST":  # never resumed by Tune; its slot was sampled again
             continue
-        last = tracker.last_result.get(tid, {})
+        params, last = decode_sampled(rec.config, space), rec.last_result
         rows.append(
             {
-                "trial": tracker.names.get(tid, tid).split(" ")[0],
+                "trial": rec.name.split(" ")[0],
                 "trial_id": tid,
-                "run_id": run_id,
-                "status": tracker.status.get(tid, "UNKNOWN"),
-                "name": tracker.names.get(tid, tid),
+                "run_id": rec.run_id,
+                "status": rec.status,
+                "name": rec.name,
                 "val_mae": last.get("best_val_mae", math.nan),
                 "test_mae": last.get("test_mae", math.nan),
                 "test_rmse": last.get("test_rmse", math.nan),
                 "test_r2": last.get("test_r2", math.nan),
                 "epochs": last.get("epoch", 0),
-                "error": tracker.errors.get(tid, ""),
+                "error": rec.error,
                 "checkpoint": last.get("checkpoint_path", ""),
                 "params": params,
                 "default": params == space.default_point,

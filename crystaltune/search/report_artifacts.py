@@ -29,7 +29,7 @@ def optuna_study(tracker, space, rows, storage: str | None = None):
         optuna.delete_study(study_name=name, storage=storage)
     study = optuna.create_study(direction="minimize", storage=storage, study_name=name if storage else None)
     for r in sorted(rows, key=lambda r: r["trial"]):  # the order the trials ran (t001, t002, ...), not rank order
-        raw = tracker.configs.get(r["trial_id"], {})
+        raw = tracker.trials[r["trial_id"]].config
         params = {k: v for k, v in raw.items() if k in dists}
         ok = ranked(r["status"], r["val_mae"])
         study.add_trial(

@@ -7,9 +7,12 @@ the Tune experiment, so ``--resume`` and trial retries never duplicate runs or m
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,48 @@ from .space import SearchSpace, decode_sampled
 #: Optuna's objective, ASHA's rungs and the MLflow column to sort by
 EPOCH_METRICS = ("train_mae", "val_mae", "best_val_mae", "lr", "graphs_per_s", "epoch_time_s")
 FINAL_METRICS = ("best_val_mae", "test_mae", "test_rmse", "test_r2", "alignment", "uniformity", "best_epoch")
+
+
+log = logging.getLogger(__name__)
+DONE = ("FINISHED", "FAILED")
+
+
+@dataclass
+class TrialRecord:
+    """What the tracker knows of one Tune trial: its MLflow run, its last logged epoch and result, its
+    status and why it failed (the watchdog's reason first). Saved as JSON with the Tune experiment."""
+
+    run_id: str
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)  # Tune's config: Optuna's raw values
+    status: str = "PENDING"  # RUNNING, FINISHED, FAILED, INTERRUPTED, LOST
+    last_epoch: int = 0
+    last_result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    watchdog: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.status in DONE
+
+
+def records_from_state(state: dict[str, Any]) -> dict[str, TrialRecord]:
+    """Trial records from a saved state; states written before TrialRecord kept one dict per field."""
+    if "trials" in state:
+        return {tid: TrialRecord(**rec) for tid, rec in state["trials"].items()}
+    return {
+        tid: TrialRecord(
+            run_id=rid,
+            name=state.get("names", {}).get(tid, tid),
+            config=state.get("configs", {}).get(tid, {}),
+            status=state.get("status", {}).get(tid, "PENDING"),
+            last_epoch=state.get("last_epoch", {}).get(tid, 0),
+            last_result=state.get("last_result", {}).get(tid, {}),
+            error=state.get("errors", {}).get(tid, ""),
+            watchdog=state.get("watchdog", {}).get(tid, ""),
+        )
+        for tid, rid in state.get("runs", {}).items()
+    }
 
 
 def run_name(index: int, sampled: dict[str, Any], base: dict[str, Any]) -> str:
@@ -61,14 +106,7 @@ class MLflowTracker(tune.Callback):
         self.search_info = search_info
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
-        self.runs: dict[str, str] = {}  # trial_id -> run_id
-        self.names: dict[str, str] = {}
-        self.last_epoch: dict[str, int] = {}
-        self.last_result: dict[str, dict[str, Any]] = {}
-        self.status: dict[str, str] = {}
-        self.errors: dict[str, str] = {}
-        self.configs: dict[str, dict[str, Any]] = {}
-        self.watchdog: dict[str, str] = {}  # trial_id -> why the watchdog stopped it
+        self.trials: dict[str, TrialRecord] = {}  # Tune trial id -> its record
         self._client = None
         self._reconciled = False
 
@@ -81,19 +119,9 @@ class MLflowTracker(tune.Callback):
 
     def get_state(self) -> dict[str, Any]:
         return {
-            k: getattr(self, k)
-            for k in (
-                "parent_run_id",
-                "experiment_id",
-                "runs",
-                "names",
-                "last_epoch",
-                "last_result",
-                "status",
-                "errors",
-                "configs",
-                "watchdog",
-            )
+            "parent_run_id": self.parent_run_id,
+            "experiment_id": self.experiment_id,
+            "trials": {tid: dataclasses.asdict(rec) for tid, rec in self.trials.items()},
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -106,8 +134,12 @@ class MLflowTracker(tune.Callback):
                 state = json.loads(Path(self.state_file).read_text())
             except (OSError, ValueError):
                 pass
-        for k, v in state.items():
-            setattr(self, k, v)
+        self.parent_run_id, self.experiment_id = state.get("parent_run_id"), state.get("experiment_id")
+        self.trials = records_from_state(state)
+
+    def name(self, trial_id: str) -> str:
+        rec = self.trials.get(trial_id)
+        return rec.name if rec else trial_id
 
     def save(self) -> None:
         """Mirror the state to a JSON file the driver reads after the Tuner returns."""
@@ -164,20 +196,19 @@ class MLflowTracker(tune.Callback):
         return self.parent_run_id
 
     # child runs --------------------------------------------------------------------------------
-    def child(self, trial, trials=None) -> str:
-        """The trial's MLflow run, created on first sight and named by Tune's creation order (``trials``),
-        so the default configuration, created first, is t001 whichever trial starts first."""
+    def child(self, trial, trials=None) -> TrialRecord:
+        """The trial's record and MLflow run, created on first sight and named by Tune's creation order
+        (``trials``), so the default configuration, created first, is t001 whichever trial starts first."""
         tid = trial.trial_id
-        if tid in self.runs:
-            return self.runs[tid]
-        number = len(self.runs) + 1
+        if tid in self.trials:
+            return self.trials[tid]
+        number = len(self.trials) + 1
         if trials is not None and trial in trials:
-            taken = {int(n.split()[0][1:]) for n in self.names.values() if n[1:4].isdigit()}
+            taken = {int(r.name.split()[0][1:]) for r in self.trials.values() if r.name[1:4].isdigit()}
             number = trials.index(trial) + 1
             while number in taken:
                 number += 1
         sampled = decode_sampled(trial.config, self.space)
-        self.configs[tid] = dict(trial.config)
         is_default = sampled == self.space.default_point
         name = run_name(number, sampled, self.space.base) + (" (default)" if is_default else "")
         run = self.client.create_run(
@@ -190,13 +221,13 @@ class MLflowTracker(tune.Callback):
                 "crystaltune.default": str(is_default).lower(),
             },
         )
-        self.runs[tid], self.names[tid] = run.info.run_id, name
+        rec = self.trials[tid] = TrialRecord(run.info.run_id, name, dict(trial.config))
         cfg = self.space.trial_config(sampled)
         from mlflow.entities import Param
 
         params = {k: redact(v)[:6000] for k, v in cfg.flat().items()}  # each once: what the trial really used
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        return run.info.run_id
+        return rec
 
     def on_step_begin(self, iteration, trials, **info):
         if not self._reconciled:  # the first step after a --resume sees every restored trial
@@ -209,11 +240,11 @@ class MLflowTracker(tune.Callback):
         Tune never resumes those: an unfinished one is marked lost (kept in MLflow, out of the
         leaderboard; Tune samples its slot again), a finished one is kept as it is."""
         known = {t.trial_id for t in trials}
-        for tid, rid in self.runs.items():
+        for tid, rec in self.trials.items():
             if tid in known:
                 continue
-            name = self.names.get(tid, tid)
-            if self.status.get(tid) in ("RUNNING", "INTERRUPTED"):
+            rid, name = rec.run_id, rec.name
+            if rec.status in ("RUNNING", "INTERRUPTED"):
                 self.client.set_tag(rid, "crystaltune.kind", "lost_trial")
                 self.client.set_tag(rid, "crystaltune.status", "lost")
                 self.client.set_tag(
@@ -223,100 +254,104 @@ class MLflowTracker(tune.Callback):
                     "driver died; Tune could not resume it and sampled its slot again",
                 )
                 self.client.set_terminated(rid, "KILLED")
-                self.status[tid] = "LOST"
+                rec.status = "LOST"
                 if self.verbose:
-                    print(
-                        f"[crystaltune] {name}: started after Tune's last snapshot, so it cannot be resumed; "
+                    log.info(
+                        "%s: started after Tune's last snapshot, so it cannot be resumed; "
                         "kept in MLflow as a lost trial, its slot is sampled again",
-                        flush=True,
+                        name,
                     )
-            elif self.status.get(tid) in ("FINISHED", "FAILED") and self.verbose:
-                print(
-                    f"[crystaltune] {name}: finished after Tune's last snapshot; kept, and Tune samples one more "
-                    "trial than the budget",
-                    flush=True,
-                )
+            elif rec.done and self.verbose:
+                log.info("%s: finished after Tune's last snapshot; kept, and Tune samples one more trial", name)
         self.save()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.child(trial, trials)
-        if self.status.get(trial.trial_id) not in ("FINISHED", "FAILED"):  # a --resume restart of a done trial
-            self.status[trial.trial_id] = "RUNNING"
+        rec = self.child(trial, trials)
+        if not rec.done:  # not a --resume restart of a done trial
+            rec.status = "RUNNING"
         self.save()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        rid = self.child(trial, trials)
+        rec = self.child(trial, trials)
         if result.get("trial_failed"):  # a diverged / out-of-memory trial, reported by its workers
-            self.errors[trial.trial_id] = str(result["trial_failed"])
+            rec.error = str(result["trial_failed"])
             self.save()
             return
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        if epoch <= self.last_epoch.get(trial.trial_id, 0):
+        if epoch <= rec.last_epoch:
             return  # a retried worker re-reporting an epoch already logged
-        self.last_result[trial.trial_id] = {
+        rec.last_result = {
             k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS, "epoch", "checkpoint_path") if k in result
         }
-        self.last_epoch[trial.trial_id] = epoch
-        self.client.log_batch(rid, metrics=finite_metrics(result, EPOCH_METRICS, epoch))
+        rec.last_epoch = epoch
+        self.client.log_batch(rec.run_id, metrics=finite_metrics(result, EPOCH_METRICS, epoch))
         self.save()
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         """A direct trial's epoch checkpoint, persisted by Tune after its result (Ray Train trials send
         the path in the result instead)."""
-        if trial.trial_id in self.last_result:
-            self.last_result[trial.trial_id]["checkpoint_path"] = checkpoint.path
+        rec = self.trials.get(trial.trial_id)
+        if rec is not None and rec.last_result:
+            rec.last_result["checkpoint_path"] = checkpoint.path
             self.save()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.finish(trial, "FAILED" if trial.trial_id in self.errors else "FINISHED")
+        self.finish(trial, "FAILED" if self.child(trial).error else "FINISHED")
 
     def note_watchdog(self, trial_id: str, reason: str) -> None:
         """The watchdog stopped this trial (Tune may retry it): the reason if it ends in error."""
-        self.watchdog[trial_id] = reason
-        self.save()
+        if trial_id in self.trials:
+            self.trials[trial_id].watchdog = reason
+            self.save()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.errors[trial.trial_id] = self.watchdog.get(trial.trial_id) or trial_error_message(trial)
+        rec = self.child(trial)
+        rec.error = rec.watchdog or trial_error_message(trial)
         self.finish(trial, "FAILED")
 
     def finish(self, trial, status: str) -> None:
-        if self.status.get(trial.trial_id) in ("FINISHED", "FAILED"):
+        rec = self.child(trial)
+        if rec.done:
             return  # already recorded before an interruption; --resume must not log it twice
-        rid = self.child(trial)
-        last = self.last_result.get(trial.trial_id, {})
+        last = rec.last_result
         metrics = finite_metrics(last, FINAL_METRICS, int(last.get("epoch", 0)))
         if metrics:
-            self.client.log_batch(rid, metrics=metrics)
+            self.client.log_batch(rec.run_id, metrics=metrics)
         if status == "FAILED":
-            self.client.set_tag(rid, "crystaltune.error", self.errors.get(trial.trial_id, "")[:5000])
-        ck = last.get("checkpoint_path")
+            self.client.set_tag(rec.run_id, "crystaltune.error", rec.error[:5000])
+        self._log_checkpoint(rec)
+        self.client.set_tag(rec.run_id, "crystaltune.epochs_run", str(last.get("epoch", 0)))
+        self.client.set_terminated(rec.run_id, status)
+        rec.status = status
+        self.save()
+        if not self.verbose:
+            return
+        if status == "FAILED":
+            log.info("%s: FAILED (%s)", rec.name, rec.error[:200])
+        else:
+            log.info(
+                "%s: best val_mae %.4f, test_mae %.4f after %s epoch(s)",
+                rec.name,
+                last.get("best_val_mae", float("nan")),
+                last.get("test_mae", float("nan")),
+                last.get("epoch", 0),
+            )
+
+    def _log_checkpoint(self, rec: TrialRecord) -> None:
+        ck = rec.last_result.get("checkpoint_path")
         if ck and Path(ck, "best.pt").exists():
             try:
-                self.client.log_artifact(rid, str(Path(ck, "best.pt")), artifact_path="checkpoint")
+                self.client.log_artifact(rec.run_id, str(Path(ck, "best.pt")), artifact_path="checkpoint")
             except Exception as exc:  # artifact store trouble must not stop the search
-                self.client.set_tag(rid, "crystaltune.artifact_error", str(exc)[:500])
-        self.client.set_tag(rid, "crystaltune.epochs_run", str(last.get("epoch", 0)))
-        self.client.set_terminated(rid, status)
-        self.status[trial.trial_id] = status
-        self.save()
-        if self.verbose:
-            name = self.names.get(trial.trial_id, trial.trial_id)
-            if status == "FAILED":
-                print(f"[crystaltune] {name}: FAILED ({self.errors.get(trial.trial_id, '')[:200]})", flush=True)
-            else:
-                print(
-                    f"[crystaltune] {name}: best val_mae {last.get('best_val_mae', float('nan')):.4f}, test_mae "
-                    f"{last.get('test_mae', float('nan')):.4f} after {last.get('epoch', 0)} epoch(s)",
-                    flush=True,
-                )
+                self.client.set_tag(rec.run_id, "crystaltune.artifact_error", str(exc)[:500])
 
     def on_experiment_end(self, trials, **info):
         for t in trials:  # trials stopped by Ctrl-C: mark interrupted, resumable
-            if self.status.get(t.trial_id) == "RUNNING":
-                rid = self.runs[t.trial_id]
-                self.client.set_tag(rid, "crystaltune.status", "interrupted")
-                self.client.set_terminated(rid, "KILLED")
-                self.status[t.trial_id] = "INTERRUPTED"
+            rec = self.trials.get(t.trial_id)
+            if rec is not None and rec.status == "RUNNING":
+                self.client.set_tag(rec.run_id, "crystaltune.status", "interrupted")
+                self.client.set_terminated(rec.run_id, "KILLED")
+                rec.status = "INTERRUPTED"
         self.save()
 
 

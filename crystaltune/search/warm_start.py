@@ -10,11 +10,14 @@ stops before Ray starts.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import CrystaltuneError
 from .space import SearchSpace, decode_sampled
+
+_log = logging.getLogger(__name__)
 
 
 def _storage(source: str) -> str:
@@ -60,7 +63,7 @@ def why_incompatible(point: dict[str, Any], space: SearchSpace) -> str | None:
     return None
 
 
-def warm_points(source: str, space: SearchSpace, k: int = 5, log=print) -> list[dict[str, Any]]:
+def warm_points(source: str, space: SearchSpace, k: int = 5) -> list[dict[str, Any]]:
     """The best ``k`` compatible configurations of the study at ``source``, as parameter values."""
     import optuna
 
@@ -80,6 +83,6 @@ def warm_points(source: str, space: SearchSpace, k: int = 5, log=print) -> list[
         first = reasons[0] if reasons else "it has no completed trial"
         raise CrystaltuneError(f"--warm-start {source}: no configuration of that study fits this space ({first})")
     for r in reasons[:3]:
-        log(f"[crystaltune] --warm-start: left out {r}")
-    log(f"[crystaltune] --warm-start: {len(points)} configuration(s) from {source} run first, after the default")
+        _log.info(f"--warm-start: left out {r}")
+    _log.info(f"--warm-start: {len(points)} configuration(s) from {source} run first, after the default")
     return points

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 from ray import tune
 
+log = logging.getLogger(__name__)
 DEFAULT_FACTOR, DEFAULT_FLOOR_S, DEFAULT_STALL_S = 10.0, 600.0, 1800.0  # SearchOptions' defaults too
 
 
@@ -40,7 +42,7 @@ class Watchdog(tune.Callback):
 
     def log(self, message: str) -> None:
         if self.verbose:
-            print(message, flush=True)
+            log.info(message)
 
     def limit(self, trial_id: str) -> float:
         """Seconds a trial may stay silent."""
@@ -71,7 +73,7 @@ class Watchdog(tune.Callback):
             self.idle_since = now
         elif now - self.idle_since > self.stall_s:
             self.log(
-                f"[crystaltune] no trial could start for {self.stall_s:.0f} s (resources the cluster no longer has?); "
+                f"no trial could start for {self.stall_s:.0f} s (resources the cluster no longer has?); "
                 "stopping the search: continue it with the same command plus --resume"
             )
             self.idle_since = None
@@ -85,7 +87,7 @@ class Watchdog(tune.Callback):
             f"{self.factor:g} x its slowest epoch, at least {self.floor_s:.0f} s); stopped"
         )
         self.tracker.note_watchdog(trial.trial_id, reason)
-        self.log(f"[crystaltune] {self.tracker.names.get(trial.trial_id, trial.trial_id)}: {reason}")
+        self.log(f"{self.tracker.name(trial.trial_id)}: {reason}")
         self.last_seen[trial.trial_id] = time.monotonic()  # one kill per limit; the retry starts afresh
         actor = trial.temporary_state.ray_actor
         if actor is not None:
