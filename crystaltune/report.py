@@ -106,35 +106,58 @@ def build_report(
     folds. Returns the report path and the facts the README section is rendered from."""
     from mlflow.tracking import MlflowClient
 
+    from . import retraining
+    from .search.leaderboard import ranked
+
     client = MlflowClient(tracking_uri)
+    exp_id, parent, children = _search_runs(client, name, tracking_uri, run_id)
+    pid = parent.info.run_id
+    output.mkdir(parents=True, exist_ok=True)
+    if seeds or cv:
+        _retrain_study(client, exp_id, pid, baseline, reference, seeds, cv, top_k, retrain_epochs)
+    rows = [_trial_row(r) for r in children]
+    ok = sorted([r for r in rows if ranked(r["status"], r["val"])], key=lambda r: r["val"])
+    failed = [r for r in rows if r not in ok]
+    facts = _facts(name, tracking_uri, parent, children, rows, ok)
+    facts["timing"] = search_timing(client, parent, children)
+    facts["retrained"] = retraining.summarize(client, exp_id, pid)
+    facts["rungs"] = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
+    facts["training_table"] = _training_table(ok)
+    lines = _header_lines(name, tracking_uri, parent, rows, ok, failed) + _timing_lines(facts["timing"])
+    lines += _retrained_lines(facts["retrained"]) + _rung_lines(facts["rungs"], facts["max_epochs"])
+    lines += _leaderboard_lines(ok, failed) + _training_table_lines(facts["training_table"])
+    if ok:
+        lines += ["", "## Best model on the test split", ""] + _best_model_plots(client, ok[0], output)
+    lines += _importance_lines(client, pid)
+    report = output / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    (output / "leaderboard.json").write_text(json.dumps(ok + failed, indent=1, default=str))
+    (output / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
+    return report, facts
+
+
+def _search_runs(client, name: str, tracking_uri: str, run_id: str | None):
+    """(experiment id, the search's parent run, its trial runs): the latest search unless ``run_id``."""
     exp = client.get_experiment_by_name(f"crystaltune-{name}")
     if exp is None:
         raise CrystaltuneError(f"no MLflow experiment 'crystaltune-{name}' in {tracking_uri}")
     parent = _latest_parent(client, exp.experiment_id, run_id)
-    pid = parent.info.run_id
     children = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{pid}' and tags.`crystaltune.kind` = 'trial'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`crystaltune.kind` = 'trial'",
         max_results=5000,
     )
     if not children:
-        raise CrystaltuneError(f"search run {pid} has no trial runs")
-    output.mkdir(parents=True, exist_ok=True)
-    if seeds or cv:
-        _retrain_study(client, exp.experiment_id, pid, baseline, reference, seeds, cv, top_k, retrain_epochs)
-    rows = [_trial_row(r) for r in children]
-    from .search.leaderboard import ranked
+        raise CrystaltuneError(f"search run {parent.info.run_id} has no trial runs")
+    return exp.experiment_id, parent, children
 
-    ok = sorted([r for r in rows if ranked(r["status"], r["val"])], key=lambda r: r["val"])
-    failed = [r for r in rows if r not in ok]
-    from . import retraining
 
-    timing = search_timing(client, parent, children)
-    retrained = retraining.summarize(client, exp.experiment_id, pid)
+def _facts(name: str, tracking_uri: str, parent, children, rows: list[dict], ok: list[dict]) -> dict:
+    """What the README section is rendered from: the search's setting as its parent run logged it."""
     pp = parent.data.params
-    facts = {
+    return {
         "name": name,
-        "run_id": pid,
+        "run_id": parent.info.run_id,
         "tracking_uri": tracking_uri,
         "date": time.strftime("%Y-%m-%d", time.localtime(parent.info.start_time / 1000)),
         "machine": pp.get("search.machine", "-"),
@@ -146,15 +169,16 @@ def build_report(
         "seed": pp.get("search.seed", "0"),
         "trials": len(rows),
         "finished": len(ok),
-        "timing": timing,
-        "retrained": retrained,
         "top": ok[:5],
         "targets": children[0].data.params.get("data.targets", ""),
     }
+
+
+def _header_lines(name: str, tracking_uri: str, parent, rows: list, ok: list, failed: list) -> list[str]:
     lines = [
         f"# crystaltune report: {name}",
         "",
-        f"Search run `{pid}` ({parent.info.run_name}) in `{tracking_uri}`; report written "
+        f"Search run `{parent.info.run_id}` ({parent.info.run_name}) in `{tracking_uri}`; report written "
         f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}).",
         "",
@@ -169,8 +193,11 @@ def build_report(
             f"test RMSE {_f(b['rmse'])}, test R² {_f(b['r2'], 3)}.",
             "",
         ]
-    t = timing
-    lines += [
+    return lines
+
+
+def _timing_lines(t: dict) -> list[str]:
+    return [
         "## Search time",
         "",
         f"`tuner.fit` took {t['tuner_s']:.0f} s with up to {t['concurrent_trials']} trials at a time; training epochs "
@@ -179,12 +206,10 @@ def build_report(
         f"{t['epochs_run']} of the {t['epochs_full_budget']} epochs a full-budget search would run.",
         "",
     ]
-    lines += _retrained_lines(retrained)
-    facts["rungs"] = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
-    lines += _rung_lines(facts["rungs"], facts["max_epochs"])
-    lines += _leaderboard_lines(ok, failed)
-    facts["training_table"] = _training_table(ok)
-    lines += [
+
+
+def _training_table_lines(table: list[dict]) -> list[str]:
+    return [
         "",
         "## TRAINING TABLE",
         "",
@@ -192,19 +217,10 @@ def build_report(
         "",
         "| model | edge featurizer | node featurizer | trials | best val MAE | its test MAE |",
         "|---|---|---|---|---|---|",
-    ]
-    lines += [
+    ] + [
         f"| {g['model']} | {g['edge']} | {g['node']} | {g['trials']} | {_f(g['val'])} | {_f(g['test'])} |"
-        for g in facts["training_table"]
+        for g in table
     ]
-    if ok:
-        lines += ["", "## Best model on the test split", ""] + _best_model_plots(client, ok[0], output)
-    lines += _importance_lines(client, pid)
-    report = output / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    (output / "leaderboard.json").write_text(json.dumps(ok + failed, indent=1, default=str))
-    (output / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
-    return report, facts
 
 
 def _trial_row(r) -> dict:

@@ -365,18 +365,33 @@ def finish_search(
     search_time: float,
 ) -> dict[str, Any]:
     """Leaderboard, best_config.yaml and the parent run's artifacts (all from the driver)."""
-    from mlflow.entities import Metric
-
     from .leaderboard import build_leaderboard, format_table, ranked, write_csv
-    from .report_artifacts import log_search_artifacts
-    from .space import decode_sampled
     from .tracking import MLflowTracker
 
     tracker = MLflowTracker.from_state_file(state_file, tracking_uri, space, experiment)
     rows = build_leaderboard(tracker, space)
-    interrupted = len(rows) < space.num_samples or any(r["status"] in ("INTERRUPTED", "RUNNING") for r in rows)
     write_csv(rows, output / "leaderboard.csv")
     ok = [r for r in rows if ranked(r["status"], r["val_mae"])]
+    summary = _summary(space, rows, ok, tracker, search_time, output, tracking_uri, experiment)
+    if _log.isEnabledFor(logging.INFO):  # the leaderboard is the search's output, not a log line
+        print("\n" + format_table(rows), flush=True)
+    if ok:
+        _write_best(tracker, space, rows, ok, dataset, output)
+    status = "interrupted" if summary["interrupted"] else "finished"
+    tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", status)
+    tracker.client.set_terminated(tracker.parent_run_id, "KILLED" if summary["interrupted"] else "FINISHED")
+    tracker.client.set_tag(
+        tracker.parent_run_id, "mlflow.note.content", run_description(rows, summary, space, tracker.experiment_id)
+    )
+    _closing_lines(summary, space, output, tracker)
+    return summary
+
+
+def _summary(space, rows, ok, tracker, search_time, output, tracking_uri, experiment) -> dict[str, Any]:
+    """The search's outcome (returned, printed with --json); its time and epoch counts are also logged
+    as metrics of the parent run for the report's overhead / ASHA figures."""
+    from mlflow.entities import Metric
+
     summary: dict[str, Any] = {
         "trials": len(rows),
         "failed": sum(r["status"] == "FAILED" for r in rows),
@@ -387,81 +402,72 @@ def finish_search(
         "parent_run_id": tracker.parent_run_id,
         "epochs_run": sum(int(r["epochs"] or 0) for r in rows),
         "epochs_full_budget": space.num_samples * space.max_epochs,
-        "interrupted": interrupted,
+        "interrupted": len(rows) < space.num_samples or any(r["status"] in ("INTERRUPTED", "RUNNING") for r in rows),
     }
-    # for the report's overhead / ASHA figures (the latest session's tuner time when --resume was used)
-    tracker.client.log_batch(
+    tracker.client.log_batch(  # the latest session's tuner time when --resume was used
         tracker.parent_run_id,
         metrics=[
             Metric(k, float(summary[k]), int(time.time() * 1000), 0)
             for k in ("search_time_s", "epochs_run", "epochs_full_budget")
         ],
     )
-    if _log.isEnabledFor(logging.INFO):  # the leaderboard is the search's output, not a log line
-        print("\n" + format_table(rows), flush=True)
     if ok:
         best = ok[0]
-        cfg = space.trial_config(
-            decode_sampled(tracker.trials[best["trial_id"]].config, space), output=str(output / "best_model.pt")
-        )
-        cfg.to_yaml(output / "best_config.yaml")
-        write_top_configs(tracker, space, ok, output / "top_configs.yaml")
-        summary.update(
-            {
-                "best_trial": best["name"],
-                "best_val_mae": best["val_mae"],
-                "best_test_mae": best["test_mae"],
-                "best_run_id": best["run_id"],
-            }
-        )
-        log_search_artifacts(tracker, space, rows, best, cfg, dataset, output)
-    if interrupted:
-        tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", "interrupted")
-        tracker.client.set_terminated(tracker.parent_run_id, "KILLED")
-        _log.info(
-            f"interrupted after {len(rows)} of {space.num_samples} trials; the state is saved: "
-            f"continue with the same command plus --resume"
-        )
-    else:
-        tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", "finished")
-        tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
-    _log.info(
-        f"{len(rows)} trials ({summary['failed']} failed) in {search_time:.0f}s; "
-        f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)"
-    )
+        summary.update(best_trial=best["name"], best_val_mae=best["val_mae"], best_test_mae=best["test_mae"])
+        summary["best_run_id"] = best["run_id"]
     default = next((r for r in ok if r["default"]), None)
     if default:
-        summary.update(
-            {
-                "default_trial": default["name"],
-                "default_val_mae": default["val_mae"],
-                "default_test_mae": default["test_mae"],
-            }
+        summary.update(default_trial=default["name"], default_val_mae=default["val_mae"])
+        summary["default_test_mae"] = default["test_mae"]
+    return summary
+
+
+def _write_best(tracker, space: SearchSpace, rows, ok, dataset, output: Path) -> None:
+    """best_config.yaml, top_configs.yaml and the parent run's artifacts (plots, model, study)."""
+    from .report_artifacts import log_search_artifacts
+    from .space import decode_sampled
+
+    best = ok[0]
+    cfg = space.trial_config(
+        decode_sampled(tracker.trials[best["trial_id"]].config, space), output=str(output / "best_model.pt")
+    )
+    cfg.to_yaml(output / "best_config.yaml")
+    write_top_configs(tracker, space, ok, output / "top_configs.yaml")
+    log_search_artifacts(tracker, space, rows, best, cfg, dataset, output)
+
+
+def _closing_lines(summary: dict[str, Any], space: SearchSpace, output: Path, tracker) -> None:
+    """What the user reads last: the outcome, the default's comparison, where to look next."""
+    if summary["interrupted"]:
+        _log.info(
+            f"interrupted after {summary['trials']} of {space.num_samples} trials; the state is saved: "
+            f"continue with the same command plus --resume"
         )
-    if ok:
+    _log.info(
+        f"{summary['trials']} trials ({summary['failed']} failed) in {summary['search_time_s']:.0f}s; "
+        f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)"
+    )
+    if "best_trial" in summary:
         _log.info(
             f"best: {summary['best_trial']}  val_mae {summary['best_val_mae']:.4f}  "
             f"test_mae {summary['best_test_mae']:.4f}"
         )
-    if default:
-        gain = 100 * (1 - summary["best_val_mae"] / default["val_mae"]) if default["val_mae"] > 0 else 0.0
+    if "default_trial" in summary:
+        dv = summary["default_val_mae"]
+        gain = 100 * (1 - summary["best_val_mae"] / dv) if dv > 0 else 0.0
         _log.info(
-            f"default ({space.default_source}): {default['trial']}  val_mae {default['val_mae']:.4f}  "
-            f"test_mae {default['test_mae']:.4f}; the best is {gain:.1f}% lower on val MAE"
+            f"default ({space.default_source}): {summary['default_trial'].split()[0]}  val_mae {dv:.4f}  "
+            f"test_mae {summary['default_test_mae']:.4f}; the best is {gain:.1f}% lower on val MAE"
         )
         _log.info(f"wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
         _log.info(f"retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
-    tracker.client.set_tag(
-        tracker.parent_run_id, "mlflow.note.content", run_description(rows, summary, space, tracker.experiment_id)
-    )
     _log.info(
-        f"MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open "
-        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs (experiment '{experiment}'; the parent "
-        f"run {tracker.parent_run_id} has the summary; sort by metrics.best_val_mae, the selection metric)"
+        f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}, then open "
+        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs (experiment '{summary['experiment']}'; "
+        f"the parent run {tracker.parent_run_id} has the summary; sort by metrics.best_val_mae, the selection metric)"
     )
     if (output / "optuna.db").exists():
         _log.info(
             f"Optuna study: optuna-dashboard sqlite:///{output / 'optuna.db'}  (a later search can "
             f"start from it: --warm-start {output / 'optuna.db'})"
         )
-    return summary

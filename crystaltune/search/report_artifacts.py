@@ -115,70 +115,15 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
     try:
         study = optuna_study(tracker, space, rows, f"sqlite:///{output / 'optuna.db'}")
         made["optuna_storage"] = f"sqlite:///{output / 'optuna.db'}"
-        import matplotlib
-        import optuna
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import optuna.visualization.matplotlib as ovm
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ax = ovm.plot_optimization_history(study)  # trials in run order, with the best-so-far line
-            ax.set_title("Best val MAE per trial, in the order they ran")
-            ax.figure.savefig(art / "optuna_history.png", dpi=110, bbox_inches="tight")
-            plt.close(ax.figure)
-            history = [
-                {"number": t.number, "value": t.value, "params": t.params}
-                for t in study.trials
-                if t.state == optuna.trial.TrialState.COMPLETE
-            ]
-            (art / "optuna_history.json").write_text(json.dumps(history, indent=1, default=str))
-            if len(study.trials) >= 3:
-                # one method for the JSON, the PNG and the report: fANOVA, seeded
-                imp = optuna.importance.get_param_importances(
-                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
-                )
-                (art / "param_importances.json").write_text(json.dumps(imp, indent=1))
-                made["importances"] = imp
-                ax = ovm.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-                ax.set_title("Hyperparameter importances (fANOVA on best val MAE)")
-                ax.figure.savefig(art / "param_importances.png", dpi=110, bbox_inches="tight")
-                plt.close(ax.figure)
+        made.update(_study_plots(study, art))
     except Exception as exc:  # a plotting problem must not lose the search
         client.set_tag(parent, "crystaltune.optuna_artifacts_error", str(exc)[:500])
     ck = Path(best["checkpoint"], "best.pt") if best.get("checkpoint") else None
     if ck is not None and ck.exists():
         shutil.copy(ck, output / "best_trial.pt")
-        from ..checkpoint import load_checkpoint
-        from ..train.metrics import predict_indices
-        from ..train.trial_data import prepare_trial_data
-
-        loaded = load_checkpoint(output / "best_trial.pt")
-        data = prepare_trial_data(loaded.config, dataset)
-        p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")
-        for t, name in enumerate(data.targets):
-            m = np.isfinite(y[:, t])
-            parity_plot(y[m, t], p[m, t], f"{best['name']} - {name}", art / f"parity_{name}.png")
-        made["parity"] = [str(art / f"parity_{n}.png") for n in data.targets]
+        data = _best_parity_plots(output / "best_trial.pt", best, dataset, art, made)
         try:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracker.tracking_uri)
-            with mlflow.start_run(run_id=parent), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                info = mlflow.pyfunc.log_model(
-                    name="best_model",
-                    python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                    artifacts={"checkpoint": str(output / "best_trial.pt")},
-                    registered_model_name=f"crystaltune-{space.name}",
-                    pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
-                    params={k: str(v)[:500] for k, v in cfg.flat().items()},  # the best trial's own config
-                    input_example=_input_example(dataset, data),  # MLflow infers the signature from it
-                    tags={"crystaltune.trial": best["name"], "crystaltune.trial_run": best["run_id"]},
-                )
-            made["model_uri"] = info.model_uri
-            describe_registered_model(client, f"crystaltune-{space.name}", info, space, best)
+            made["model_uri"] = _register_best_model(tracker, space, best, cfg, dataset, data, output)
         except Exception as exc:
             client.set_tag(parent, "crystaltune.model_log_error", str(exc)[:500])
     client.log_artifacts(parent, str(art), artifact_path="search")
@@ -187,3 +132,71 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
         client.log_metric(parent, "best_test_mae", float(best["test_mae"]))
     client.set_tag(parent, "crystaltune.best_run", best["name"])
     return made
+
+
+def _study_plots(study, art: Path) -> dict[str, Any]:
+    """History (trials in run order, best-so-far line) and fANOVA importances: PNG and JSON."""
+    import matplotlib
+    import optuna
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    made: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ax = ovm.plot_optimization_history(study)
+        ax.set_title("Best val MAE per trial, in the order they ran")
+        ax.figure.savefig(art / "optuna_history.png", dpi=110, bbox_inches="tight")
+        plt.close(ax.figure)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        history = [{"number": t.number, "value": t.value, "params": t.params} for t in complete]
+        (art / "optuna_history.json").write_text(json.dumps(history, indent=1, default=str))
+        if len(study.trials) >= 3:
+            # one method for the JSON, the PNG and the report: fANOVA, seeded
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+            made["importances"] = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            (art / "param_importances.json").write_text(json.dumps(made["importances"], indent=1))
+            ax = ovm.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            ax.set_title("Hyperparameter importances (fANOVA on best val MAE)")
+            ax.figure.savefig(art / "param_importances.png", dpi=110, bbox_inches="tight")
+            plt.close(ax.figure)
+    return made
+
+
+def _best_parity_plots(checkpoint: Path, best, dataset, art: Path, made: dict[str, Any]):
+    """Parity plots of the best trial on the test split; returns its prepared trial data."""
+    from ..checkpoint import load_checkpoint
+    from ..train.metrics import predict_indices
+    from ..train.trial_data import prepare_trial_data
+
+    loaded = load_checkpoint(checkpoint)
+    data = prepare_trial_data(loaded.config, dataset)
+    p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")
+    for t, name in enumerate(data.targets):
+        m = np.isfinite(y[:, t])
+        parity_plot(y[m, t], p[m, t], f"{best['name']} - {name}", art / f"parity_{name}.png")
+    made["parity"] = [str(art / f"parity_{n}.png") for n in data.targets]
+    return data
+
+
+def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path) -> str:
+    """The best trial as an MLflow pyfunc model on the parent run, registered and described."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    with mlflow.start_run(run_id=tracker.parent_run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = mlflow.pyfunc.log_model(
+            name="best_model",
+            python_model=str(Path(__file__).with_name("mlflow_model.py")),
+            artifacts={"checkpoint": str(output / "best_trial.pt")},
+            registered_model_name=f"crystaltune-{space.name}",
+            pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
+            params={k: str(v)[:500] for k, v in cfg.flat().items()},  # the best trial's own config
+            input_example=_input_example(dataset, data),  # MLflow infers the signature from it
+            tags={"crystaltune.trial": best["name"], "crystaltune.trial_run": best["run_id"]},
+        )
+    describe_registered_model(tracker.client, f"crystaltune-{space.name}", info, space, best)
+    return info.model_uri
