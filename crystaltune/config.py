@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -20,8 +20,11 @@ from .registry import did_you_mean
 
 @dataclass
 class DataConfig:
+    #: keys older configs and checkpoints used, read as their new names
+    RENAMED: ClassVar[dict[str, str]] = {"data": "file"}
+
     dataset: str = "perovskites"
-    data: str | None = None  # file for a registry name (e.g. the SNUMAT file)
+    file: str | None = None  # the file behind a dataset name (e.g. the user's SNUMAT file)
     targets: list[str] | None = None  # None: the dataset's default
     split_seed: int = 0
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
@@ -198,7 +201,9 @@ def _build(cls, d: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = inspect.get_annotations(cls, eval_str=True)
     kwargs = {}
+    renamed = getattr(cls, "RENAMED", {})
     for key, value in d.items():
+        key = renamed.get(key, key)
         if key not in fields:
             hint = did_you_mean(str(key), list(fields))
             raise CrystaltuneError(f"{where}: unknown key {key!r}{hint} (known: {', '.join(fields)})")

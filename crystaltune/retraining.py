@@ -16,7 +16,7 @@ from .config import TrialConfig
 from .errors import CrystaltuneError
 
 #: data settings that must match for two test MAEs to be comparable
-SPLIT_KEYS = ("dataset", "data", "targets", "split_seed", "split", "limit", "folds", "fold")
+SPLIT_KEYS = ("dataset", "file", "targets", "split_seed", "split", "limit", "folds", "fold")
 
 
 def best_config_of(client, parent_run_id: str) -> TrialConfig:

@@ -97,7 +97,7 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
     if opts.data:
         if not Path(opts.data).exists():
             raise CrystaltuneError(f"--data {opts.data}: no such file or folder")
-        space.base["data"]["data"] = str(Path(opts.data).resolve())
+        space.base["data"]["file"] = str(Path(opts.data).resolve())
     return space
 
 

@@ -33,7 +33,7 @@ from ..errors import CrystaltuneError
 from ..registry import did_you_mean
 
 TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search", "default")
-DATASET_KEYS = ("name", "data", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors", "folds", "fold")
+DATASET_KEYS = ("name", "file", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors", "folds", "fold")
 BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor")
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "executor")
 #: how a trial trains: "train" = a Ray Train worker group (DDP), "direct" = inside the Tune trial's own

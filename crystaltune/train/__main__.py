@@ -35,7 +35,7 @@ def config_from_args(args) -> TrialConfig:
     raw = TrialConfig.from_yaml(args.config).to_dict() if args.config else TrialConfig().to_dict()
     overrides = {
         ("data", "dataset"): args.dataset,
-        ("data", "data"): args.data,
+        ("data", "file"): args.data,
         ("data", "targets"): args.targets,
         ("model", "name"): args.model,
         ("train", "epochs"): args.epochs,

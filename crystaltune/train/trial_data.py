@@ -32,7 +32,7 @@ def load_trial_dataset(cfg: TrialConfig, progress: bool | None = None) -> Datase
     """The dataset (cached graphs) for a config, limited to a seeded subset when ``data.limit`` is set."""
     d = cfg.data
     ds = load_dataset(
-        d.dataset, d.targets, data=d.data, params=GraphParams(d.cutoff, d.max_neighbors), progress=progress
+        d.dataset, d.targets, data=d.file, params=GraphParams(d.cutoff, d.max_neighbors), progress=progress
     )
     if d.limit and d.limit < len(ds):
         keep = np.sort(np.random.default_rng(d.split_seed).permutation(len(ds))[: d.limit])
