@@ -3,12 +3,12 @@ between ``<!-- crystaltune:NAME -->`` and ``<!-- /crystaltune:NAME -->`` so no n
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from .errors import CrystaltuneError
+from .fmt import num
 from .retraining import improvement_sentence
 
 
@@ -23,10 +23,6 @@ def splice(readme: str | Path, section: str, text: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: block, old, count=1) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new, encoding="utf-8")
-
-
-def _f(x: Any, nd: int = 4) -> str:
-    return f"{x:.{nd}f}" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
 
 
 def render_results(f: dict[str, Any]) -> str:
@@ -67,7 +63,7 @@ def render_results(f: dict[str, Any]) -> str:
         out.append("")
     if f.get("target_mae") is not None and f["top"]:
         best, target = f["top"][0]["test"], f["target_mae"]
-        out += [f"Best trial's test MAE {_f(best)} against the target <= {target:g}: **{_verdict(best, target)}**."]
+        out += [f"Best trial's test MAE {num(best)} against the target <= {target:g}: **{_verdict(best, target)}**."]
         if "best" in r:
             rb = r["best"]
             out += [
@@ -84,7 +80,7 @@ def render_results(f: dict[str, Any]) -> str:
     ]
     for row in f["top"]:
         out.append(
-            f"| {row['name'].split()[0]} | {_f(row['val'])} | {_f(row['test'])} | {row['model']} | {row['edge']} | "
+            f"| {row['name'].split()[0]} | {num(row['val'])} | {num(row['test'])} | {row['model']} | {row['edge']} | "
             f"{row['node']} | {row['loss']} | {row['epochs']} |"
         )
     out += ["", f"Full report (TRAINING TABLE, parity plot, importances): `python -m crystaltune.report {name}`."]
@@ -148,7 +144,7 @@ def render_performance(b: dict[str, Any]) -> str:
             f"{s['concurrent_trials']} at a time) | {s['wall_s']:.0f} s wall; "
             f"overhead **{100 * s['overhead_fraction']:.1f}%** "
             f"of {s['tuner_s']:.0f} s x {s['concurrent_trials']} trial slots; ASHA ran {s['epochs_run']} of "
-            f"{s['epochs_full_budget']} epochs; best test MAE {_f(s.get('best_test_mae'))} |"
+            f"{s['epochs_full_budget']} epochs; best test MAE {num(s.get('best_test_mae'))} |"
         )
     out += [
         "",
@@ -186,11 +182,11 @@ def render_gpu(b: dict[str, Any]) -> str:
         "| run | graphs/s | peak GPU MB |",
         "|---|---|---|",
     ]
-    out += [f"| `{k}` | {r['graphs_per_s']:.0f} | {_f(r.get('peak_cuda_mb'), 0)} |" for k, r in b["single"].items()]
+    out += [f"| `{k}` | {r['graphs_per_s']:.0f} | {num(r.get('peak_cuda_mb'), 0)} |" for k, r in b["single"].items()]
     for model, runs in b["packed"].items():
         out += [
             f"| `{model}` x {r['trials']} packed trials (batch 256) | {r['graphs_per_s_total']:.0f} in total | "
-            f"{', '.join(_f(m, 0) for m in r['peak_cuda_mb'])} |"
+            f"{', '.join(num(m, 0) for m in r['peak_cuda_mb'])} |"
             for r in runs
         ]
     if b.get("reference_code"):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrystaltuneError, cli_main
+from .fmt import num, pyplot
 
 
 def _latest_parent(client, exp_id: str, run_id: str | None):
@@ -86,7 +87,7 @@ def rung_correlation(client, children, max_epochs: int) -> list[dict]:
 
 
 def _f(x, nd=4):
-    return f"{x:.{nd}f}" if isinstance(x, float) and math.isfinite(x) else "-"
+    return num(x, nd) if isinstance(x, float) else "-"
 
 
 def build_report(
@@ -384,10 +385,7 @@ def _retrain_study(
 
 
 def _best_model_plots(client, best, output: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from .checkpoint import load_checkpoint
     from .train.metrics import predict_indices

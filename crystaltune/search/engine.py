@@ -14,6 +14,7 @@ from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError
 from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
+from .leaderboard import ranked
 from .plan import plan_concurrency, resolve_auto
 from .space import SearchSpace, check_executor, load_space
 
@@ -321,8 +322,7 @@ def run_description(rows: list[dict[str, Any]], summary: dict[str, Any], space: 
     lines += ["| # | trial | best_val_mae | test_mae |", "|---|---|---|---|"]
     lines += [
         f"| {i} | {r['name']} | {r['val_mae']:.4f} | {r['test_mae']:.4f} |"
-        for i, r in enumerate(rows[:5], 1)
-        if r["status"] != "FAILED"
+        for i, r in enumerate([r for r in rows if ranked(r["status"], r["val_mae"])][:5], 1)
     ]
     return "\n".join(lines)
 

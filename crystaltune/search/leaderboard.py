@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..fmt import num
+
 
 def ranked(status: str, val_mae: float) -> bool:
     """The one rule for "this trial has a result": it did not fail and has a finite selection metric.
@@ -123,7 +125,7 @@ def format_table(rows: list[dict[str, Any]], top: int = 10) -> str:
 
 
 def _f(x) -> str:
-    return f"{x:.4f}" if isinstance(x, float) and math.isfinite(x) else ("" if isinstance(x, float) else str(x))
+    return num(x, missing="") if isinstance(x, float) else str(x)
 
 
 def _short(v) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ..fmt import pyplot
+
 
 def optuna_study(tracker, space, rows, storage: str | None = None):
     """The search as an Optuna study, every trial once in the order they ran, scored by the selection
@@ -45,10 +47,7 @@ def optuna_study(tracker, space, rows, storage: str | None = None):
 
 
 def parity_plot(y: np.ndarray, p: np.ndarray, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
     ax.scatter(y, p, s=8, alpha=0.6)
@@ -136,12 +135,10 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
 
 def _study_plots(study, art: Path) -> dict[str, Any]:
     """History (trials in run order, best-so-far line) and fANOVA importances: PNG and JSON."""
-    import matplotlib
     import optuna
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
+
+    plt = pyplot()
 
     made: dict[str, Any] = {}
     with warnings.catch_warnings():
