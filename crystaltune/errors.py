@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -24,6 +25,11 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: disk full writing {exc.filename or 'a file'}: free space, then run again", file=sys.stderr)
+            return 1
         return int(rc or 0)
 
     return wrapper

@@ -169,3 +169,67 @@ def test_watchdog_stops_a_hung_trial_and_the_search_finishes(tmp_path):
     assert "(limit 8 s: 3 x its slowest epoch, at least 8 s)" in by_id[hung].data.tags["crystaltune.error"]
     assert any(r.info.status == "FINISHED" for r in trials)
     assert out.stdout.count("watchdog: no report for") >= 1
+
+
+def _mount_tmpfs(path: Path, size_mb: int) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0:
+        return False
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def _fill(path: Path) -> None:
+    """Write zeros until the file system says it is full."""
+    import errno
+
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 2**20)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def test_a_full_disk_stops_the_search_clearly_and_resume_finishes_once_space_is_freed(tmp_path):
+    """--output and --storage on a 260 MiB tmpfs, filled to the last byte after the first epoch
+    checkpoint: the search stops with one `error: disk full` line naming the folder, the MLflow store
+    and the leaderboard stay intact, and --resume completes the budget once the filler is gone."""
+    import sqlite3
+
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, 260):
+        pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
+    args = ["smoke", "--output", str(small / "out"), "--storage", str(small / "storage")]
+    try:
+        with open(tmp_path / "search.log", "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "crystaltune.search", *args], cwd=tmp_path, stdout=log, stderr=log, env=ENV
+            )
+            deadline = time.time() + 600
+            while proc.poll() is None and time.time() < deadline and not list(small.rglob("checkpoint_0*")):
+                time.sleep(0.2)
+            assert proc.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
+            _fill(small / "filler")
+            rc = proc.wait(timeout=600)
+        text = (tmp_path / "search.log").read_text()
+        assert rc == 1, text[-3000:]
+        assert text.strip().splitlines()[-1].startswith("error: disk full: --"), text[-3000:]
+        db = sqlite3.connect(tmp_path / "mlflow.db")
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+        db.close()
+        board = small / "out" / "leaderboard.csv"
+        if board.exists():  # complete or absent, never truncated
+            rows = list(csv.DictReader(board.open()))
+            assert all(r["status"] for r in rows)
+        (small / "filler").unlink()
+        out = search([*args, "--resume"], tmp_path)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        _, trials, _ = mlflow_runs(tmp_path, "crystaltune-smoke")
+        names = [r.info.run_name for r in trials if r.data.tags.get("crystaltune.kind") == "trial"]
+        assert len(names) == len(set(names)) == 4, names
+        assert all(r.info.status == "FINISHED" for r in trials)
+        assert len(list(csv.DictReader(board.open()))) == 4
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if a.json:
         print(json.dumps(summary, indent=1, default=str))
+    if summary.get("stop_reason"):  # the search stopped itself (a full disk): resumable, but an error
+        print(f"error: {summary['stop_reason']}", file=sys.stderr)
+        return 1
     return 130 if summary.get("interrupted") else 0
 
 

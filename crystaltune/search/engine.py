@@ -13,7 +13,8 @@ from typing import Any
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError
 from ..log import console
-from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
+from ..outputs import check_storage, check_tracking_uri, check_writable, is_disk_full, lock_output
+from . import diskguard
 from .leaderboard import ranked
 from .plan import plan_concurrency, resolve_auto
 from .space import SearchSpace, check_executor, load_space
@@ -231,6 +232,7 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from .diskguard import DiskGuard
     from .space import DefineByRun, encode_point
     from .tracking import MLflowTracker, redact
     from .watchdog import Watchdog
@@ -266,6 +268,7 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
     }
     tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
     watchdog = Watchdog(tracker, opts.watchdog_factor, opts.watchdog_floor_s, opts.stall_timeout_s, not opts.quiet)
+    watched = {"--output": str(Path(state_file).parent), **({} if "://" in storage else {"--storage": storage})}
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -295,7 +298,7 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
             name=space.name,
             storage_path=storage,
             verbose=0,
-            callbacks=[tracker, watchdog],
+            callbacks=[tracker, watchdog, DiskGuard(tracker, watched)],
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         ),
     )
@@ -369,14 +372,22 @@ def finish_search(
     from .tracking import MLflowTracker
 
     tracker = MLflowTracker.from_state_file(state_file, tracking_uri, space, experiment)
+    tracker.stop_reason = tracker.stop_reason or diskguard.stop_reason
     rows = build_leaderboard(tracker, space)
-    write_csv(rows, output / "leaderboard.csv")
     ok = [r for r in rows if ranked(r["status"], r["val_mae"])]
     summary = _summary(space, rows, ok, tracker, search_time, output, tracking_uri, experiment)
     if _log.isEnabledFor(logging.INFO):  # the leaderboard is the search's output, not a log line
         print("\n" + format_table(rows), flush=True)
-    if ok:
-        _write_best(tracker, space, rows, ok, dataset, output)
+    try:
+        write_csv(rows, output / "leaderboard.csv")
+        if ok:
+            _write_best(tracker, space, rows, ok, dataset, output)
+        summary["files_written"] = bool(ok)
+    except OSError as exc:  # a full disk: MLflow (elsewhere) has every run; --resume writes these files
+        if not is_disk_full(exc):
+            raise
+        summary["stop_reason"] = summary["stop_reason"] or f"disk full writing the search's files in {output}"
+        _log.warning("could not write the leaderboard and best config to %s: disk full", output)
     status = "interrupted" if summary["interrupted"] else "finished"
     tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", status)
     tracker.client.set_terminated(tracker.parent_run_id, "KILLED" if summary["interrupted"] else "FINISHED")
@@ -403,6 +414,8 @@ def _summary(space, rows, ok, tracker, search_time, output, tracking_uri, experi
         "epochs_run": sum(int(r["epochs"] or 0) for r in rows),
         "epochs_full_budget": space.num_samples * space.max_epochs,
         "interrupted": len(rows) < space.num_samples or any(r["status"] in ("INTERRUPTED", "RUNNING") for r in rows),
+        "stop_reason": tracker.stop_reason,
+        "files_written": False,
     }
     tracker.client.log_batch(  # the latest session's tuner time when --resume was used
         tracker.parent_run_id,
@@ -459,6 +472,7 @@ def _closing_lines(summary: dict[str, Any], space: SearchSpace, output: Path, tr
             f"default ({space.default_source}): {summary['default_trial'].split()[0]}  val_mae {dv:.4f}  "
             f"test_mae {summary['default_test_mae']:.4f}; the best is {gain:.1f}% lower on val MAE"
         )
+    if summary["files_written"]:
         _log.info(f"wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
         _log.info(f"retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
     _log.info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,11 @@ def differing_params(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The leaderboard CSV, written beside and then moved over the old one: a full disk leaves the
+    previous complete file, never a truncated one."""
     keys = sorted({k for r in rows for k in r["params"]})
-    with open(path, "w", newline="") as fh:
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
             [
@@ -92,6 +96,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
                     r["error"],
                 ]
             )
+    os.replace(tmp, path)
 
 
 def column_names(keys: list[str]) -> list[str]:

@@ -107,6 +107,7 @@ class MLflowTracker(tune.Callback):
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self.trials: dict[str, TrialRecord] = {}  # Tune trial id -> its record
+        self.stop_reason = ""  # why the driver stopped the search early (e.g. disk full), if it did
         self._client = None
         self._reconciled = False
 
@@ -121,6 +122,7 @@ class MLflowTracker(tune.Callback):
         return {
             "parent_run_id": self.parent_run_id,
             "experiment_id": self.experiment_id,
+            "stop_reason": self.stop_reason,
             "trials": {tid: dataclasses.asdict(rec) for tid, rec in self.trials.items()},
         }
 
@@ -135,6 +137,7 @@ class MLflowTracker(tune.Callback):
             except (OSError, ValueError):
                 pass
         self.parent_run_id, self.experiment_id = state.get("parent_run_id"), state.get("experiment_id")
+        self.stop_reason = state.get("stop_reason", "")
         self.trials = records_from_state(state)
 
     def name(self, trial_id: str) -> str:
@@ -147,9 +150,12 @@ class MLflowTracker(tune.Callback):
             import json
 
             tmp = f"{self.state_file}.tmp"
-            with open(tmp, "w") as fh:
-                json.dump(self.get_state(), fh, default=str)
-            os.replace(tmp, self.state_file)
+            try:
+                with open(tmp, "w") as fh:
+                    json.dump(self.get_state(), fh, default=str)
+                os.replace(tmp, self.state_file)
+            except OSError as exc:  # a full disk: keep the last complete mirror; Tune's snapshot has the rest
+                log.warning("could not save %s: %s", self.state_file, exc)
 
     @classmethod
     def from_state_file(cls, path: str, tracking_uri: str, space: SearchSpace, experiment: str) -> MLflowTracker:
@@ -232,6 +238,7 @@ class MLflowTracker(tune.Callback):
     def on_step_begin(self, iteration, trials, **info):
         if not self._reconciled:  # the first step after a --resume sees every restored trial
             self._reconciled = True
+            self.stop_reason = ""  # why the previous session stopped; this one runs afresh
             self.reconcile(trials)
 
     def reconcile(self, trials) -> None:

@@ -10,6 +10,7 @@ the ~10 s a worker group takes to start (the search-overhead figure in the READM
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..config import TrialConfig
+from ..outputs import is_disk_full
 
 #: Test-only fault hook: "rank1_exit_epoch2" makes rank 1 exit during epoch 2, once per marker file.
 FAULT_ENV = "CRYSTALTUNE_TEST_FAULT"
@@ -65,7 +67,7 @@ def run_trial(cfg: TrialConfig, config: dict[str, Any], checkpoint, send, rank: 
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         _maybe_inject_fault(fault, rank, int(metrics["epoch"]))
-        send(metrics, checkpoint_dir)
+        _send_or_wait_on_full_disk(send, metrics, checkpoint_dir)
         last_epoch[0] = int(metrics["epoch"])
         reported[0] = True
 
@@ -156,6 +158,19 @@ def trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: dict[s
         ),
     )
     trainer.fit()
+
+
+def _send_or_wait_on_full_disk(send, metrics: dict[str, Any], checkpoint_dir: str | None, wait_s: float = 120) -> None:
+    """A full disk while the epoch checkpoint is stored is not this trial's fault: wait for the driver's
+    DiskGuard to stop the search (the trial stays resumable from its last checkpoint) instead of
+    failing it; if nothing stops it within ``wait_s`` (a disk the driver does not watch), fail as before."""
+    try:
+        send(metrics, checkpoint_dir)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        time.sleep(wait_s)
+        raise
 
 
 def direct_trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: dict[str, Any] | None = None) -> None:
