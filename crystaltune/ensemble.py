@@ -166,7 +166,7 @@ def log_ensemble(client, uri: str, exp_id: str, parent_id: str, name: str, outpu
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m crystaltune.ensemble", description=__doc__)
-    ap.add_argument("name", help="search-space name (MLflow experiment crystaltune-NAME)")
+    ap.add_argument("name", help="search-space name or the space file the search ran (experiment crystaltune-NAME)")
     ap.add_argument("--top-k", type=int, default=5, help="members: the K trials with the lowest best_val_mae")
     ap.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
     ap.add_argument("--output", help="folder for ensemble.pt and ensemble.json (default: crystaltune-results/NAME)")
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     uri = a.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CrystaltuneError(f"no MLflow store at {uri}")
+    from .search.space import experiment_space
+
+    a.name = experiment_space(a.name)[0]
     out = build_ensemble(a.name, uri, a.top_k, Path(a.output or f"crystaltune-results/{a.name}"))
     print(json.dumps(out, indent=1))
     return 0

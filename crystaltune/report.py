@@ -353,7 +353,7 @@ def _retrain_study(
     retrain_epochs: int | None,
 ) -> None:
     """Retrain the top-k searched configs (candidates), the baseline and the reference on the same
-    replicates; every baseline's split is checked against the search's before any training."""
+    replicates; the baselines train on the search's data and split, as its default trial does."""
     from . import retraining
     from .config import TrialConfig
 
@@ -361,13 +361,14 @@ def _retrain_study(
     candidates = retraining.top_configs_of(client, pid, top_k)
     if retrain_epochs:
         candidates = [(t, retraining.with_epochs(c, retrain_epochs)) for t, c in candidates]
-    others = [
-        (role, path, TrialConfig.from_yaml(path))
-        for role, path in (("baseline", baseline), ("reference", reference))
-        if path
-    ]
-    for _, path, cfg in others:
-        retraining.check_same_split(candidates[0][1], cfg, path)
+    others = []
+    for role, path in (("baseline", baseline), ("reference", reference)):
+        if path:
+            cfg, changed = retraining.on_search_split(candidates[0][1], TrialConfig.from_yaml(path))
+            if changed:
+                said = ", ".join(f"data.{k}" for k in changed)
+                print(f"[crystaltune] {role} {path}: trained on the search's data and split ({said} set aside)")
+            others.append((role, path, cfg))
     suffix = f", {retrain_epochs} epochs" if retrain_epochs else ""
     for rank, (trial, cfg) in enumerate(candidates, 1):
         retraining.retrain(
@@ -440,7 +441,7 @@ def _space_default_file(name: str) -> str | None:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m crystaltune.report", description=__doc__)
-    ap.add_argument("name", help="search-space name (MLflow experiment crystaltune-NAME)")
+    ap.add_argument("name", help="search-space name or the space file the search ran (experiment crystaltune-NAME)")
     ap.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
     ap.add_argument("--run-id", help="a specific search (parent) run; default: the latest")
     ap.add_argument("--output", help="folder for report.md and PNGs (default: crystaltune-results/NAME/report)")
@@ -486,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value, lo in (("--retrain-epochs", a.retrain_epochs, 1), ("--top-k", a.top_k, 1), ("--cv", a.cv, 2)):
         if value is not None and value < lo:
             raise CrystaltuneError(f"{flag} must be >= {lo} (got {value})")
+    from .search.space import experiment_space
+
+    a.name, source = experiment_space(a.name)
     if (a.retrain_seeds or a.cv) and not a.baseline:
-        a.baseline = _space_default_file(a.name)
+        a.baseline = _space_default_file(source)
     for flag, path in (("--baseline", a.baseline), ("--reference", a.reference), ("--readme", a.readme)):
         if path and not Path(path).is_file():  # checked before any retraining
             raise CrystaltuneError(f"{flag} {path}: no such file")

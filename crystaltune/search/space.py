@@ -294,6 +294,15 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     return parse_space(raw, str(path), default_name=path.stem)
 
 
+def experiment_space(name_or_path: str) -> tuple[str, str]:
+    """(space name, space source) for the commands that read a finished search (report, ensemble): a
+    built-in name, or the space file the search was started with (its ``name:`` names the experiment)."""
+    if Path(name_or_path).is_file():
+        space = load_space(name_or_path)
+        return space.name, str(Path(name_or_path).resolve())
+    return name_or_path, name_or_path
+
+
 def builtin_spaces_dir() -> Path:
     here = Path(__file__).resolve().parents[2] / "search_spaces"
     if here.is_dir():
