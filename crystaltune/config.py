@@ -123,6 +123,17 @@ class TrialConfig:
         """``section.key`` -> value, for logging parameters."""
         return flatten(self.to_dict())
 
+    def used_flat(self) -> dict[str, Any]:
+        """``flat()`` without the settings this config never reads (SGD's momentum under Adam, the step
+        schedule's milestones under cosine, ...): what a trial's MLflow run lists as its parameters."""
+        unused = {
+            "optim.momentum": self.optim.name != "sgd",
+            "optim.milestones": self.optim.schedule != "step",
+            "loss.kl_weight": not self.loss.kl,
+            "loss.huber_delta": self.loss.name not in ("huber", "weighted"),
+        }
+        return {k: v for k, v in self.flat().items() if not unused.get(k, False)}
+
     # validation -----------------------------------------------------------------------------------
     def validate(self) -> None:
         from .featurizers import EDGE_FEATURIZERS, NODE_TABLES

@@ -353,7 +353,8 @@ def _retrain_study(
     retrain_epochs: int | None,
 ) -> None:
     """Retrain the top-k searched configs (candidates), the baseline and the reference on the same
-    replicates; the baselines train on the search's data and split, as its default trial does."""
+    replicates. The shipped baselines train on the search's data and split, as its default trial does;
+    a baseline file of the user's own must already name that split (checked before any training)."""
     from . import retraining
     from .config import TrialConfig
 
@@ -361,10 +362,18 @@ def _retrain_study(
     candidates = retraining.top_configs_of(client, pid, top_k)
     if retrain_epochs:
         candidates = [(t, retraining.with_epochs(c, retrain_epochs)) for t, c in candidates]
+    from .search.space import builtin_spaces_dir
+
     others = []
     for role, path in (("baseline", baseline), ("reference", reference)):
-        if path:
-            cfg, changed = retraining.on_search_split(candidates[0][1], TrialConfig.from_yaml(path))
+        if not path:
+            continue
+        cfg = TrialConfig.from_yaml(path)
+        if not Path(path).resolve().is_relative_to(builtin_spaces_dir().resolve()):
+            retraining.check_same_split(candidates[0][1], cfg, path)  # the user's own file: as written
+            others.append((role, path, cfg))
+        else:
+            cfg, changed = retraining.on_search_split(candidates[0][1], cfg)
             if changed:
                 said = ", ".join(f"data.{k}" for k in changed)
                 print(f"[crystaltune] {role} {path}: trained on the search's data and split ({said} set aside)")

@@ -42,9 +42,21 @@ def top_configs_of(client, parent_run_id: str, k: int) -> list[tuple[str, TrialC
         return [("best", TrialConfig.from_yaml(path))]
 
 
+def check_same_split(best: TrialConfig, baseline: TrialConfig, baseline_source: str) -> None:
+    """A baseline of the user's own must already train on the search's split: refused otherwise."""
+    a, b = best.to_dict()["data"], baseline.to_dict()["data"]
+    diff = [k for k in SPLIT_KEYS if a.get(k) != b.get(k)]
+    if diff:
+        raise CrystaltuneError(
+            f"{baseline_source}: data.{diff[0]} is {b.get(diff[0])!r} but the search used "
+            f"{a.get(diff[0])!r}; the baseline must train on the search's split"
+        )
+
+
 def on_search_split(best: TrialConfig, baseline: TrialConfig) -> tuple[TrialConfig, list[str]]:
-    """The baseline's recipe (model, graph, optimiser, epochs) on the search's data and split, as the
-    search's own default trial is (the space decides the data): comparable test MAEs by construction.
+    """A shipped baseline's recipe (model, graph, optimiser, epochs) on the search's data and split, as
+    the search's own default trial is (the space decides the data), e.g. for a copied space pointed at
+    new data.
     Also returns the split keys the baseline's file said otherwise, to say so."""
     a, d = best.to_dict()["data"], baseline.to_dict()
     changed = [k for k in SPLIT_KEYS if d["data"].get(k) != a.get(k)]
@@ -144,7 +156,7 @@ def retrain(
             },
         )
         rid = run.info.run_id
-        client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in c.flat().items()])
+        client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in c.used_flat().items()])
         t0 = time.perf_counter()
         try:
             m = fit(c, _epoch_logger(client, rid, label, c.train.epochs, log))

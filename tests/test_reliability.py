@@ -71,9 +71,10 @@ def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(
     assert "FAILED (TrialDiverged" in out.stdout
 
 
-def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
+def test_sigterm_stops_cleanly_like_ctrl_c_and_resume_finishes(tmp_path):
     """Direct executor (the default for one worker): 6 trials, up to 30 epochs, so some are still
-    running when the first one ends and Ctrl-C arrives."""
+    running when the first one ends and SIGTERM arrives (what a scheduler or `kill` sends; the driver
+    turns it into Ctrl-C's path: the SIGINT the disk guard and the stall timeout send themselves)."""
     cmd = [
         sys.executable,
         "-m",
@@ -91,7 +92,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and "epoch(s)" not in (tmp_path / "first.log").read_text():
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=300)
     text = (tmp_path / "first.log").read_text()
     assert rc == 130, text[-3000:]
@@ -233,3 +234,29 @@ def test_a_full_disk_stops_the_search_clearly_and_resume_finishes_once_space_is_
         assert len(list(csv.DictReader(board.open()))) == 4
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_stall_timeout_stops_a_search_in_which_nothing_can_run():
+    """Trials that wait for resources the cluster no longer has (PENDING, nothing RUNNING) for longer
+    than stall_s: the watchdog stops the search through the Ctrl-C path (SIGINT to the driver itself)."""
+    from types import SimpleNamespace
+
+    from crystaltune.search.watchdog import Watchdog
+
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *_: got.append("SIGINT"))
+    try:
+        dog = Watchdog(SimpleNamespace(), stall_s=0.2, verbose=False)
+        waiting = [SimpleNamespace(trial_id="a", status="PENDING"), SimpleNamespace(trial_id="b", status="PENDING")]
+        dog.on_step_begin(0, waiting)
+        assert not got
+        time.sleep(0.3)
+        dog.on_step_begin(1, [*waiting[:1], SimpleNamespace(trial_id="c", status="RUNNING")])  # progress resets
+        time.sleep(0.3)
+        dog.on_step_begin(2, waiting)
+        assert not got
+        time.sleep(0.3)
+        dog.on_step_begin(3, waiting)
+        assert got == ["SIGINT"]
+    finally:
+        signal.signal(signal.SIGINT, old)

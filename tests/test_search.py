@@ -117,7 +117,8 @@ def test_smoke_search_records_every_trial_in_mlflow(smoke_search):
     ):
         assert f"search/{name}" in search_artifacts, search_artifacts
     versions = client.search_model_versions("name='crystaltune-smoke'")
-    assert versions and versions[0].run_id == parent.info.run_id
+    best_row = next(csv.DictReader(open(work / "out" / "leaderboard.csv")))
+    assert versions and versions[0].run_id == best_row["run_id"]  # logged in the best trial's own run
     assert "mlflow ui --backend-store-uri" in stdout
 
 
@@ -204,6 +205,20 @@ def _space(**over):
 def test_bad_search_spaces_fail_before_ray(raw, match):
     with pytest.raises(CrystaltuneError, match=match):
         parse_space(raw, "bad.yaml")
+
+
+def test_runs_list_only_the_settings_a_config_reads():
+    """A trial's MLflow parameters leave out what its config never reads (momentum under Adam, step
+    milestones under cosine, the KL weight without KL, Huber's delta under MSE), and keep them otherwise."""
+    from crystaltune.config import TrialConfig
+
+    adam = TrialConfig.from_dict({"optim": {"name": "adam", "schedule": "cosine"}, "loss": {"name": "mse"}})
+    sgd = TrialConfig.from_dict(
+        {"optim": {"name": "sgd", "schedule": "step"}, "loss": {"name": "weighted", "kl": True}}
+    )
+    unused = {"optim.momentum", "optim.milestones", "loss.kl_weight", "loss.huber_delta"}
+    assert not unused & set(adam.used_flat()) and unused <= set(sgd.used_flat())
+    assert set(adam.flat()) - set(adam.used_flat()) == unused
 
 
 def test_search_parameters_are_optuna_distributions():
@@ -707,7 +722,7 @@ def test_optuna_study_persisted_and_a_warm_started_search_runs_its_configs_first
         float(rows[0]["best_val_mae"]), abs=1e-4
     )
     assert f"optuna-dashboard sqlite:///{db}" in stdout and "#/experiments/" in stdout
-    expected = warm_points(str(db), load_space("smoke"), log=lambda *a: None)
+    expected = warm_points(str(db), load_space("smoke"))
     out = subprocess.run(
         [
             sys.executable,
@@ -761,7 +776,7 @@ def test_warm_start_refuses_an_incompatible_study(tmp_path):
     with pytest.raises(
         CrystaltuneError, match="no configuration of that study fits this space .*model.hidden is not searched"
     ):
-        warm_points(str(tmp_path / "o.db"), load_space("smoke"), log=lambda *a: None)
+        warm_points(str(tmp_path / "o.db"), load_space("smoke"))
     with pytest.raises(CrystaltuneError, match="no such file"):
         warm_points(str(tmp_path / "none.db"), load_space("smoke"))
 

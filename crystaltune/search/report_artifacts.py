@@ -98,11 +98,16 @@ def describe_registered_model(client, name: str, info, space, best) -> None:
     ):
         client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, "best", str(version))
+    client.update_registered_model(
+        name, description=f"Best models of crystaltune `{space.name}` searches; alias `best`: the latest. {text}"
+    )
+    client.set_registered_model_tag(name, "search_space", space.name)
     client.set_tag(best["run_id"], "crystaltune.registered_model", f"models:/{name}@best (version {version})")
 
 
 def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path) -> dict[str, Any]:
-    """Write the artifacts into ``output`` and log them to the parent run; failures become tags."""
+    """Write the artifacts into ``output`` and log them to the parent run (the best model to its trial's
+    run); failures become tags."""
     client, parent = tracker.client, tracker.parent_run_id
     made: dict[str, Any] = {}
     art = output / "artifacts"
@@ -156,7 +161,7 @@ def _study_plots(study, art: Path) -> dict[str, Any]:
             made["importances"] = optuna.importance.get_param_importances(study, evaluator=evaluator)
             (art / "param_importances.json").write_text(json.dumps(made["importances"], indent=1))
             ax = ovm.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-            ax.set_title("Hyperparameter importances (fANOVA on best val MAE)")
+            ax.set_title("Hyperparameter importances (fANOVA on best val MAE)", loc="left")  # Optuna's spot
             ax.figure.savefig(art / "param_importances.png", dpi=110, bbox_inches="tight")
             plt.close(ax.figure)
     return made
@@ -179,21 +184,26 @@ def _best_parity_plots(checkpoint: Path, best, dataset, art: Path, made: dict[st
 
 
 def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path) -> str:
-    """The best trial as an MLflow pyfunc model on the parent run, registered and described."""
+    """The best trial as an MLflow pyfunc model logged in the trial's own run (its source run, its
+    metrics), registered and described."""
     import mlflow
 
     mlflow.set_tracking_uri(tracker.tracking_uri)
-    with mlflow.start_run(run_id=tracker.parent_run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        info = mlflow.pyfunc.log_model(
-            name="best_model",
-            python_model=str(Path(__file__).with_name("mlflow_model.py")),
-            artifacts={"checkpoint": str(output / "best_trial.pt")},
-            registered_model_name=f"crystaltune-{space.name}",
-            pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
-            params={k: str(v)[:500] for k, v in cfg.flat().items()},  # the best trial's own config
-            input_example=_input_example(dataset, data),  # MLflow infers the signature from it
-            tags={"crystaltune.trial": best["name"], "crystaltune.trial_run": best["run_id"]},
-        )
+    status = tracker.client.get_run(best["run_id"]).info.status  # FINISHED, or KILLED if interrupted
+    mlflow.start_run(run_id=best["run_id"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = mlflow.pyfunc.log_model(
+                name="best_model",
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"checkpoint": str(output / "best_trial.pt")},
+                registered_model_name=f"crystaltune-{space.name}",
+                pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
+                params={k: str(v)[:500] for k, v in cfg.used_flat().items()},  # the best trial's own config
+                input_example=_input_example(dataset, data),  # MLflow infers the signature from it
+            )
+    finally:
+        mlflow.end_run(status)  # as it was: a failed model log must not mark the trial FAILED
     describe_registered_model(tracker.client, f"crystaltune-{space.name}", info, space, best)
     return info.model_uri

@@ -231,7 +231,7 @@ class MLflowTracker(tune.Callback):
         cfg = self.space.trial_config(sampled)
         from mlflow.entities import Param
 
-        params = {k: redact(v)[:6000] for k, v in cfg.flat().items()}  # each once: what the trial really used
+        params = {k: redact(v)[:6000] for k, v in cfg.used_flat().items()}  # each once, only what it used
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         return rec
 
