@@ -33,8 +33,8 @@ def render_results(f: dict[str, Any]) -> str:
         "",
         f"Measured {f['date']} on {f['machine']}; {f['versions']}. Search run `{f['run_id']}`, "
         f"{f['trials']} trials ({f['finished']} finished) x <= {f['max_epochs']} epochs, executor `{f['executor']}`: "
-        f"`python -m crystaltune.search {name} --num-samples {f['num_samples']} --max-epochs {f['max_epochs']} "
-        f"--seed {f.get('seed', 0)}`.",
+        f"`python -m crystaltune.search {f.get('space_arg', name)} --num-samples {f['num_samples']} "
+        f"--max-epochs {f['max_epochs']} --seed {f.get('seed', 0)}`.",
         "",
         f"Search time: `tuner.fit` {t['tuner_s']:.0f} s, up to {t['concurrent_trials']} trials at a time; training "
         f"epochs {t['training_s']:.0f} s; **overhead {100 * t['overhead_fraction']:.1f}%** of the trial-slot time. "

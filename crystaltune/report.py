@@ -167,6 +167,7 @@ def _facts(name: str, tracking_uri: str, parent, children, rows: list[dict], ok:
         "num_samples": pp.get("search.num_samples"),
         "max_epochs": pp.get("search.max_epochs"),
         "executor": pp.get("search.executor", "train"),
+        "space_arg": pp.get("search.space_arg", name),
         "seed": pp.get("search.seed", "0"),
         "trials": len(rows),
         "finished": len(ok),

@@ -152,11 +152,9 @@ def _worker_raylet_pid(address: str, env) -> int:
     raise AssertionError("worker raylet not found")
 
 
-@pytest.mark.skipif(
-    not os.environ.get("CRYSTALTUNE_NODE_LOSS_TEST"),
-    reason="opt-in (CRYSTALTUNE_NODE_LOSS_TEST=1): passed in isolation, hung once under CI load",
-)
 def test_stopping_a_node_mid_search_retries_its_trials_on_the_other(two_node_cluster, tmp_path):
+    """Back in the default suite: 5 runs in a row passed on 2 cores (61, 256, 281, 89, 60 s; the second
+    and third with both cores kept busy by other processes); the watchdog and stall timeout bound a hang."""
     import time
 
     address, env = two_node_cluster

@@ -221,6 +221,14 @@ def test_runs_list_only_the_settings_a_config_reads():
     assert set(adam.flat()) - set(adam.used_flat()) == unused
 
 
+def test_leaderboard_headers_are_unique_and_say_what_they_are():
+    from crystaltune.search.leaderboard import column_names
+
+    keys = ["data.max_neighbors", "loss.name", "model.edge_params.step", "model.name", "optim.lr", "optim.name"]
+    assert column_names(keys) == ["max_neighbors", "loss", "step", "model", "lr", "optim"]
+    assert column_names(["model.name"]) == ["model"]
+
+
 def test_search_parameters_are_optuna_distributions():
     """Each searched parameter is the Optuna distribution it samples from (validated by Optuna's own
     constructor); categoricals keep their YAML values (lists) beside the scalar keys Optuna sees."""

@@ -253,6 +253,7 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
             Path(state_file).rename(f"{old}-tracker_state.json")
     info = {
         "space": space.name,
+        "space_arg": opts.space,  # as the user named it: a built-in name or the (copied) space file
         "num_samples": space.num_samples,
         "max_epochs": space.max_epochs,
         "grace_period": space.grace_period,

@@ -100,10 +100,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def column_names(keys: list[str]) -> list[str]:
-    """Short unique headers: the last part of a dotted key, or its section where that part repeats
-    (``loss.name`` -> ``loss``, ``model.name`` -> ``model``)."""
+    """Short unique headers: the last part of a dotted key, or its section where that part repeats or
+    says nothing alone (``loss.name`` -> ``loss``, ``model.name`` -> ``model``)."""
     last = [k.split(".")[-1] for k in keys]
-    return [k.split(".")[-2] if last.count(k.split(".")[-1]) > 1 and "." in k else k.split(".")[-1] for k in keys]
+    vague = [x == "name" or last.count(x) > 1 for x in last]
+    return [k.split(".")[-2] if v and "." in k else k.split(".")[-1] for k, v in zip(keys, vague)]
 
 
 def format_table(rows: list[dict[str, Any]], top: int = 10) -> str:
