@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 
 from ..errors import cli_main
-from .engine import SearchOptions, run_search
+from .engine import SearchOptions, run_search, sigterm_as_ctrl_c
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,8 +73,7 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    # SIGTERM (a scheduler, `kill`) stops the search like Ctrl-C: runs marked interrupted, resumable
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    sigterm_as_ctrl_c()  # from the start; run_search sets it again once Ray is up
     summary = run_search(
         SearchOptions(
             space=a.space,

@@ -155,6 +155,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
 
     # a local instance listens on 127.0.0.1 only; token authentication either way
     init_ray(opts.address, ncpu, include_dashboard=True)
+    sigterm_as_ctrl_c()  # after ray.init, which installs a handler that aborts the driver on SIGTERM
     try:
         resolve_auto(space, ray.cluster_resources(), opts.trials_per_gpu)  # a cluster: planned from what it has
         concurrency = plan_concurrency(space, ray.cluster_resources())
@@ -169,6 +170,16 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     finally:
         ray.shutdown()
     return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time)
+
+
+def sigterm_as_ctrl_c() -> None:
+    """SIGTERM (a scheduler, `kill`) stops the search as Ctrl-C does: runs marked interrupted,
+    resumable. Only the main thread may set handlers; elsewhere the caller's handling stays."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
 
 def plan_local(opts: SearchOptions, space: SearchSpace) -> int | None:

@@ -18,7 +18,6 @@ from typing import Any
 
 from ray import tune
 
-from ..config import flatten
 from ..mlflow_metrics import finite_metrics
 from ..outputs import redact  # noqa: F401  (re-exported: the tracker's callers redact through it)
 from .space import SearchSpace, decode_sampled
@@ -195,7 +194,8 @@ class MLflowTracker(tune.Callback):
 
             params = {f"search.{k}": v for k, v in self.search_info.items()}
             searched = {p.name for p in self.space.params}  # the parent lists only what no trial varies
-            params.update({f"fixed.{k}": v for k, v in flatten(self.space.base).items() if k not in searched})
+            fixed = self.space.trial_config(self.space.default_point).used_flat()  # the horizon applied
+            params.update({f"fixed.{k}": v for k, v in fixed.items() if k not in searched})
             self.client.log_batch(self.parent_run_id, params=[Param(k, redact(v)[:6000]) for k, v in params.items()])
         else:
             self.client.update_run(self.parent_run_id, status="RUNNING")
