@@ -282,7 +282,6 @@ def test_registered_model_describes_the_best_trial(smoke_search):
     from mlflow.models import get_model_info
 
     assert get_model_info(logged.model_uri).signature is not None
-    assert {m.key for m in logged.metrics or []} == {"best_val_mae", "test_mae"}  # the model page shows its scores
     assert "models:/crystaltune-smoke@best" in best_run.data.tags["crystaltune.registered_model"]
     parent = next(r for r in runs if r.data.tags.get("crystaltune.kind") == "search")
     searched = {p.name for p in load_space("smoke").params}

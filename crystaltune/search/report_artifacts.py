@@ -203,9 +203,6 @@ def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path)
                 params={k: str(v)[:500] for k, v in cfg.used_flat().items()},  # the best trial's own config
                 input_example=_input_example(dataset, data),  # MLflow infers the signature from it
             )
-        scores = {k: float(best[r]) for k, r in (("best_val_mae", "val_mae"), ("test_mae", "test_mae"))}
-        finite = {k: v for k, v in scores.items() if math.isfinite(v)}  # at the trial's last step: no new point
-        mlflow.log_metrics(finite, step=int(best["epochs"] or 0), model_id=info.model_id)
     finally:
         mlflow.end_run(status)  # as it was: a failed model log must not mark the trial FAILED
     describe_registered_model(tracker.client, f"crystaltune-{space.name}", info, space, best)
