@@ -26,10 +26,17 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
             print("interrupted", file=sys.stderr)
             return 130
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_disk_full(exc):
                 raise
             print(f"error: disk full writing {exc.filename or 'a file'}: free space, then run again", file=sys.stderr)
             return 1
         return int(rc or 0)
 
     return wrapper
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError that says the disk (or the user's quota) is full, from Python or pyarrow."""
+    return isinstance(exc, OSError) and (
+        exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+    )

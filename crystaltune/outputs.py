@@ -110,12 +110,3 @@ def lock_output(folder: Path):
     fh.write(f"pid {os.getpid()}")
     fh.flush()
     return fh
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """An OSError that says the disk (or the user's quota) is full, from Python or pyarrow."""
-    import errno
-
-    return isinstance(exc, OSError) and (
-        exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
-    )

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..environment import describe_machine, versions_line
-from ..errors import CrystaltuneError
+from ..errors import CrystaltuneError, is_disk_full
 from ..log import console
-from ..outputs import check_storage, check_tracking_uri, check_writable, is_disk_full, lock_output
+from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
 from . import diskguard
 from .leaderboard import ranked
 from .plan import plan_concurrency, resolve_auto

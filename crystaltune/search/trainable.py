@@ -21,7 +21,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..config import TrialConfig
-from ..outputs import is_disk_full
+from ..errors import is_disk_full
 
 #: Test-only fault hook: "rank1_exit_epoch2" makes rank 1 exit during epoch 2, once per marker file.
 FAULT_ENV = "CRYSTALTUNE_TEST_FAULT"
