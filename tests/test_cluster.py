@@ -47,10 +47,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def two_node_cluster():
     """`ray start --head` plus `ray start --address` as a second node, both on 127.0.0.1, with token
-    authentication (a fresh token shared through RAY_AUTH_TOKEN, as a cluster shares its token file)."""
+    authentication (a fresh token shared through RAY_AUTH_TOKEN, as a cluster shares its token file).
+    One cluster serves this module's tests (starting one costs ~20 s); the node-loss test, which stops
+    the second node, comes last."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     port = _free_port()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 from ray import tune
+
+from .interrupt import stop_like_ctrl_c
 
 log = logging.getLogger(__name__)
 #: free bytes below which the search stops
@@ -85,7 +86,7 @@ class DiskGuard(tune.Callback):
         )
         self.tracker.save()
         log.error(stop_reason)
-        os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C path: runs marked interrupted, state saved
+        stop_like_ctrl_c()
 
     def on_experiment_end(self, trials, **info):
         self.release()

@@ -178,8 +178,10 @@ def sigterm_as_ctrl_c() -> None:
     import signal
     import threading
 
+    from .interrupt import stop_like_ctrl_c
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(signal.SIGTERM, stop_like_ctrl_c)
 
 
 def plan_local(opts: SearchOptions, space: SearchSpace) -> int | None:

@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from typing import Any
 
 from ray import tune
+
+from .interrupt import stop_like_ctrl_c
 
 log = logging.getLogger(__name__)
 DEFAULT_FACTOR, DEFAULT_FLOOR_S, DEFAULT_STALL_S = 10.0, 600.0, 1800.0  # SearchOptions' defaults too
@@ -77,7 +77,7 @@ class Watchdog(tune.Callback):
                 "stopping the search: continue it with the same command plus --resume"
             )
             self.idle_since = None
-            os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C path: runs marked interrupted, state saved
+            stop_like_ctrl_c()
 
     def _stop(self, trial, silent_s: float) -> None:
         import ray
