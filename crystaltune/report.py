@@ -355,7 +355,9 @@ def _retrain_study(
 ) -> None:
     """Retrain the top-k searched configs (candidates), the baseline and the reference on the same
     replicates. The shipped baselines train on the search's data and split, as its default trial does;
-    a baseline file of the user's own must already name that split (checked before any training)."""
+    a baseline file of the user's own must already name that split (checked before any training).
+    ``retrain_epochs`` applies to the well-trained default too: a longer horizon for the candidates
+    alone would compare them with a default trained less. The reference keeps its own recipe."""
     from . import retraining
     from .config import TrialConfig
 
@@ -379,6 +381,8 @@ def _retrain_study(
                 said = ", ".join(f"data.{k}" for k in changed)
                 print(f"[crystaltune] {role} {path}: trained on the search's data and split ({said} set aside)")
             others.append((role, path, cfg))
+    if retrain_epochs:
+        others = [(r, p, retraining.with_epochs(c, retrain_epochs) if r == "baseline" else c) for r, p, c in others]
     suffix = f", {retrain_epochs} epochs" if retrain_epochs else ""
     for rank, (trial, cfg) in enumerate(candidates, 1):
         retraining.retrain(
@@ -477,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         "--retrain-epochs",
         type=int,
         metavar="N",
-        help="retrain the best config for N epochs instead of the search's budget (its LR schedule stretched)",
+        help="retrain the top-k configs and the well-trained default for N epochs instead of their own "
+        "(LR schedules stretched; the reference keeps its recipe)",
     )
     ap.add_argument(
         "--baseline",

@@ -592,11 +592,12 @@ def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_s
     _, runs = _runs(work)
     assert len([r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain"]) == 4
     # the best config retrained longer than the search's budget: a new config, so new runs, and the README
-    # states the retrained mean against the target
+    # states the retrained mean against the target; the well-trained default gets the same horizon
     out = subprocess.run(cmd[:-3] + ["--retrain-epochs", "5"], cwd=work, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--retrain-epochs needs --retrain-seeds or --cv" in out.stderr
     out = subprocess.run(
-        cmd[:-1] + ["--retrain-epochs", "5", "--readme", str(readme), "--target-mae", "0.01"],
+        cmd[:-1]
+        + ["--retrain-epochs", "5", "--baseline", "baseline.yaml", "--readme", str(readme), "--target-mae", "0.01"],
         cwd=work,
         capture_output=True,
         text=True,
@@ -607,14 +608,13 @@ def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_s
     longer = [
         r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.params["train.epochs"] == "5"
     ]
-    assert len(longer) == 1 and longer[0].data.tags["crystaltune.role"] == "candidate"
-    assert (
-        int(longer[0].data.tags["crystaltune.epochs_run"]) == 5 and "candidate seed 0: epoch 5/5, val MAE" in out.stdout
-    )
-    history = client.get_metric_history(longer[0].info.run_id, "val_mae")
+    assert sorted(r.data.tags["crystaltune.role"] for r in longer) == ["baseline", "candidate"]
+    cand = next(r for r in longer if r.data.tags["crystaltune.role"] == "candidate")
+    assert int(cand.data.tags["crystaltune.epochs_run"]) == 5 and "candidate seed 0: epoch 5/5, val MAE" in out.stdout
+    history = client.get_metric_history(cand.info.run_id, "val_mae")
     assert [m.step for m in history] == [1, 2, 3, 4, 5]
     section = readme.read_text()
-    assert f"retrained (5 epochs, 1 seed(s)): mean test MAE {longer[0].data.metrics['test_mae']:.4f}" in section
+    assert f"retrained (5 epochs, 1 seed(s)): mean test MAE {cand.data.metrics['test_mae']:.4f}" in section
 
 
 def test_report_top_k_candidates_are_chosen_by_val_on_cross_validation_folds(smoke_search):
