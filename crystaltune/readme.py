@@ -25,6 +25,13 @@ def splice(readme: str | Path, section: str, text: str) -> None:
     path.write_text(new, encoding="utf-8")
 
 
+def _outcomes(f: dict[str, Any]) -> str:
+    """'29 finished, 1 interrupted': how the search's trials ended (sections of older reports: finished only)."""
+    parts = [f"{f['finished']} finished"] + [f"{f[k]} {k}" for k in ("interrupted", "failed") if f.get(k)]
+    stopped = "; the search was stopped before its budget ended" if f.get("search_status") == "interrupted" else ""
+    return ", ".join(parts) + stopped
+
+
 def render_results(f: dict[str, Any]) -> str:
     """The README's summary of one search: provenance, timing, retraining comparison, top trials."""
     t, name = f["timing"], f["name"]
@@ -32,7 +39,7 @@ def render_results(f: dict[str, Any]) -> str:
         f"#### `{name}`: {f['crystals']} crystals, target {f['targets']}",
         "",
         f"Measured {f['date']} on {f['machine']}; {f['versions']}. Search run `{f['run_id']}`, "
-        f"{f['trials']} trials ({f['finished']} finished) x <= {f['max_epochs']} epochs, executor `{f['executor']}`: "
+        f"{f['trials']} trials ({_outcomes(f)}) x <= {f['max_epochs']} epochs, executor `{f['executor']}`: "
         f"`python -m crystaltune.search {f.get('space_arg', name)} --num-samples {f['num_samples']} "
         f"--max-epochs {f['max_epochs']} --seed {f.get('seed', 0)}`.",
         "",

@@ -124,7 +124,7 @@ def build_report(
     facts["retrained"] = retraining.summarize(client, exp_id, pid)
     facts["rungs"] = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
     facts["training_table"] = _training_table(ok)
-    lines = _header_lines(name, tracking_uri, parent, rows, ok, failed) + _timing_lines(facts["timing"])
+    lines = _header_lines(name, tracking_uri, parent, rows, ok) + _timing_lines(facts["timing"])
     lines += _retrained_lines(facts["retrained"]) + _rung_lines(facts["rungs"], facts["max_epochs"])
     lines += _leaderboard_lines(ok, failed) + _training_table_lines(facts["training_table"])
     if ok:
@@ -170,13 +170,24 @@ def _facts(name: str, tracking_uri: str, parent, children, rows: list[dict], ok:
         "space_arg": pp.get("search.space_arg", name),
         "seed": pp.get("search.seed", "0"),
         "trials": len(rows),
-        "finished": len(ok),
+        **_status_counts(rows),
+        "search_status": parent.data.tags.get("crystaltune.status", ""),
         "top": ok[:5],
         "targets": children[0].data.params.get("data.targets", ""),
     }
 
 
-def _header_lines(name: str, tracking_uri: str, parent, rows: list, ok: list, failed: list) -> list[str]:
+def _status_counts(rows: list[dict]) -> dict[str, int]:
+    """Trials by how their MLflow run ended: an interrupted trial (KILLED) still ranks with the epochs
+    it ran, so it is counted apart from the finished ones."""
+    return {
+        "finished": sum(r["status"] == "FINISHED" for r in rows),
+        "interrupted": sum(r["status"] == "KILLED" for r in rows),
+        "failed": sum(r["status"] == "FAILED" for r in rows),
+    }
+
+
+def _header_lines(name: str, tracking_uri: str, parent, rows: list, ok: list) -> list[str]:
     lines = [
         f"# crystaltune report: {name}",
         "",
@@ -184,8 +195,10 @@ def _header_lines(name: str, tracking_uri: str, parent, rows: list, ok: list, fa
         f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}).",
         "",
-        f"{len(rows)} trials: {len(ok)} finished, {len(failed)} failed or interrupted; "
-        f"{sum(r['epochs'] for r in rows)} epochs run.",
+        "{} trials: {finished} finished, {interrupted} interrupted, {failed} failed; ".format(
+            len(rows), **_status_counts(rows)
+        )
+        + f"{sum(r['epochs'] for r in rows)} epochs run.",
         "",
     ]
     if ok:

@@ -239,3 +239,20 @@ def test_device_store_batches_equal_host_batches(tmp_path, small_records):
         for key in ("z", "edge_index", "dist", "batch", "cell", "spacegroup", "y", "vec"):
             x, y = getattr(a, key), getattr(b, key)
             assert x.dtype == y.dtype and torch.equal(x, y), key
+
+
+def test_graph_pool_workers_die_on_sigterm_even_when_the_parent_turned_it_into_ctrl_c():
+    """The search turns SIGTERM into Ctrl-C before it builds graphs; forked pool workers inheriting that
+    handler once outlived Pool.terminate() and hung a search in its graph build."""
+    import signal
+
+    from crystaltune.graphs.cache import graph_pool
+    from crystaltune.search.interrupt import stop_like_ctrl_c
+
+    old = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    try:
+        with graph_pool(2) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+            assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)

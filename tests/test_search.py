@@ -523,6 +523,21 @@ def test_report_from_mlflow(smoke_search):
     assert (work / "report" / "best_band_gap.png").stat().st_size > 1000
     best = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))[0]
     assert f"{float(best['test_mae']):.4f}" in text  # numbers come from the store, not typed
+    import re
+
+    assert re.search(r"(\d+) trials: \1 finished, 0 interrupted, 0 failed", text), text[:600]
+
+
+def test_the_results_line_tells_interrupted_trials_from_finished_ones():
+    """An interrupted trial ranks with the epochs it ran, but the README does not call it finished."""
+    from crystaltune.readme import _outcomes
+
+    assert _outcomes({"finished": 4}) == "4 finished"  # sections rendered before the counts existed
+    stopped = {"finished": 29, "interrupted": 1, "failed": 0, "search_status": "interrupted"}
+    assert _outcomes(stopped) == "29 finished, 1 interrupted; the search was stopped before its budget ended"
+    assert _outcomes({"finished": 3, "interrupted": 0, "failed": 1, "search_status": "finished"}) == (
+        "3 finished, 1 failed"
+    )
 
 
 def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_search):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -97,6 +98,18 @@ def load_graphs(
     return GraphSet(store, skipped, bad, str(path), key, params=params)
 
 
+def _plain_signals() -> None:
+    """In a pool worker: SIGTERM kills (what ``Pool.terminate`` sends) and Ctrl-C is the parent's. A worker
+    that kept the search's SIGTERM-as-Ctrl-C handler could outlive terminate() and hang the build."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def graph_pool(workers: int):
+    """A fork pool for building graphs, its workers on plain signal handling."""
+    return mp.get_context("fork").Pool(workers, initializer=_plain_signals)
+
+
 def build_store(
     raw: RawDataset, params: GraphParams, workers: int | None = None, progress: bool | None = None
 ) -> tuple[GraphStore, list[dict[str, str]], list[dict[str, str]]]:
@@ -125,8 +138,10 @@ def build_store(
         disable=None if progress is None else not progress,
     )
     if workers > 1 and len(jobs) >= 200 and "fork" in mp.get_all_start_methods():
-        with mp.get_context("fork").Pool(workers) as pool:
+        with graph_pool(workers) as pool:
             results = list(tqdm(pool.imap(_build_one, jobs, chunksize=32), **bar))
+            pool.close()  # workers leave on their own; the exit's terminate() then has nothing to kill
+            pool.join()
     else:
         results = [_build_one(j) for j in tqdm(jobs, **bar)]
     ids, graphs, props, bad = [], [], [], []
