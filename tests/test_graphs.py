@@ -254,5 +254,6 @@ def test_graph_pool_workers_die_on_sigterm_even_when_the_parent_turned_it_into_c
         with graph_pool(2) as pool:
             assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
             assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is stop_like_ctrl_c  # the search's handling is back
     finally:
         signal.signal(signal.SIGTERM, old)

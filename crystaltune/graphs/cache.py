@@ -8,7 +8,9 @@ import multiprocessing as mp
 import os
 import signal
 import tempfile
+import threading
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,16 +100,25 @@ def load_graphs(
     return GraphSet(store, skipped, bad, str(path), key, params=params)
 
 
-def _plain_signals() -> None:
-    """In a pool worker: SIGTERM kills (what ``Pool.terminate`` sends) and Ctrl-C is the parent's. A worker
-    that kept the search's SIGTERM-as-Ctrl-C handler could outlive terminate() and hang the build."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _ignore_ctrl_c() -> None:
+    """In a pool worker: Ctrl-C is the parent's to handle (it then terminates the pool)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextmanager
 def graph_pool(workers: int):
-    """A fork pool for building graphs, its workers on plain signal handling."""
-    return mp.get_context("fork").Pool(workers, initializer=_plain_signals)
+    """A fork pool for building graphs whose workers die on SIGTERM, the signal ``Pool.terminate`` sends.
+    The search turns SIGTERM into Ctrl-C; a worker forked with that Python handler (the pool also forks
+    replacements, at any time) once ran it instead of dying and hung the build. So SIGTERM keeps its
+    default action in this process while the pool lives (main thread only: elsewhere handlers stay)."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL) if main else None
+    try:
+        with mp.get_context("fork").Pool(workers, initializer=_ignore_ctrl_c) as pool:
+            yield pool
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 def build_store(
