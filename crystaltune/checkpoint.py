@@ -18,7 +18,8 @@ from .models import CrystalModel, build_model
 from .normalizer import Normalizer
 
 FORMAT = "crystaltune-checkpoint"
-VERSION = 1
+#: 2: ``lattice`` global features from the Niggli-reduced primitive cell (1: from the cell as written)
+VERSION = 2
 
 
 @dataclass
@@ -122,8 +123,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
 def load_checkpoint_dict(ck: dict[str, Any], path) -> LoadedModel:
     """A model in eval mode from a checkpoint's dict (``path`` names it in errors)."""
     if ck.get("format") == FORMAT:
-        cfg = TrialConfig.from_dict(ck["config"])
-        targets = list(ck["targets"])
+        cfg, targets = _checked_header(ck, path)
         model = _build_checked(cfg, len(targets), ck["model_state"], path)
         _load_state(model, ck["model_state"], path)
         kind = "crystaltune"
@@ -150,10 +150,55 @@ def load_checkpoint_dict(ck: dict[str, Any], path) -> LoadedModel:
         cfg,
         cfg.data.cutoff,
         cfg.data.max_neighbors,
-        dict(ck.get("metrics", {})),
+        {k: v for k, v in ck.get("metrics", {}).items() if isinstance(k, str)}
+        if isinstance(ck.get("metrics"), dict)
+        else {},
         kind,
-        ck.get("domain") if isinstance(ck.get("domain"), dict) else None,
+        _checked_domain(ck.get("domain"), path),
     )
+
+
+def _checked_header(ck: dict[str, Any], path) -> tuple[TrialConfig, list[str]]:
+    """The config and target names of a crystaltune checkpoint, or a one-line error naming what is
+    missing or malformed; a version-1 checkpoint with ``lattice`` features is refused: its features came
+    from the cell as written, so one crystal written in two cells would get two answers."""
+    for key, kind in (("config", dict), ("targets", list), ("model_state", dict), ("normalizer", dict)):
+        if not isinstance(ck.get(key), kind):
+            got = "missing" if key not in ck else f"a {type(ck[key]).__name__}"
+            raise CrystaltuneError(f"{path}: checkpoint entry '{key}' is {got}, expected a {kind.__name__}")
+    targets = ck["targets"]
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise CrystaltuneError(f"{path}: checkpoint entry 'targets' must be a non-empty list of names")
+    cfg = TrialConfig.from_dict(ck["config"])
+    version = ck.get("version", 1)
+    if "lattice" in cfg.model.global_features and not (isinstance(version, int) and version >= 2):
+        raise CrystaltuneError(
+            f"{path}: a version-{version} checkpoint with 'lattice' global features, computed from the cell as "
+            "written (a crystal in another cell got another answer); retrain it with this crystaltune, which "
+            "computes them from the reduced primitive cell"
+        )
+    return cfg, list(targets)
+
+
+def _checked_domain(d: Any, path) -> dict[str, Any] | None:
+    """The training domain (crystaltune.domain) if well formed: elements as atomic numbers, one
+    [min, max] pair of numbers per target; a malformed one is a one-line error, not a traceback later."""
+    if d is None:
+        return None
+    elements, ranges = (d.get("elements", []), d.get("range", {})) if isinstance(d, dict) else (None, None)
+    ok = isinstance(elements, list) and all(type(z) is int and 1 <= z <= 118 for z in elements)
+    ok = ok and isinstance(ranges, dict)
+    ok = ok and all(
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        for v in ranges.values()
+    )
+    if not ok:
+        raise CrystaltuneError(
+            f"{path}: malformed 'domain' entry (expected elements: [atomic numbers], range: {{target: [min, max]}})"
+        )
+    return d
 
 
 def _checked_normalizer(d: Any, n_targets: int, path) -> Normalizer:

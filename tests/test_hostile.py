@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REF_DIR, record, rocksalt, write_jsonl
@@ -204,6 +205,99 @@ def negative_threads(tmp: Path) -> list[str]:
     return ["crystaltune.bench", "train", "--threads", "-1", "--limit", "20", "--epochs", "1"]
 
 
+def sparse_cells(tmp: Path) -> list[str]:
+    """12 atoms in 2000 Å and 4000 Å boxes (3.7 KB of JSON; pymatgen's grid would ask for 3-19 GB)."""
+    from pymatgen.core import Lattice, Structure
+
+    rng = np.random.default_rng(0)
+    recs = [
+        record(f"box{a:.0f}", Structure(Lattice.cubic(a), ["Na"] * 12, rng.random((12, 3))), band_gap=1.0)
+        for a in (2000.0, 4000.0)
+    ]
+    write_jsonl(tmp / "sparse.jsonl", recs + [record("ok", rocksalt(), band_gap=2.0)])
+    return ["crystaltune.data", "info", str(tmp / "sparse.jsonl")]
+
+
+def skewed_real_crystal(tmp: Path) -> list[str]:
+    """A real crystal on a basis with ~1000 Å vectors: read in its reduced cell, predicted as usual."""
+    from pymatgen.core import Lattice, Structure
+
+    s = Structure.from_file(str(REF_DIR / "sample-regression" / "1000041.cif"))
+    lat = np.array([[1, 0, 0], [0, 1, 0], [150, 150, 1]]) @ s.lattice.matrix
+    Structure(Lattice(lat), s.species, s.cart_coords, coords_are_cartesian=True).to(str(tmp / "skewed.cif"))
+    return predict_args(tmp, REF_DIR / "band-gap.pth.tar", tmp / "skewed.cif")
+
+
+def cif_expansion_bomb(tmp: Path) -> list[str]:
+    """24 KB: 600 sites x the 192 operations of Fm-3m (~115k sites; pymatgen expanded it for minutes)."""
+    from pymatgen.symmetry.groups import SpaceGroup
+
+    ops = [f"{i + 1} '{op.as_xyz_str()}'" for i, op in enumerate(SpaceGroup("Fm-3m").symmetry_ops)]
+    rng = np.random.default_rng(0)
+    sites = [f"Na{i} Na {x:.5f} {y:.5f} {z:.5f} 1" for i, (x, y, z) in enumerate(rng.random((600, 3)) * 0.25)]
+    head = [
+        "data_bomb",
+        *(f"_cell_length_{k} 40" for k in "abc"),
+        *(f"_cell_angle_{k} 90" for k in ("alpha", "beta", "gamma")),
+    ]
+    loops = ["loop_", "_symmetry_equiv_pos_site_id", "_symmetry_equiv_pos_as_xyz", *ops, "loop_"]
+    loops += [f"_atom_site_{k}" for k in ("label", "type_symbol", "fract_x", "fract_y", "fract_z", "occupancy")]
+    (tmp / "f").mkdir()
+    (tmp / "f" / "bomb.cif").write_text("\n".join(head + loops + sites) + "\n")
+    (tmp / "f" / "ok.cif").write_text((REF_DIR / "sample-regression" / "1000041.cif").read_text())
+    (tmp / "f" / "id_prop.csv").write_text("bomb,1\nok,2\n")
+    return ["crystaltune.data", "info", str(tmp / "f")]
+
+
+def predict_args(tmp: Path, checkpoint: Path, inputs: Path) -> list[str]:
+    return [
+        "crystaltune.predict",
+        "--checkpoint",
+        str(checkpoint),
+        "--input",
+        str(inputs),
+        "--output",
+        str(tmp / "o.csv"),
+    ]
+
+
+def _small_checkpoint(tmp: Path, **edit) -> Path:
+    """A crystaltune checkpoint of a tiny cgcnn with lattice features, then ``edit`` applied to its dict."""
+    from crystaltune.checkpoint import read_checkpoint, save_checkpoint
+    from crystaltune.config import TrialConfig
+    from crystaltune.models import build_model
+    from crystaltune.normalizer import Normalizer
+
+    cfg = TrialConfig.from_dict({"model": {"hidden": 8, "head_hidden": 8, "global_features": ["lattice"]}})
+    model = build_model(cfg.model, 1, cfg.data.cutoff)
+    norm = Normalizer(torch.zeros(1), torch.ones(1))
+    path = save_checkpoint(tmp / "ck.pt", model, cfg, norm, ["band_gap"])
+    ck = read_checkpoint(path)
+    for key, value in edit.items():
+        if value is None:
+            ck.pop(key)
+        else:
+            ck[key] = value
+    torch.save(ck, path)
+    return path
+
+
+def lattice_checkpoint_v1(tmp: Path) -> list[str]:
+    return predict_args(tmp, _small_checkpoint(tmp, version=1), REF_DIR / "sample-regression")
+
+
+def checkpoint_without_config(tmp: Path) -> list[str]:
+    return predict_args(tmp, _small_checkpoint(tmp, config=None), REF_DIR / "sample-regression")
+
+
+def checkpoint_with_bad_targets(tmp: Path) -> list[str]:
+    return predict_args(tmp, _small_checkpoint(tmp, targets=[3]), REF_DIR / "sample-regression")
+
+
+def checkpoint_with_bad_domain(tmp: Path) -> list[str]:
+    return predict_args(tmp, _small_checkpoint(tmp, domain={"elements": "all"}), REF_DIR / "sample-regression")
+
+
 CASES = [  # (input, exit code, what the output must say)
     (dense_record, 0, "denser than any real crystal (at least 1.0 Å^3 per atom are accepted)"),
     (ids_outside, 0, "the id names a file outside"),
@@ -227,6 +321,13 @@ CASES = [  # (input, exit code, what the output must say)
     (huge_number, 2, "no numeric property to use as a target"),  # its only record skipped: not valid JSON
     (overlong_csv_field, 2, "id_prop.csv: not a readable CSV of id,target rows (field larger than field limit"),
     (negative_threads, 2, "--threads must be >= 1, got -1"),
+    (sparse_cells, 0, "box2000 (line 1): site 0 has no neighbour within 8.0 Å"),
+    (skewed_real_crystal, 0, "1 crystal"),
+    (cif_expansion_bomb, 0, "CIF expands to up to 115200 sites (atom sites x symmetry operations)"),
+    (lattice_checkpoint_v1, 2, "a version-1 checkpoint with 'lattice' global features"),
+    (checkpoint_without_config, 2, "checkpoint entry 'config' is missing, expected a dict"),
+    (checkpoint_with_bad_targets, 2, "checkpoint entry 'targets' must be a non-empty list of names"),
+    (checkpoint_with_bad_domain, 2, "malformed 'domain' entry"),
 ]
 
 
@@ -242,3 +343,32 @@ def test_hostile_input_gets_its_one_line_answer(tmp_path, make, code, message):
         assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: "), out.stderr
     assert "s3cret" not in text  # secrets never printed
     assert time.time() - t0 < 60
+
+
+PEAK = (
+    "import atexit, resource, runpy, sys\n"
+    "atexit.register(lambda: print('peak_rss_kb', max(resource.getrusage(w).ru_maxrss for w in "
+    "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)), file=sys.stderr))\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
+
+
+@pytest.mark.parametrize("make", [sparse_cells, skewed_real_crystal, cif_expansion_bomb])
+def test_small_hostile_inputs_cost_under_1_gb_and_seconds(tmp_path, make):
+    """Under 1 MB in, under 1 GB and a few seconds of work: measured as the CLI's peak resident memory."""
+    args = make(tmp_path)
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limit,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak_kb = int(out.stderr.rsplit("peak_rss_kb", 1)[1].split()[0])
+    assert peak_kb < 1 << 20, f"peak {peak_kb / 1024:.0f} MB"
+    assert time.time() - t0 < 30

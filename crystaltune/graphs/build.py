@@ -36,14 +36,15 @@ def graph_from_structure(structure, cutoff: float = 8.0, max_neighbors: int | No
 def graph_from_crystal(
     crystal: Crystal, cutoff: float, max_neighbors: int | None, neighbors: str = "crystaltune"
 ) -> dict[str, Any]:
-    """Arrays for one crystal. Edges run from ``src`` (neighbour) to ``dst`` (centre atom).
-    ``neighbors="reference"``: the reference CGCNN code's neighbour choice (see reference_neighbor_list)."""
-    cart = crystal.cart
+    """Arrays for one crystal, in its reduced cell. Edges run from ``src`` (neighbour) to ``dst`` (centre
+    atom). ``neighbors="reference"``: the reference CGCNN code's neighbour choice on the cell as written
+    (see reference_neighbor_list)."""
     z = crystal.z
     if neighbors == "reference":
         dst, src, image, dist = reference_neighbor_list(crystal.frac, crystal.lattice, z, cutoff, max_neighbors or 12)
     else:
-        dst, src, image, dist = neighbor_list(cart, crystal.lattice, cutoff, max_neighbors, z)
+        crystal = crystal.reduced()
+        dst, src, image, dist = neighbor_list(crystal.cart, crystal.lattice, cutoff, max_neighbors, z)
     n = len(z)
     if len(dist) and dist.min() < MIN_DISTANCE:
         k = int(np.argmin(dist))
@@ -51,22 +52,38 @@ def graph_from_crystal(
     counts = np.bincount(dst, minlength=n)
     if counts.min() == 0:
         raise RecordError(f"site {int(np.argmin(counts))} has no neighbour within {cutoff} Å")
-    lat = crystal.lattice
-    lengths = np.linalg.norm(lat, axis=1)
-    angles = [_angle(lat[1], lat[2]), _angle(lat[0], lat[2]), _angle(lat[0], lat[1])]
-    volume = abs(float(np.linalg.det(lat)))
-    density = _atomic_masses()[z].sum() * AMU_G / (volume * 1e-24)  # g/cm^3
+    spacegroup, primitive = _symmetry(crystal)
     return {
         "z": z,
-        "pos": cart.astype(np.float64),
-        "lattice": lat.astype(np.float64),
+        "pos": crystal.cart.astype(np.float64),
+        "lattice": crystal.lattice.astype(np.float64),
         "src": src,
         "dst": dst,
         "image": image.astype(np.int8),
         "dist": dist,
-        "cell": np.array([*lengths, *angles, volume / n, density], dtype=np.float64),
-        "spacegroup": _spacegroup(crystal),
+        "cell": cell_descriptors(crystal, primitive),
+        "spacegroup": spacegroup,
     }
+
+
+def cell_descriptors(crystal: Crystal, primitive: np.ndarray | None) -> np.ndarray:
+    """a, b, c (Å), alpha, beta, gamma (degrees) of the Niggli-reduced primitive cell, volume per atom
+    (Å^3) and density (g/cm^3): the same for every basis, origin, site order and supercell of a crystal.
+    Without a primitive cell (symmetry not found) the Niggli cell of the given one is used."""
+    lat = _niggli(primitive if primitive is not None else crystal.lattice)
+    lengths = np.linalg.norm(lat, axis=1)
+    angles = [_angle(lat[1], lat[2]), _angle(lat[0], lat[2]), _angle(lat[0], lat[1])]
+    volume = abs(float(np.linalg.det(crystal.lattice)))
+    n = len(crystal.z)
+    density = _atomic_masses()[crystal.z].sum() * AMU_G / (volume * 1e-24)  # g/cm^3
+    return np.array([*lengths, *angles, volume / n, density], dtype=np.float64)
+
+
+def _niggli(lattice: np.ndarray) -> np.ndarray:
+    try:
+        return np.asarray(moyopy.niggli_reduce(np.asarray(lattice, float).tolist())[0], dtype=float)
+    except (ValueError, RuntimeError):
+        return np.asarray(lattice, float)
 
 
 def _angle(u: np.ndarray, v: np.ndarray) -> float:
@@ -84,18 +101,22 @@ def _atomic_masses() -> np.ndarray:
     return np.array([0.0] + [float(Element.from_Z(z).atomic_mass) for z in range(1, 119)])
 
 
-def _spacegroup(c: Crystal) -> int:
-    """International space-group number (0 when symmetry cannot be determined).
+def _symmetry(c: Crystal) -> tuple[int, np.ndarray | None]:
+    """International space-group number (0 when symmetry cannot be determined) and the primitive
+    lattice (None then).
 
     moyopy (Rust, by spglib's maintainer) is ~4x faster than spglib and agrees with it on the shipped
     datasets; spglib is the fallback."""
     try:
         cell = moyopy.Cell(c.lattice.tolist(), c.frac.tolist(), c.z.tolist())
-        return int(moyopy.MoyoDataset(cell, symprec=0.01).number)
+        ds = moyopy.MoyoDataset(cell, symprec=0.01)
+        return int(ds.number), np.asarray(ds.prim_std_cell.basis, dtype=float)
     except Exception:
         pass
     try:
         ds = spglib.get_symmetry_dataset((c.lattice, c.frac, c.z), symprec=0.01)
     except Exception:
-        return 0
-    return int(ds.number) if ds is not None else 0
+        return 0, None
+    if ds is None:
+        return 0, None
+    return int(ds.number), np.asarray(ds.primitive_lattice, dtype=float)

@@ -24,7 +24,8 @@ from .store import GraphStore
 from .structure import RecordError
 
 #: Bump when the stored arrays change meaning; old cache files are then ignored.
-CACHE_FORMAT = 4  # 4: ties at the k-th neighbour broken by element
+#: 4: ties at the k-th neighbour broken by element; 5: reduced cell, cell-invariant lattice features, near-tie shells
+CACHE_FORMAT = 5
 
 
 @dataclass(frozen=True)

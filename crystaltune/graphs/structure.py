@@ -37,6 +37,21 @@ class Crystal:
     def cart(self) -> np.ndarray:
         return self.frac @ self.lattice
 
+    def reduced(self) -> Crystal:
+        """The same crystal in its Niggli-reduced cell, coordinates wrapped into it, sites in order: the
+        cell is then a property of the lattice, not of how the file wrote it, and the neighbour search
+        scans the fewest periodic images (a skewed 1000 Å basis of a 5 Å crystal becomes the 5 Å cell)."""
+        import moyopy
+
+        try:
+            basis = np.asarray(moyopy.niggli_reduce(self.lattice.tolist())[0], dtype=float)
+        except (ValueError, RuntimeError):
+            return self
+        frac = np.linalg.solve(basis.T, self.cart.T).T
+        frac -= np.floor(frac)
+        frac[frac >= 1.0] = 0.0  # -1e-17 wraps to 1.0 in floating point
+        return Crystal(basis, frac, self.z)
+
     @classmethod
     def from_structure(cls, structure) -> Crystal:
         check_pymatgen(structure)
@@ -111,6 +126,8 @@ def _pymatgen_from_text(text: str, fmt: str | None):
     from pymatgen.core import Structure
 
     fmt = fmt or ("cif" if "_cell_length_a" in text or text.lstrip().startswith("data_") else "poscar")
+    if fmt == "cif":
+        check_cif_size(text)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -120,6 +137,65 @@ def _pymatgen_from_text(text: str, fmt: str | None):
     except Exception as exc:  # pymatgen raises many types for malformed input
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RecordError(f"structure could not be parsed ({msg[:160]})") from None
+
+
+#: loops that list a CIF's symmetry operations, and the keys naming its space group instead
+CIF_SYMOP_KEYS = (
+    "_symmetry_equiv_pos_as_xyz",
+    "_symmetry_equiv_pos_as_xyz_",
+    "_space_group_symop_operation_xyz",
+    "_space_group_symop_operation_xyz_",
+    "_space_group_symop.operation_xyz",
+)
+CIF_GROUP_KEYS = (
+    "_symmetry_space_group_name_H-M",
+    "_space_group_name_H-M_alt",
+    "_symmetry_Int_Tables_number",
+    "_space_group_IT_number",
+)
+CIF_SITE_KEYS = ("_atom_site_label", "_atom_site_type_symbol", "_atom_site_fract_x", "_atom_site_Cartn_x")
+
+
+def check_cif_size(text: str) -> None:
+    """Refuse a CIF whose sites x symmetry operations exceed MAX_SITES before pymatgen expands it: the
+    expansion is quadratic (600 sites x 192 operations, 24 KB, ran for minutes)."""
+    from pymatgen.io.cif import CifFile
+
+    try:
+        blocks = list(CifFile.from_str(text).data.values())
+    except Exception:
+        return  # pymatgen's own parse reports what is wrong with it
+    total = 0
+    for block in blocks:
+        sites = next((len(_as_list(block.data[k])) for k in CIF_SITE_KEYS if k in block.data), 0)
+        total += sites * _cif_operations(block.data)
+    if total > MAX_SITES:
+        raise RecordError(
+            f"CIF expands to up to {total} sites (atom sites x symmetry operations); at most {MAX_SITES} are accepted"
+        )
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _cif_operations(data: dict) -> int:
+    """The number of symmetry operations a CIF block will be expanded by (192, the most, if its space
+    group is named but not recognised; 1 when it gives none, as pymatgen then reads it as P1)."""
+    for key in CIF_SYMOP_KEYS:
+        if key in data:
+            return len(_as_list(data[key]))
+    named = [str(_as_list(data[k])[0]).strip("'\" ") for k in CIF_GROUP_KEYS if k in data]
+    if not named:
+        return 1
+    from pymatgen.symmetry.groups import SpaceGroup
+
+    for name in named:
+        try:
+            return len(SpaceGroup.from_int_number(int(name)) if name.isdigit() else SpaceGroup(name))
+        except Exception:
+            continue
+    return 192
 
 
 def check_pymatgen(structure) -> None:

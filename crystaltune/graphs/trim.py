@@ -1,6 +1,6 @@
 """Fewer neighbours from a cached graph: the k nearest of a graph built with K >= k neighbours.
 
-Edges are stored per centre atom in (distance, neighbour, image) order, so the first k edges of each
+Edges are stored per centre atom in (distance shell, element, bond vector) order, so the first k edges of each
 centre are exactly what building with ``max_neighbors = k`` gives. A search over the number of
 neighbours therefore builds (and caches) its graphs once, with the largest k it searches.
 """
