@@ -7,6 +7,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import stat
 import tempfile
 import threading
 import zipfile
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..readers import RawDataset, check_source, read_source
+from ..errors import CrystaltuneError
+from ..readers import RawDataset, check_source, path_kind, read_bytes, read_source
 from .build import build_graph
 from .store import GraphStore
 from .structure import RecordError
@@ -62,16 +64,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CRYSTALTUNE_CACHE_DIR", Path.home() / ".cache" / "crystaltune"))
 
 
-def content_hash(path: Path) -> str:
-    """sha256 of a file, or of every file (name and bytes) in a folder."""
+def content_hash(path: Path, raw: bytes | None = None) -> str:
+    """sha256 of a file, of every regular file (name and bytes) in a folder, or of ``raw``, the bytes
+    already read from a pipe (it can be read once only). Special files are never opened (a FIFO or a
+    device would hang or never end the hash); an unreadable file in a folder counts by its name."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
+    if raw is not None:
+        h.update(raw)
+        return h.hexdigest()
+    if not path.is_dir():
+        h.update(os.fsencode(path.name))
+        problem = _hash_file(h, path)
+        if problem:
+            raise CrystaltuneError(f"{path}: {problem}")
+        return h.hexdigest()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():  # links followed; FIFOs, devices, sockets, loops and dangling links left out
+            h.update(os.fsencode(f.relative_to(path)))  # names that are not UTF-8 too
+            _hash_file(h, f)
+    return h.hexdigest()
+
+
+def _hash_file(h, file: Path) -> str | None:
+    """Feed a regular file's bytes to ``h``; why not (nothing fed) when it cannot be read as one."""
+    try:  # O_NONBLOCK: a FIFO put in the file's place since it was listed cannot block the open
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb", buffering=0) as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "not a regular file"
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-    return h.hexdigest()
+    except OSError as exc:
+        return f"cannot read ({exc.strerror})"
+    return None
 
 
 def load_graphs(
@@ -85,8 +110,11 @@ def load_graphs(
     """Graphs for a dataset file or folder, from the cache when its key matches, else built and cached."""
     path = Path(path)
     check_source(path)
+    # a pipe (``<(zcat data.jsonl.gz)``) is read once: those bytes are hashed and parsed, and never cached
+    raw = read_bytes(path, pipe_ok=True) if path_kind(path) == "pipe" else None
+    use_cache = use_cache and raw is None
     key = hashlib.sha256(
-        json.dumps({"content": content_hash(path), "params": _key_params(params), "format": CACHE_FORMAT}).encode()
+        json.dumps({"content": content_hash(path, raw), "params": _key_params(params), "format": CACHE_FORMAT}).encode()
     ).hexdigest()[:20]
     file = cache_dir() / "graphs" / f"{path.name.split('.')[0]}-{key}.npz"
     if use_cache and file.exists():
@@ -94,8 +122,8 @@ def load_graphs(
         if cached is not None:
             store, skipped, bad = cached
             return GraphSet(store, skipped, bad, str(path), key, from_cache=True, params=params)
-    raw = read_source(path)
-    store, skipped, bad = build_store(raw, params, workers=workers, progress=progress)
+    records = read_source(path, raw)
+    store, skipped, bad = build_store(records, params, workers=workers, progress=progress)
     if use_cache:
         _write_cache(file, store, skipped, bad)
     return GraphSet(store, skipped, bad, str(path), key, params=params)
