@@ -218,6 +218,17 @@ def sparse_cells(tmp: Path) -> list[str]:
     return ["crystaltune.data", "info", str(tmp / "sparse.jsonl")]
 
 
+def absurd_lattices(tmp: Path) -> list[str]:
+    """A basis skewed by 1e8 (moyopy's Niggli reduction alone allocated 2.5 GB and aborted), a 1e300 Å cell."""
+    recs = []
+    for rid, matrix in (("skew", [[5.64, 0, 0], [5.64e8, 5.64, 0], [0, 0, 5.64]]), ("huge", np.eye(3) * 1e300)):
+        s = rocksalt().as_dict()
+        s["lattice"]["matrix"] = np.asarray(matrix, float).tolist()
+        recs.append(record(rid, s, band_gap=1.0))
+    write_jsonl(tmp / "absurd.jsonl", recs + [record("ok", rocksalt(), band_gap=2.0)])
+    return ["crystaltune.data", "info", str(tmp / "absurd.jsonl")]
+
+
 def skewed_real_crystal(tmp: Path) -> list[str]:
     """A real crystal on a basis with ~1000 Å vectors: read in its reduced cell, predicted as usual."""
     from pymatgen.core import Lattice, Structure
@@ -323,6 +334,7 @@ CASES = [  # (input, exit code, what the output must say)
     (negative_threads, 2, "--threads must be >= 1, got -1"),
     (sparse_cells, 0, "box2000 (line 1): site 0 has no neighbour within 8.0 Å"),
     (skewed_real_crystal, 0, "1 crystal"),
+    (absurd_lattices, 0, "skew (line 1): lattice vector of 5.64e+08 Å; at most 1e+08 Å are accepted"),
     (cif_expansion_bomb, 0, "CIF expands to up to 115200 sites (atom sites x symmetry operations)"),
     (lattice_checkpoint_v1, 2, "a version-1 checkpoint with 'lattice' global features"),
     (checkpoint_without_config, 2, "checkpoint entry 'config' is missing, expected a dict"),

@@ -77,6 +77,7 @@ REWRITES = {
     "axes-cycled": lambda s: rebased(s, [[0, 1, 0], [0, 0, 1], [1, 0, 0]]),
     "left-handed": lambda s: rebased(s, [[0, 1, 0], [1, 0, 0], [0, 0, 1]]),
     "1000A-vectors": lambda s: rebased(s, [[1, 0, 0], [0, 1, 0], [150, 150, 1]]),
+    "skewed-1e6": lambda s: rebased(s, [[1, 0, 0], [10**6, 1, 0], [0, 0, 1]]),  # moyopy alone aborted on 1e8
     "origin-shift": shifted,
     "site-order": lambda s: permuted(s, 3),
     "supercell-2x1x1": lambda s: s * (2, 1, 1),

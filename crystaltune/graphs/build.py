@@ -18,7 +18,7 @@ logging.getLogger("moyo").setLevel(logging.ERROR)
 import spglib  # noqa: E402
 
 from .neighbors import neighbor_list, reference_neighbor_list  # noqa: E402
-from .structure import MIN_DISTANCE, Crystal, RecordError, parse_crystal  # noqa: E402
+from .structure import MIN_DISTANCE, Crystal, RecordError, parse_crystal, reduce_basis  # noqa: E402
 
 
 def build_graph(
@@ -80,10 +80,8 @@ def cell_descriptors(crystal: Crystal, primitive: np.ndarray | None) -> np.ndarr
 
 
 def _niggli(lattice: np.ndarray) -> np.ndarray:
-    try:
-        return np.asarray(moyopy.niggli_reduce(np.asarray(lattice, float).tolist())[0], dtype=float)
-    except (ValueError, RuntimeError):
-        return np.asarray(lattice, float)
+    reduced = reduce_basis(np.asarray(lattice, float))
+    return reduced if reduced is not None else np.asarray(lattice, float)
 
 
 def _angle(u: np.ndarray, v: np.ndarray) -> float:

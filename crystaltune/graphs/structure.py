@@ -18,6 +18,7 @@ MIN_DISTANCE = 0.5
 #: the densest real solids have ~5 Å^3 per atom (diamond 5.7); below this a record is corrupt, and the
 #: atoms within 8 Å of each (the neighbour search's work) would exceed ~2000
 MIN_VOLUME_PER_ATOM = 1.0
+MAX_LATTICE_VECTOR = 1e8  # Å: longer is no crystal's basis (and overflows the cell volume near 1e100)
 MAX_SITES = 5000  # per structure: larger cells are not what a crystal-graph model is trained on
 
 
@@ -41,11 +42,8 @@ class Crystal:
         """The same crystal in its Niggli-reduced cell, coordinates wrapped into it, sites in order: the
         cell is then a property of the lattice, not of how the file wrote it, and the neighbour search
         scans the fewest periodic images (a skewed 1000 Å basis of a 5 Å crystal becomes the 5 Å cell)."""
-        import moyopy
-
-        try:
-            basis = np.asarray(moyopy.niggli_reduce(self.lattice.tolist())[0], dtype=float)
-        except (ValueError, RuntimeError):
+        basis = reduce_basis(self.lattice)
+        if basis is None:
             return self
         frac = np.linalg.solve(basis.T, self.cart.T).T
         frac -= np.floor(frac)
@@ -67,6 +65,20 @@ def _symbol_to_z() -> dict[str, int]:
     from pymatgen.core import Element
 
     return {Element.from_Z(z).symbol: z for z in range(1, 119)}
+
+
+def reduce_basis(lattice: np.ndarray) -> np.ndarray | None:
+    """The Niggli-reduced basis of a lattice (None if it cannot be reduced). LLL first (pymatgen,
+    polynomial in the skew): moyopy's Niggli reduction alone on a basis skewed by 1e8 allocated
+    gigabytes and aborted the process."""
+    import moyopy
+    from pymatgen.core import Lattice
+
+    try:
+        lll = Lattice(lattice).get_lll_reduced_lattice().matrix
+        return np.asarray(moyopy.niggli_reduce(lll.tolist())[0], dtype=float)
+    except (ValueError, RuntimeError, np.linalg.LinAlgError):
+        return None
 
 
 def parse_crystal(obj: Any, fmt: str | None = None) -> Crystal:
@@ -221,6 +233,9 @@ def check_arrays(c: Crystal) -> None:
         raise RecordError(f"structure has {len(c.z)} sites; at most {MAX_SITES} are accepted")
     if not np.isfinite(c.lattice).all():
         raise RecordError("lattice has NaN or infinite entries")
+    longest = float(np.linalg.norm(c.lattice, axis=1).max())
+    if longest > MAX_LATTICE_VECTOR:
+        raise RecordError(f"lattice vector of {longest:.3g} Å; at most {MAX_LATTICE_VECTOR:.0e} Å are accepted")
     volume = abs(float(np.linalg.det(c.lattice)))
     if volume < 1e-3 * len(c.z):
         raise RecordError(f"singular lattice (cell volume {volume:.3g} Å^3)")
