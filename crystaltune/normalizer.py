@@ -16,12 +16,21 @@ class Normalizer:
 
     @classmethod
     def fit(cls, y: torch.Tensor) -> Normalizer:
-        mask = torch.isfinite(y)
-        mean = torch.stack([y[mask[:, t], t].mean() for t in range(y.shape[1])])
-        std = torch.stack(
-            [y[mask[:, t], t].std() if mask[:, t].sum() > 1 else torch.tensor(1.0) for t in range(y.shape[1])]
-        )
-        return cls(mean.float(), torch.where(std > 1e-8, std, torch.ones_like(std)).float())
+        """Mean and std per target over its finite values, computed in float64 (float32 squares of
+        values near 1e30 overflow). A target without spread (constant, a single value, or a std below
+        float32's resolution of its mean) is scaled by its own magnitude instead, never by a fixed 1,
+        which for targets near 1e-30 made every prediction error larger than the targets themselves."""
+        y = y.double()
+        means, stds = [], []
+        for t in range(y.shape[1]):
+            v = y[torch.isfinite(y[:, t]), t]
+            mean = v.mean() if len(v) else torch.tensor(0.0, dtype=torch.float64)
+            std = v.std() if len(v) > 1 else torch.tensor(0.0, dtype=torch.float64)
+            if not (torch.isfinite(std) and std > 1e-6 * mean.abs() and std > 0):
+                std = mean.abs() if mean != 0 else torch.tensor(1.0, dtype=torch.float64)
+            means.append(mean)
+            stds.append(std)
+        return cls(torch.stack(means).float(), torch.stack(stds).float())
 
     def norm(self, y):
         return (y - self.mean.to(y.device)) / self.std.to(y.device)

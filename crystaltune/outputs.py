@@ -4,11 +4,13 @@ one line (credentials redacted), not after hours of training."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from .errors import CrystaltuneError
 
@@ -86,6 +88,64 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 f"--tracking-uri {redact(uri)}: the tracking server does not answer within "
                 f"{timeout:g} s ({redact(reason)})"
             ) from None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI (None for other schemes)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def prepare_tracking_store(uri: str) -> None:
+    """Open the MLflow store once before any other MLflow use in this process. For a local SQLite file
+    this happens under an OS lock on ``PATH.lock``: MLflow creates a fresh store's tables without one,
+    so two searches starting on the same new file raced ("table ... already exists") and lost runs.
+    An outdated or unreadable store becomes one line here instead of a traceback later."""
+    import fcntl
+    import logging
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(db.with_name(db.name + ".lock"), "a") if db is not None else None  # noqa: SIM115
+    quiet = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]  # "Creating tables..."
+    levels = [q.level for q in quiet]
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when this process ends
+        for q in quiet:
+            q.setLevel(logging.WARNING)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        raise CrystaltuneError(f"--tracking-uri {redact(uri)}: {redact(str(exc).splitlines()[0])[:300]}") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+        if lock is not None:
+            lock.close()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, so the JSON printed is strict JSON
+    (``json.dumps`` writes a bare ``NaN`` that strict parsers reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any) -> str:
+    """Strict JSON of a summary: non-finite numbers as null, other objects as their string."""
+    import json
+
+    return json.dumps(json_safe(value), indent=1, default=str, allow_nan=False)
 
 
 def lock_output(folder: Path):

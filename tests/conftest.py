@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,31 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("CRYSTALTUNE_CACHE_DIR", None)
     else:
         os.environ["CRYSTALTUNE_CACHE_DIR"] = old
+
+
+#: address space of a capped CLI process: a hostile-input regression cannot take the machine down
+MEMORY = 3 << 30
+
+
+def limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 120, capped: bool = True, shell: str | None = None, **env
+) -> subprocess.CompletedProcess:
+    """``python -m ARGS`` (or, with ``shell``, a bash command line given ``$PY``) capped at 3 GiB of address
+    space (``capped=False`` for a search that starts Ray, whose raylet reserves more), no CUDA."""
+    cmd = ["bash", "-c", shell] if shell else [sys.executable, "-m", *args]
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit_memory if capped else None,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable, **env},
+    )
 
 
 def rocksalt(a: float = 5.64, species=("Na", "Cl")) -> Structure:

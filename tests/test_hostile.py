@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -16,25 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REF_DIR, record, rocksalt, write_jsonl
+from conftest import REF_DIR, limit_memory, record, rocksalt, run_cli, write_jsonl
 
-MEMORY = 3 << 30
-
-
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+_limit = limit_memory
 
 
 def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=_limit,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
+    return run_cli(args, cwd, timeout)
 
 
 def dense_record(tmp: Path) -> list[str]:

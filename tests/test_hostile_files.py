@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -22,31 +21,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REF_DIR, record, rocksalt, write_jsonl
+from conftest import REF_DIR, record, rocksalt, run_cli, write_jsonl
 
-MEMORY = 3 << 30
 GOOD_CIF = REF_DIR / "sample-regression" / "1000041.cif"
 CHECKPOINT = REF_DIR / "band-gap.pth.tar"
-
-
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
 
 
 def run(
     args: list[str], cwd: Path, timeout: float = 60, shell: str | None = None, **env
 ) -> subprocess.CompletedProcess:
-    """The CLI ``python -m ARGS`` (or, with ``shell``, a bash command line given ``$PY``) capped at 3 GiB."""
-    cmd = ["bash", "-c", shell] if shell else [sys.executable, "-m", *args]
-    return subprocess.run(
-        cmd,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=_limit,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable, **env},
-    )
+    return run_cli(args, cwd, timeout, shell=shell, **env)
 
 
 def answered(out: subprocess.CompletedProcess, code: int, *messages: str) -> str:

@@ -111,6 +111,10 @@ def load_dataset(
     store = gs.store
     if isinstance(targets, str):
         targets = [targets]
+    skipped = list(gs.skipped)
+    if len(store) == 0 and skipped:  # say why, not that the (empty) data lacks the target
+        what = f"no record has target {targets[0]!r}" if targets else "no numeric property to use as a target"
+        raise CrystaltuneError(f"{path}: {what}: every record was skipped ({_first_reasons(skipped)})")
     targets = list(targets or defaults or _guess_targets(store))
     if not targets:
         raise CrystaltuneError(f"{path}: no numeric property to use as a target")
@@ -118,22 +122,63 @@ def load_dataset(
         if t not in store.props:
             known = ", ".join(sorted(store.props)) or "none"
             raise CrystaltuneError(f"{path}: no record has target {t!r} (numeric properties: {known})")
-    skipped = list(gs.skipped)
+    out_of_range = _mask_out_of_range(store, targets)
     present = np.stack([np.isfinite(store.props[t]) for t in targets], axis=1)
     keep = present.any(axis=1)
     for g in np.flatnonzero(~keep):
         rid = str(store.ids[g])
-        why = "; ".join(f"target {t!r} {gs.bad_props[g].get(t, 'is missing')}" for t in targets)
+        why = "; ".join(
+            f"target {t!r} {out_of_range.get((g, t)) or gs.bad_props[g].get(t, 'is missing')}" for t in targets
+        )
         skipped.append({"id": rid, "reason": f"{rid}: {why}"})
     if strict and skipped:
         raise CrystaltuneError(f"{len(skipped)} record(s) skipped (--strict); first: {skipped[0]['reason']}")
     if not keep.any():
-        raise CrystaltuneError(
-            f"{path}: no usable crystal ({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})"
-        )
+        raise CrystaltuneError(f"{path}: no usable crystal ({_first_reasons(skipped)})")
     if not keep.all():
         store = store.subset(np.flatnonzero(keep))
+    _check_scale(path, store, targets)
     return Dataset(name, str(path), targets, store, skipped, gs.key, params)
+
+
+#: target magnitudes trained on: float32 (the training precision) holds 1e-38..3e38, and these bounds
+#: keep every sum of errors over a million crystals, and every normalised value, finite and exact enough
+MAX_TARGET, MIN_TARGET_SCALE = 1e30, 1e-30
+
+
+def _first_reasons(skipped: list[dict[str, str]], k: int = 2) -> str:
+    """'N skipped; first: reason; reason; ...' for an error line."""
+    first = "; ".join(s["reason"][:200] for s in skipped[:k])
+    return f"{len(skipped)} skipped; first: {first}"
+
+
+def _mask_out_of_range(store: GraphStore, targets: list[str]) -> dict[tuple[int, str], str]:
+    """Targets beyond +-MAX_TARGET become missing (NaN), like a NaN target; returns their reasons."""
+    reasons: dict[tuple[int, str], str] = {}
+    for t in targets:
+        v = store.props[t]
+        huge = np.isfinite(v) & (np.abs(v) > MAX_TARGET)
+        for g in np.flatnonzero(huge):
+            reasons[(int(g), t)] = (
+                f"is {v[g]:.3g}, beyond the +-{MAX_TARGET:.0e} that float32 training holds: rescale it (other units)"
+            )
+        if huge.any():
+            store.props[t] = np.where(huge, np.nan, v)
+    return reasons
+
+
+def _check_scale(path: Path, store: GraphStore, targets: list[str]) -> None:
+    """A target whose every value is smaller than MIN_TARGET_SCALE (but not all zero) is refused:
+    float32 turns such values into denormals or zeros, and the model would learn nothing."""
+    for t in targets:
+        v = store.props[t][np.isfinite(store.props[t])]
+        scale = float(np.abs(v).max()) if len(v) else 0.0
+        if 0 < scale < MIN_TARGET_SCALE:
+            g = int(np.flatnonzero(np.isfinite(store.props[t]))[np.argmax(np.abs(v))])
+            raise CrystaltuneError(
+                f"{path}: target {t!r} is at most {scale:.3g} in magnitude (e.g. {store.ids[g]}), below the "
+                f"{MIN_TARGET_SCALE:.0e} that float32 training resolves: rescale it (other units)"
+            )
 
 
 def _guess_targets(store: GraphStore) -> list[str]:

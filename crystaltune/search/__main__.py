@@ -4,10 +4,10 @@ ASHA over Ray Train (DDP) trials, tracked in MLflow."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import cli_main
+from ..outputs import dumps_json
 from .engine import SearchOptions, run_search, sigterm_as_ctrl_c
 
 
@@ -27,6 +27,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     p.add_argument("--storage", help="Ray Tune/Train storage: a path or s3://bucket/prefix (default: OUTPUT/ray)")
+    p.add_argument(
+        "--storage-shared",
+        action="store_true",
+        help="the local --storage path is mounted on every node of the cluster (NFS, EFS): allow it there",
+    )
+    p.add_argument(
+        "--autoscaling-config",
+        metavar="FILE",
+        help="with --address: the cluster's autoscaling config, whose node types the search plans on "
+        "(default: $CRYSTALTUNE_AUTOSCALING_CONFIG, the running autoscaler's, or ~/ray_bootstrap_config.yaml)",
+    )
     p.add_argument("--output", help="leaderboard, best_config.yaml, ... (default: crystaltune-results/NAME)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search to its full budget")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers (DDP ranks) per trial")
@@ -83,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             address=a.address,
             tracking_uri=a.tracking_uri,
             storage=a.storage,
+            storage_shared=a.storage_shared,
+            autoscaling_config=a.autoscaling_config,
             output=a.output,
             resume=a.resume,
             workers_per_trial=a.workers_per_trial,
@@ -100,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     if a.json:
-        print(json.dumps(summary, indent=1, default=str))
+        print(dumps_json(summary))  # strict JSON: NaN and inf as null
+    if summary.get("error"):  # the search ran to its end without a result (every trial failed)
+        print(f"error: {summary['error']}", file=sys.stderr)
+        return 1
     if summary.get("stop_reason"):  # the search stopped itself (a full disk): resumable, but an error
         print(f"error: {summary['stop_reason']}", file=sys.stderr)
         return 1

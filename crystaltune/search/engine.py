@@ -14,10 +14,11 @@ from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError, is_disk_full
 from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
-from . import diskguard
+from . import autoscale, diskguard
 from .leaderboard import ranked
 from .plan import plan_concurrency, resolve_auto
-from .space import SearchSpace, check_executor, load_space
+from .preflight import preflight
+from .space import MAX_EPOCHS, SearchSpace, check_executor, load_space
 
 _log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class SearchOptions:
     address: str | None = None
     tracking_uri: str | None = None
     storage: str | None = None
+    storage_shared: bool = False  # a local --storage path that every node of a cluster mounts
+    autoscaling_config: str | None = None  # with --address: the node types to plan on (search/autoscale.py)
     output: str | None = None
     resume: bool = False
     workers_per_trial: int | None = None
@@ -76,6 +79,8 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
     if opts.num_samples:
         space.num_samples = opts.num_samples
     if opts.max_epochs:
+        if opts.max_epochs > MAX_EPOCHS:
+            raise CrystaltuneError(f"--max-epochs must be <= {MAX_EPOCHS}, got {opts.max_epochs}")
         space.max_epochs = opts.max_epochs
         space.grace_period = min(space.grace_period, space.max_epochs)
     if opts.grace_period:
@@ -114,11 +119,27 @@ def refuse_second_local_cluster(wait_s: float = 15.0) -> None:
         if not running:
             return
         if time.time() > deadline:  # a cluster that is shutting down gets a few seconds first
-            raise CrystaltuneError(
-                f"a Ray instance is already running on this machine ({', '.join(running)}): join it with "
-                f"--address {running[0]}, or stop it (`ray stop`) first"
-            )
+            raise CrystaltuneError(second_cluster_message(running))
         time.sleep(1.0)
+
+
+def second_cluster_message(running: list[str]) -> str:
+    """Why a second local instance is refused, and what to do: join a standing instance, but never
+    another search's private one (it ends with that search, and every search that joined it dies)."""
+    from ..raysession import private_instance_owner
+
+    port = int(running[0].rsplit(":", 1)[-1])
+    owner = private_instance_owner(port)
+    if owner is None:
+        return (
+            f"a Ray instance is already running on this machine ({', '.join(running)}): join it with "
+            f"--address {running[0]}, or stop it (`ray stop`) first"
+        )
+    return (
+        f"a Ray instance is already running on this machine ({running[0]}), the private one of {owner}; it "
+        "ends with that process, so wait for it, or run both searches on a standing Ray: "
+        "`RAY_AUTH_MODE=token ray start --head --node-ip-address 127.0.0.1`, then --address 127.0.0.1:6379 for each"
+    )
 
 
 def default_tracking_uri() -> str:
@@ -128,7 +149,7 @@ def default_tracking_uri() -> str:
 def run_search(opts: SearchOptions) -> dict[str, Any]:
     """The whole search: validate and plan, build the graphs once, start or join Ray, run Tune, then
     write the leaderboard and artifacts."""
-    from ..raysession import init_ray, require_token_auth
+    from ..raysession import require_token_auth
 
     require_token_auth()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -143,22 +164,71 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         check_writable(Path(storage), "--storage")
     tracking_uri = opts.tracking_uri or default_tracking_uri()
     check_tracking_uri(tracking_uri)
+    preflight(opts.address, tracking_uri, opts.resume, output, opts.warm_start)  # before graphs or Ray
     experiment = f"crystaltune-{space.name}"
     console(quiet=opts.quiet)
     ncpu = plan_local(opts, space)
+    shape = plan_autoscaling(opts, space, storage)
     from .warm_start import warm_points
 
     warm = warm_points(opts.warm_start, space) if opts.warm_start and not opts.resume else []
-    dataset = load_shared_graphs(space)
+    waiting = None
+    if shape is not None:
+        trials = min(space.num_samples, autoscale.plan_concurrency(space, shape))
+        waiting = autoscale.request_nodes(opts.address, space, trials, shape)
+    try:
+        dataset = load_shared_graphs(space)  # the autoscaler starts nodes meanwhile
+        run = _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, ncpu, warm, shape, waiting)
+    finally:
+        autoscale.release_nodes(opts.address if shape else None)
+    return finish_search(space, output, tracking_uri, experiment, *run)
 
+
+def plan_autoscaling(opts: SearchOptions, space: SearchSpace, storage: str) -> autoscale.ClusterShape | None:
+    """With --address and an autoscaling config: ``auto`` planned from its node types and a request no
+    node type can hold refused, before any graph is built; a local storage path refused where trials on
+    other nodes could not reach it."""
+    shape = autoscale.cluster_shape(opts.autoscaling_config, opts.address) if opts.address else None
+    if shape is None:
+        return None
+    autoscale.resolve_auto(space, shape, opts.trials_per_gpu)
+    autoscale.plan_concurrency(space, shape)
+    if any(t.max_workers > 0 for t in shape.workers):
+        check_shared_storage(storage, opts.storage_shared, f"the cluster can add nodes ({shape.describe()})")
+    return shape
+
+
+def check_shared_storage(storage: str, shared: bool, why: str) -> None:
+    """Trials on other nodes write their checkpoints to --storage: a path only this node has fails them."""
+    if "://" in storage or shared:
+        return
+    raise CrystaltuneError(
+        f"--storage {storage}: a local path, but {why} and trials there cannot write into it; use "
+        "--storage s3://BUCKET/PREFIX (or gs://...), or a path every node mounts with --storage-shared"
+    )
+
+
+def _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, ncpu, warm, shape, waiting):
+    """Start or join Ray, plan the concurrency, run Tune; returns (state_file, dataset, search_time)."""
     import ray
+
+    from ..raysession import init_ray
+    from .clusterwatch import watch_cluster
 
     # a local instance listens on 127.0.0.1 only; token authentication either way
     init_ray(opts.address, ncpu, include_dashboard=True)
     sigterm_as_ctrl_c()  # after ray.init, which installs a handler that aborts the driver on SIGTERM
+    # a cluster that goes away mid-search: one error line and the runs marked KILLED, never left RUNNING
+    watch = watch_cluster(opts.address, str(output / "tracker_state.json"), tracking_uri)
     try:
-        resolve_auto(space, ray.cluster_resources(), opts.trials_per_gpu)  # a cluster: planned from what it has
-        concurrency = plan_concurrency(space, ray.cluster_resources())
+        if shape is not None:
+            autoscale.wait_for_a_trial_slot(space, opts.stall_timeout_s, waiting)
+            concurrency = autoscale.plan_concurrency(space, shape)
+        else:
+            resolve_auto(space, ray.cluster_resources(), opts.trials_per_gpu)  # planned from the nodes up now
+            concurrency = plan_concurrency(space, ray.cluster_resources())
+            if opts.address and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+                check_shared_storage(storage, opts.storage_shared, "the cluster has more than one node")
         state_file = str(output / "tracker_state.json")
         trainable = make_trainable(space, opts, storage, state_file, ray.put(dataset))
         tuner = make_tuner(
@@ -168,8 +238,11 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         tuner.fit()
         search_time = time.perf_counter() - t0
     finally:
+        watch.stop()
+        if shape is not None:
+            autoscale.release_nodes(opts.address)
         ray.shutdown()
-    return finish_search(space, output, tracking_uri, experiment, state_file, dataset, search_time)
+    return state_file, dataset, search_time
 
 
 def sigterm_as_ctrl_c() -> None:
@@ -203,10 +276,11 @@ def plan_local(opts: SearchOptions, space: SearchSpace) -> int | None:
 
 def load_shared_graphs(space: SearchSpace):
     """The graphs, built once per search in the driver before Ray starts; every trial shares them."""
-    from ..train.trial_data import load_trial_dataset
+    from ..train.trial_data import check_dataset_split, load_trial_dataset
 
     t0 = time.perf_counter()
     dataset = load_trial_dataset(space.graph_config())
+    check_dataset_split(dataset, space.trial_config(space.default_point))  # too few crystals: refused now
     _log.info(
         f"{space.name}: {len(dataset)} crystals ({dataset.name}), graphs ready in "
         f"{time.perf_counter() - t0:.1f}s; {space.num_samples} trials x <= {space.max_epochs} epochs, "
@@ -278,6 +352,7 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
         "storage": redact(storage),
         "crystals": len(dataset),
         "machine": describe_machine(),
+        **({"cluster": autoscale.describe_cluster()} if opts.address else {}),
         "versions": versions_line(),
     }
     tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
@@ -402,9 +477,9 @@ def finish_search(
             raise
         summary["stop_reason"] = summary["stop_reason"] or f"disk full writing the search's files in {output}"
         _log.warning("could not write the leaderboard and best config to %s: disk full", output)
-    status = "interrupted" if summary["interrupted"] else "finished"
+    status = "interrupted" if summary["interrupted"] else "failed" if summary["error"] else "finished"
     tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", status)
-    tracker.client.set_terminated(tracker.parent_run_id, "KILLED" if summary["interrupted"] else "FINISHED")
+    tracker.client.set_terminated(tracker.parent_run_id, {"interrupted": "KILLED"}.get(status, status.upper()))
     tracker.client.set_tag(
         tracker.parent_run_id, "mlflow.note.content", run_description(rows, summary, space, tracker.experiment_id)
     )
@@ -446,7 +521,18 @@ def _summary(space, rows, ok, tracker, search_time, output, tracking_uri, experi
     if default:
         summary.update(default_trial=default["name"], default_val_mae=default["val_mae"])
         summary["default_test_mae"] = default["test_mae"]
+    summary["error"] = no_result_error(rows, ok, summary["interrupted"])
     return summary
+
+
+def no_result_error(rows: list[dict[str, Any]], ok: list[dict[str, Any]], interrupted: bool) -> str:
+    """Why a search that ran to its end has no result (every trial failed), else ''. The CLI prints it
+    as its error line and exits 1, instead of exiting 0 with no best_config.yaml."""
+    if ok or interrupted or not rows:
+        return ""
+    first = next((r for r in rows if r["error"]), rows[0])
+    reason = first["error"].splitlines()[0][:300] if first["error"] else first["status"]
+    return f"all {len(rows)} trials failed, so no best configuration was written; first, {first['trial']}: {reason}"
 
 
 def _write_best(tracker, space: SearchSpace, rows, ok, dataset, output: Path) -> None:

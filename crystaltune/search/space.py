@@ -200,10 +200,32 @@ def _check_keys(where: str, d: Any, allowed: tuple) -> dict:
     return d
 
 
-def _int(where: str, v: Any, lo: int = 1) -> int:
+def _int(where: str, v: Any, lo: int = 1, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise CrystaltuneError(f"{where} must be an integer >= {lo}, got {v!r}")
+    if hi is not None and v > hi:
+        raise CrystaltuneError(f"{where} must be an integer in [{lo}, {hi}], got {v!r}")
     return v
+
+
+#: the most epochs a trial may train (TrialConfig's own bound on train.epochs)
+MAX_EPOCHS = 100_000
+
+
+def check_epochs_not_set(source: str, fixed: dict[str, Any], search: dict[str, Any], max_epochs: int) -> None:
+    """``train.epochs`` is the budget's (every trial trains budget.max_epochs epochs, ASHA stops some
+    early): a fixed value that differs, or a searched one, would be silently overridden; refused."""
+    if "train.epochs" in search:
+        raise CrystaltuneError(
+            f"{source}: search.train.epochs: epochs cannot be searched; budget.max_epochs ({max_epochs}) sets "
+            "every trial's horizon and ASHA stops the weaker trials early"
+        )
+    epochs = fixed.get("train.epochs")
+    if epochs is not None and epochs != max_epochs:
+        raise CrystaltuneError(
+            f"{source}: fixed train.epochs ({epochs!r}) would be overridden: every trial trains "
+            f"budget.max_epochs ({max_epochs}) epochs; set budget.max_epochs instead and remove train.epochs"
+        )
 
 
 def _num(where: str, v: Any, lo: float = 0.0) -> float:
@@ -376,7 +398,7 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
         base=base,
         params=list(params.values()),
         num_samples=_int(f"{source}: budget.num_samples", budget.get("num_samples", 20)),
-        max_epochs=_int(f"{source}: budget.max_epochs", budget.get("max_epochs", 20)),
+        max_epochs=_int(f"{source}: budget.max_epochs", budget.get("max_epochs", 20), hi=MAX_EPOCHS),
         grace_period=_int(f"{source}: budget.grace_period", budget.get("grace_period", 3)),
         reduction_factor=_int(f"{source}: budget.reduction_factor", budget.get("reduction_factor", 3), lo=2),
         workers=_int(f"{source}: resources.workers", res.get("workers", 1)),
@@ -385,6 +407,7 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
         executor=check_executor(f"{source}: resources.executor", res.get("executor", "auto"), res.get("workers", 1)),
         source=source,
     )
+    check_epochs_not_set(source, flatten(fixed), search, space.max_epochs)
     if space.grace_period > space.max_epochs:
         raise CrystaltuneError(
             f"{source}: budget.grace_period ({space.grace_period}) > max_epochs ({space.max_epochs})"

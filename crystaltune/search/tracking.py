@@ -25,6 +25,8 @@ from .space import SearchSpace, decode_sampled
 #: per epoch; best_val_mae (the best val MAE so far) is the selection metric everywhere: leaderboard,
 #: Optuna's objective, ASHA's rungs and the MLflow column to sort by
 EPOCH_METRICS = ("train_mae", "val_mae", "best_val_mae", "lr", "graphs_per_s", "epoch_time_s")
+#: where a trial ran, sent with its results by the trial itself (search/trainable.py placement)
+PLACEMENT_KEYS = ("node_id", "node_type", "gpu_share")
 FINAL_METRICS = ("best_val_mae", "test_mae", "test_rmse", "test_r2", "alignment", "uniformity", "best_epoch")
 
 
@@ -109,6 +111,7 @@ class MLflowTracker(tune.Callback):
         self.stop_reason = ""  # why the driver stopped the search early (e.g. disk full), if it did
         self._client = None
         self._reconciled = False
+        self._placed: dict[str, dict[str, str]] = {}  # run id -> the placement last tagged
 
     # pickling / Tune experiment state ------------------------------------------------------------
     def __getstate__(self):
@@ -180,7 +183,7 @@ class MLflowTracker(tune.Callback):
     def ensure_parent(self) -> str:
         if self.experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            self.experiment_id = exp.experiment_id if exp else self._create_experiment()
             # MLflow 3 opens experiments of unknown kind on its GenAI traces page: say these are model runs
             self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         if self.parent_run_id is None:
@@ -200,6 +203,19 @@ class MLflowTracker(tune.Callback):
         else:
             self.client.update_run(self.parent_run_id, status="RUNNING")
         return self.parent_run_id
+
+    def _create_experiment(self) -> str:
+        """Create the experiment; when another search sharing the store created it a moment earlier,
+        MLflow refuses the duplicate name and that one is used."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(self.experiment)
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     # child runs --------------------------------------------------------------------------------
     def child(self, trial, trials=None) -> TrialRecord:
@@ -292,7 +308,19 @@ class MLflowTracker(tune.Callback):
         }
         rec.last_epoch = epoch
         self.client.log_batch(rec.run_id, metrics=finite_metrics(result, EPOCH_METRICS, epoch))
+        self._tag_placement(rec, result)
         self.save()
+
+    def _tag_placement(self, rec: TrialRecord, result: dict) -> None:
+        """Where the trial runs (node id, node type, GPU share), tagged when it first reports and again
+        if a retry moved it to another node."""
+        where = {k: str(result[k]) for k in PLACEMENT_KEYS if k in result}
+        placed = self.__dict__.setdefault("_placed", {})  # absent from a tracker restored from older state
+        if where and placed.get(rec.run_id) != where:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(rec.run_id, tags=[RunTag(f"crystaltune.{k}", v) for k, v in where.items()])
+            placed[rec.run_id] = where
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         """A direct trial's epoch checkpoint, persisted by Tune after its result (Ray Train trials send

@@ -25,6 +25,46 @@ from ..errors import is_disk_full
 
 #: Test-only fault hook: "rank1_exit_epoch2" makes rank 1 exit during epoch 2, once per marker file.
 FAULT_ENV = "CRYSTALTUNE_TEST_FAULT"
+#: Test clusters of logical GPUs (Ray's fake autoscaler) set this to 1: a trial given a GPU that torch
+#: cannot see trains on the CPU there (DDP over gloo) instead of failing as it must on a real node
+FAKE_GPUS_ENV = "CRYSTALTUNE_FAKE_GPUS"
+
+
+def fake_gpus() -> bool:
+    return os.environ.get(FAKE_GPUS_ENV) == "1"
+
+
+def placement(gpu_share: float) -> dict[str, str]:
+    """Where this trial runs, for its MLflow run: node id, node type (cluster.yaml's label) and GPU share."""
+    from .autoscale import NODE_TYPE_LABEL
+
+    if not ray.is_initialized():  # a trial run outside Ray (tests, the train CLI): nowhere to name
+        return {}
+    ctx = ray.get_runtime_context()
+    labels = ctx.get_node_labels() or {}
+    node_type = labels.get(NODE_TYPE_LABEL, "unlabelled")
+    return {"node_id": ctx.get_node_id(), "node_type": node_type, "gpu_share": f"{gpu_share:g}"}
+
+
+def trial_device(config: dict[str, Any]) -> str:
+    """``cuda`` where Ray gave the trial a GPU and torch sees one; a GPU torch cannot see is an error
+    naming the node (never a silent CPU run), except on a test cluster of logical GPUs."""
+    import torch
+
+    if not config.get("use_gpu"):
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if fake_gpus():
+        return "cpu"
+    from ..errors import CrystaltuneError
+
+    where = config.get("placement") or {}
+    raise CrystaltuneError(
+        f"Ray assigned GPU(s) {ray.get_gpu_ids()} on node {where.get('node_id', '?')} ({where.get('node_type', '?')}) "
+        f"but torch sees no CUDA device there (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, "
+        f"torch {torch.__version__}): install the CUDA build of torch on that node type"
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -32,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     cfg = TrialConfig.from_dict(config["trial"])
-    if config.get("use_gpu"):
+    if config.get("use_gpu") and torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
 
     def send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
@@ -51,8 +91,9 @@ def run_trial(cfg: TrialConfig, config: dict[str, Any], checkpoint, send, rank: 
     from ..train.loop import TrialDiverged, fit, load_epoch_checkpoint
     from ..train.trial_data import prepare_trial_data
 
-    cfg.train.device = "cuda" if config.get("use_gpu") else "cpu"
-    if not config.get("use_gpu"):
+    config = {**config, "placement": placement(float(config.get("gpu_share", 0.0)))}
+    cfg.train.device = trial_device(config)
+    if cfg.train.device == "cpu":
         torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     dataset = ray.get(config["data_ref"]) if config.get("data_ref") is not None else None
     data = prepare_trial_data(cfg, dataset)
@@ -67,7 +108,7 @@ def run_trial(cfg: TrialConfig, config: dict[str, Any], checkpoint, send, rank: 
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         _maybe_inject_fault(fault, rank, int(metrics["epoch"]))
-        _send_or_wait_on_full_disk(send, metrics, checkpoint_dir)
+        _send_or_wait_on_full_disk(send, {**metrics, **config["placement"]}, checkpoint_dir)
         last_epoch[0] = int(metrics["epoch"])
         reported[0] = True
 
@@ -144,8 +185,11 @@ def trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: dict[s
             "trial": cfg.to_dict(),
             "data_ref": data_ref[0] if data_ref else None,
             "use_gpu": use_gpu,
+            "gpu_share": settings.get("gpus_per_worker", 0),
             "cpus_per_worker": settings.get("cpus_per_worker", 1),
         },
+        # logical GPUs of a test cluster: Ray must not pick NCCL, which needs CUDA
+        torch_config=ray.train.torch.TorchConfig(backend="gloo") if use_gpu and fake_gpus() else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.get("workers", 1), use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -190,6 +234,7 @@ def direct_trial_fn(config: dict[str, Any], space=None, data_ref=None, settings:
         {
             "data_ref": data_ref[0] if data_ref else None,
             "use_gpu": settings.get("gpus_per_worker", 0) > 0,
+            "gpu_share": settings.get("gpus_per_worker", 0),
             "cpus_per_worker": settings.get("cpus_per_worker", 1),
         },
         tune.get_checkpoint(),

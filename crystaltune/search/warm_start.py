@@ -20,19 +20,50 @@ from .space import SearchSpace, decode_sampled
 _log = logging.getLogger(__name__)
 
 
-def _storage(source: str) -> str:
-    if "://" in source:
-        return source
-    if not Path(source).is_file():
-        raise CrystaltuneError(f"--warm-start {source}: no such file (an optuna.db a search wrote, or a storage URI)")
-    return f"sqlite:///{Path(source).resolve()}"
+#: tables every Optuna RDB storage has; a file without them is not a study (and is never opened for writing)
+OPTUNA_TABLES = ("studies", "trials", "trial_params", "trial_values", "version_info")
+
+
+def study_storage(source: str) -> str:
+    """The Optuna storage URI of ``source``; a local file is checked read-only first (check_study_file)."""
+    if "://" in source and not source.startswith("sqlite:///"):
+        return source  # a database server: Optuna reports what it dislikes
+    path = Path(source.removeprefix("sqlite:///").split("?", 1)[0])
+    if not path.is_file():
+        raise CrystaltuneError(
+            f"--warm-start {source}: no such file (an optuna.db a search wrote, OUTPUT/optuna.db, or a storage URI)"
+        )
+    check_study_file(path, source)
+    return f"sqlite:///{path.resolve()}"
+
+
+def check_study_file(path: Path, source: str) -> None:
+    """Refuse, without writing a byte, an SQLite file that holds no Optuna study: Optuna's storage
+    creates its 13 tables in any file it opens, so an ``mlflow.db`` given by mistake used to get them."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise CrystaltuneError(f"--warm-start {source}: not an SQLite database ({exc})") from None
+    missing = [t for t in OPTUNA_TABLES if t not in tables]
+    if missing:
+        kind = "an MLflow tracking store" if {"experiments", "runs"} <= tables else "an SQLite file"
+        raise CrystaltuneError(
+            f"--warm-start {source}: {kind}, not an Optuna study (it has no {missing[0]!r} table); give the "
+            "optuna.db an earlier search wrote (OUTPUT/optuna.db)"
+        )
 
 
 def _study(source: str, space: SearchSpace):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _storage(source)
+    storage = study_storage(source)
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:

@@ -4,12 +4,12 @@ configuration, print a line per epoch and a summary, write the best-val checkpoi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ..config import TrialConfig
 from ..errors import CrystaltuneError, cli_main
+from ..outputs import dumps_json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrialDiverged as exc:
         raise CrystaltuneError(f"training diverged: {exc}") from None
     if args.json:
-        print(json.dumps(summary, indent=1))
+        print(dumps_json(summary))  # strict JSON: a NaN metric is null
     else:
         print(
             f"best epoch {summary['best_epoch']}: val_mae {summary['val_mae']:.4f}  "

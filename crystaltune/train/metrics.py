@@ -35,6 +35,7 @@ def predict_indices(
 def regression_metrics(pred: np.ndarray, y: np.ndarray, targets: list[str], prefix: str) -> dict[str, float]:
     """``{prefix}_mae`` (mean over targets), ``_rmse``, ``_r2``, and per-target values when several."""
     out: dict[str, float] = {}
+    pred, y = np.asarray(pred, np.float64), np.asarray(y, np.float64)  # float32 squares overflow beyond 1e19
     maes, rmses, r2s = [], [], []
     for t, name in enumerate(targets):
         m = np.isfinite(y[:, t])

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..config import TrialConfig
 from ..data.dataset import Dataset, load_dataset
+from ..errors import CrystaltuneError
 from ..featurizers import unsupported_crystals
 from ..graphs.cache import GraphParams
 from ..graphs.store import GraphStore
@@ -55,4 +56,43 @@ def prepare_trial_data(cfg: TrialConfig, dataset: Dataset | None = None) -> Tria
     ok = np.ones(len(ds.store), bool)
     ok[list(bad)] = False
     idx = [s[ok[s]] for s in (split.train, split.val, split.test)]
-    return TrialData(ds.store, ds.targets, *idx, name=ds.name, dropped=dropped)
+    data = TrialData(ds.store, ds.targets, *idx, name=ds.name, dropped=dropped)
+    check_split(data, cfg)
+    return data
+
+
+def check_dataset_split(ds: Dataset, cfg: TrialConfig) -> None:
+    """check_split for a whole dataset before any trial (a search's driver, before Ray starts)."""
+    d = cfg.data
+    split = ds.split(d.split_seed, tuple(d.split), folds=d.folds, fold=d.fold)
+    check_split(TrialData(ds.store, ds.targets, split.train, split.val, split.test, ds.name, []), cfg)
+
+
+def check_split(data: TrialData, cfg: TrialConfig) -> None:
+    """Every part of the split holds a crystal: an empty validation set fails every epoch, an empty
+    test set gives NaN test metrics; both are refused with the smallest dataset that would do."""
+    sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test)}
+    empty = [k for k, n in sizes.items() if n == 0]
+    if not empty:
+        return
+    d = cfg.data
+    split = f"fold {d.fold} of {d.folds}" if d.folds else "/".join(f"{f:g}" for f in d.split)
+    need = smallest_splittable(tuple(d.split), d.folds, d.fold)
+    dropped = f", {len(data.dropped)} dropped by node featurizer {cfg.model.node_featurizer!r}" if data.dropped else ""
+    raise CrystaltuneError(
+        f"{data.name}: {sum(sizes.values())} usable crystal(s){dropped} split {sizes['train']} train / "
+        f"{sizes['val']} val / {sizes['test']} test (data.split {split}): the {' and '.join(empty)} set is empty; "
+        + (f"use a dataset of at least {need} crystals" if need else "use a larger dataset")
+        + " (or other data.split fractions)"
+    )
+
+
+def smallest_splittable(fractions: tuple[float, ...], folds: int | None, fold: int, upto: int = 10_000) -> int | None:
+    """The fewest crystals whose split (these fractions or folds) leaves no part empty, or None."""
+    from ..data.dataset import _split_ids
+
+    for n in range(3, upto):
+        parts = _split_ids(np.arange(n), fractions, folds, fold)
+        if all(parts.values()):
+            return n
+    return None
