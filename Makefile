@@ -1,4 +1,4 @@
-# Two entry points: `make run` (the main job on the embedded default) and `make test`.
+# Entry points: `make run` (the main job on the embedded default), `make test` and `make test-slow`.
 # Each creates .venv from constraints.txt on first use, so a fresh clone needs nothing else.
 PY ?= python3
 VENV := .venv
@@ -11,14 +11,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: install run test lint
+.PHONY: install run test test-slow lint
 install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/python -m crystaltune.search perovskites
 
+# the default run (well under 20 minutes on 2 cores); the long end-to-end scenarios are marked slow
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check crystaltune tests

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_all_quick_writes_the_readme_performance_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(

@@ -8,6 +8,7 @@ from crystaltune.config import TrialConfig
 from crystaltune.train.distributed import fit_distributed
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_match_one_worker():
     cfg = TrialConfig.from_dict(
         {

@@ -159,6 +159,7 @@ def _kill_cluster(tag: str) -> None:
                 pass
 
 
+@pytest.mark.slow
 def test_two_searches_share_a_fresh_store_and_a_lost_cluster_leaves_nothing_running(tmp_path):
     """Two searches join one standing loopback Ray and share one fresh SQLite store: both record every
     run. Then the cluster is killed under the second (its trial hangs at epoch 2): it stops within
@@ -362,6 +363,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_warm_start_from_a_file_that_is_not_an_optuna_study_writes_nothing(tmp_path):
     from crystaltune.outputs import prepare_tracking_store
 

@@ -44,7 +44,8 @@ def mlflow_runs(work: Path, experiment: str):
 @pytest.mark.parametrize(
     "executor_args, fault",
     [
-        (["--workers-per-trial", "2"], "rank1_exit_epoch2"),  # Ray Train: DDP rank 1 dies, the worker group restarts
+        # Ray Train: DDP rank 1 dies, the worker group restarts
+        pytest.param(["--workers-per-trial", "2"], "rank1_exit_epoch2", marks=pytest.mark.slow),
         ([], "rank0_exit_epoch2"),  # direct: the Tune trial's own process dies, Tune restarts the trial
     ],
     ids=["ray-train-ddp", "direct"],
@@ -73,6 +74,7 @@ def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(
     assert "FAILED (TrialDiverged" in out.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_like_ctrl_c_and_resume_finishes(tmp_path):
     """Direct executor (the default for one worker): 6 trials, up to 30 epochs, so some are still
     running when the first one ends and SIGTERM arrives (what a scheduler or `kill` sends; the driver
@@ -112,6 +114,7 @@ def test_sigterm_stops_cleanly_like_ctrl_c_and_resume_finishes(tmp_path):
         assert steps == sorted(set(steps)) and steps
 
 
+@pytest.mark.slow
 def test_eight_concurrent_trials_lose_no_metric_rows(tmp_path):
     out = search([str(SPACES / "concurrent.yaml"), "--num-cpus", "17", "--output", str(tmp_path / "out")], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -143,6 +146,7 @@ def test_unwritable_output_or_storage_fails_before_any_trial(tmp_path):
         assert not (tmp_path / "mlflow.db").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_watchdog_stops_a_hung_trial_and_the_search_finishes(tmp_path):
     """A trial that stops reporting (it sleeps at epoch 2, on every retry) is stopped by the driver's
     watchdog after max(floor, factor x its slowest epoch), retried, and finally recorded FAILED with the
@@ -195,6 +199,7 @@ def _fill(path: Path) -> None:
             assert exc.errno == errno.ENOSPC, exc
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_search_clearly_and_resume_finishes_once_space_is_freed(tmp_path):
     """--output and --storage on a 260 MiB tmpfs, filled to the last byte after the first epoch
     checkpoint: the search stops with one `error: disk full` line naming the folder, the MLflow store

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from browser import CHROMIUM, free_port, page_text, serving
 
 from crystaltune.errors import CrystaltuneError
 from crystaltune.search.space import load_space, parse_space
@@ -156,6 +157,8 @@ def test_mlflow_pyfunc_model_predicts(smoke_search):
     out = model.predict(pd.DataFrame({"id": ["a", "bad"], "structure": [cif, "garbage"]}))
     assert math.isfinite(out.loc["a", "band_gap"]) and math.isnan(out.loc["bad", "band_gap"])
     assert "elements never seen in training" in out.loc["a", "flags"] and out.loc["bad", "flags"]
+    alone = model.predict(pd.DataFrame({"structure": [cif]}))  # the signature keeps `id` optional
+    assert alone.iloc[0]["band_gap"] == pytest.approx(out.loc["a", "band_gap"])
 
 
 # validation before Ray starts -------------------------------------------------------------------
@@ -288,6 +291,9 @@ def test_registered_model_describes_the_best_trial(smoke_search):
     assert not any(k.removeprefix("fixed.") in searched for k in parent.data.params if k.startswith("fixed."))
     assert parent.data.params["fixed.train.epochs"] == str(load_space("smoke").max_epochs)  # the horizon run
     assert not any(k.startswith("searched.") for r in runs for k in r.data.params)
+    # the parent's summary metrics have names of their own: it never sorts among the trials
+    assert "best_val_mae" not in parent.data.metrics
+    assert parent.data.metrics["search.best_val_mae"] == pytest.approx(float(best_row["best_val_mae"]), abs=1e-4)
 
 
 def test_optuna_history_is_in_run_order(smoke_search):
@@ -302,6 +308,7 @@ def test_optuna_history_is_in_run_order(smoke_search):
     )
     assert [round(h["value"], 4) for h in history] == [float(r["best_val_mae"]) for r in rows]
     assert [h["number"] for h in history] == list(range(len(rows)))
+    assert [h["trial"] for h in history] == [r["trial"] for r in rows]  # the plot's ticks: the run names
 
 
 def test_the_default_configuration_is_the_first_trial_and_recorded_as_such(smoke_search):
@@ -382,6 +389,7 @@ def test_cli_errors_are_one_line(tmp_path):
         assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_sigkilled_search_resumes_without_duplicates_or_retraining(tmp_path):
     """SIGKILL the driver after two trials finished; --resume completes the budget, every trial is in
     MLflow once with each epoch once, and the finished trials' training runs are not touched. Ray Train
@@ -540,6 +548,7 @@ def test_the_results_line_tells_interrupted_trials_from_finished_ones():
     )
 
 
+@pytest.mark.slow
 def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_search):
     """--retrain-seeds trains the search's best config and a baseline on the same split, logs each run
     to MLflow under the search, and the README section shows the numbers read back from there."""
@@ -671,6 +680,7 @@ def test_report_top_k_candidates_are_chosen_by_val_on_cross_validation_folds(smo
     assert "## Retrained per fold" in report and f"candidate {chosen} (chosen)" in report
 
 
+@pytest.mark.slow
 def test_sunmat_on_a_two_core_machine_runs_as_shipped_and_refuses_what_cannot_fit(tmp_path, small_records):
     """sunmat's resources are `auto`: on a machine without GPUs its trials become CPU trials and the
     search runs; explicit requests that can never fit stop with one error line before any graph is
@@ -746,6 +756,7 @@ def test_optuna_study_persisted_and_a_warm_started_search_runs_its_configs_first
         float(rows[0]["best_val_mae"]), abs=1e-4
     )
     assert f"optuna-dashboard sqlite:///{db}" in stdout and "#/experiments/" in stdout
+    assert "/runs?orderByKey=metrics.%60best_val_mae%60&orderByAsc=true" in stdout  # opens sorted
     expected = warm_points(str(db), load_space("smoke"))
     out = subprocess.run(
         [
@@ -843,3 +854,37 @@ def test_ensemble_of_the_top_trials_is_measured_logged_registered_and_predicts(s
     assert pred.returncode == 0, pred.stderr[-2000:]
     rows = list(csv.DictReader(open(work / "ens.csv")))
     assert float(rows[0]["band_gap"]) > -10 and float(rows[0]["band_gap_std"]) >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian's chromium package): .ci/run installs it")
+def test_the_review_in_a_real_browser_needs_no_hand_work(smoke_search):
+    """In headless Chromium: optuna-dashboard (installed with crystaltune) shows the persisted study
+    with every trial, its history and importances; the runs URL the search printed opens MLflow's
+    runs table sorted by best_val_mae, best trial first, the parent run after every trial."""
+    import optuna
+
+    work, stdout, _ = smoke_search
+    rows = list(csv.DictReader(open(work / "out" / "leaderboard.csv")))
+    finished = [r for r in rows if r["status"] == "FINISHED"]
+    db = work / "out" / "optuna.db"
+    study_id = optuna.load_study(study_name="crystaltune-smoke", storage=f"sqlite:///{db}")._study_id
+    port, bin_dir = free_port(), Path(sys.executable).parent
+    board = [str(bin_dir / "optuna-dashboard"), f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port)]
+    base = f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"
+    with serving(board, f"http://127.0.0.1:{port}/api/studies", work):
+        study_page, trials_page = page_text(base), page_text(base + "/trials")
+    assert "crystaltune-smoke" in study_page and "History" in study_page, study_page[:2000]
+    assert "Hyperparameter Importance" in study_page, study_page[:2000]
+    assert f"{len(rows)} Trials" in trials_page and all(f"trial {r['trial']}" in trials_page for r in rows)
+
+    printed = next(w for w in stdout.split() if "/#/experiments/" in w)
+    port = free_port()
+    server = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    server += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with serving(server, f"http://127.0.0.1:{port}/health", work):
+        table = page_text(printed.replace("http://127.0.0.1:5000", f"http://127.0.0.1:{port}"))
+    assert "Sort: best_val_mae" in table, table[:3000]
+    names = [f"{r['trial']} " for r in sorted(finished, key=lambda r: float(r["best_val_mae"]))] + ["search smoke"]
+    where = [table.find(n) for n in names]
+    assert -1 not in where and where == sorted(where), (names, table[:3000])

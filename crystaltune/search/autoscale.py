@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import CrystaltuneError
+from . import train_coordinator
 
 _log = logging.getLogger(__name__)
 
@@ -190,15 +191,42 @@ def plan_concurrency(space, shape: ClusterShape) -> int:
     return max(1, capacity // space.workers)
 
 
-def request_nodes(address: str, space, trials: int, shape: ClusterShape) -> str:
-    """Ask the autoscaler for the nodes ``trials`` packed trials need, from a short-lived process (the
-    driver builds its graphs in forked workers, which must not inherit a Ray connection); returns the
-    console line that says what is waited for."""
-    bundles = [bundle(space)] * (trials * space.workers)
-    if space.uses_ray_train:
-        bundles += [{"CPU": 1.0}] * trials
-    _sdk_call(address, bundles)
-    return f"waiting for the autoscaler: {_expected_nodes(space, trials, shape)} for {trials} packed trial(s)"
+@dataclass
+class NodeRequest:
+    """The autoscaler request of one search: the nodes its first ``trials`` packed trials need, asked
+    for while the graphs are built and withdrawn once when it ends (never left keeping nodes up)."""
+
+    address: str
+    shape: ClusterShape
+    concurrency: int  # packed trials at once with every node type at its max
+    trials: int  # of them, the ones this search asks nodes for
+    line: str = ""  # what the console says is waited for
+    started: float = 0.0  # time.time() of the request
+    _proc: subprocess.Popen | None = None
+    _released: bool = False
+
+    def start(self, space) -> None:
+        """Write the request from a short-lived process (the driver builds its graphs in forked
+        workers, which must not inherit a Ray connection)."""
+        bundles = [bundle(space)] * (self.trials * space.workers)
+        if space.uses_ray_train:
+            bundles += [{"CPU": 1.0}] * self.trials
+        nodes = _expected_nodes(space, self.trials, self.shape)
+        self.line = f"waiting for the autoscaler: {nodes} for {self.trials} packed trial(s)"
+        self.started = time.time()
+        self._proc = _sdk_call(self.address, bundles)
+
+    def release(self) -> None:
+        """Withdraw the request so the idle timeout takes the nodes back to their minimum. The writing
+        process is finished first: a request it wrote after the withdrawal would keep nodes up."""
+        if self._released:
+            return
+        self._released = True
+        try:
+            _finish(self._proc)
+            _withdraw(self.address, self.started)
+        except Exception as exc:  # never let clean-up hide the search's own outcome
+            _log.warning(f"could not withdraw the autoscaler request: {exc}")
 
 
 def _expected_nodes(space, trials: int, shape: ClusterShape) -> str:
@@ -209,37 +237,40 @@ def _expected_nodes(space, trials: int, shape: ClusterShape) -> str:
     return f"{min(t.max_workers or 1, math.ceil(trials / per_node))} x {t.describe()}"
 
 
-def release_nodes(address: str | None) -> None:
-    """Withdraw the request so the autoscaler's idle timeout can take the nodes back to their minimum."""
-    if address is None:
+def _finish(proc: subprocess.Popen | None, timeout_s: float = 120.0) -> None:
+    if proc is None or proc.poll() is not None:
         return
     try:
-        import ray
-
-        if ray.is_initialized():
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[])
-            return
-        _sdk_call(address, [], wait=True)
-    except Exception as exc:  # never let clean-up hide the search's own outcome
-        _log.warning(f"could not withdraw the autoscaler request: {exc}")
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
-def _sdk_call(address: str, bundles: list[dict[str, float]], wait: bool = False) -> None:
+def _withdraw(address: str, since: float) -> None:
+    import ray
+
+    if ray.is_initialized():
+        from ray.autoscaler.sdk import request_resources
+
+        train_coordinator.release(since)
+        request_resources(bundles=[])
+    else:
+        _finish(_sdk_call(address, []))
+
+
+def _sdk_call(address: str, bundles: list[dict[str, float]]) -> subprocess.Popen:
     code = (
         "import json, sys, ray\n"
         "from ray.autoscaler.sdk import request_resources\n"
         "ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR')\n"
         "request_resources(bundles=json.loads(sys.argv[2]))\n"
     )
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", code, address, json.dumps(bundles)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    if wait:
-        proc.wait(timeout=120)
 
 
 def wait_for_a_trial_slot(space, timeout_s: float, line: str) -> float:

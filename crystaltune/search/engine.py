@@ -14,7 +14,7 @@ from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError, is_disk_full
 from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
-from . import autoscale, diskguard
+from . import autoscale, diskguard, train_coordinator
 from .leaderboard import ranked
 from .plan import plan_concurrency, resolve_auto
 from .preflight import preflight
@@ -168,34 +168,33 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     experiment = f"crystaltune-{space.name}"
     console(quiet=opts.quiet)
     ncpu = plan_local(opts, space)
-    shape = plan_autoscaling(opts, space, storage)
+    nodes = plan_autoscaling(opts, space, storage)
     from .warm_start import warm_points
 
     warm = warm_points(opts.warm_start, space) if opts.warm_start and not opts.resume else []
-    waiting = None
-    if shape is not None:
-        trials = min(space.num_samples, autoscale.plan_concurrency(space, shape))
-        waiting = autoscale.request_nodes(opts.address, space, trials, shape)
+    if nodes is not None:
+        nodes.start(space)
     try:
         dataset = load_shared_graphs(space)  # the autoscaler starts nodes meanwhile
-        run = _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, ncpu, warm, shape, waiting)
+        run = _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, ncpu, warm, nodes)
     finally:
-        autoscale.release_nodes(opts.address if shape else None)
+        if nodes is not None:
+            nodes.release()  # a no-op when _run_tune withdrew it already
     return finish_search(space, output, tracking_uri, experiment, *run)
 
 
-def plan_autoscaling(opts: SearchOptions, space: SearchSpace, storage: str) -> autoscale.ClusterShape | None:
+def plan_autoscaling(opts: SearchOptions, space: SearchSpace, storage: str) -> autoscale.NodeRequest | None:
     """With --address and an autoscaling config: ``auto`` planned from its node types and a request no
     node type can hold refused, before any graph is built; a local storage path refused where trials on
-    other nodes could not reach it."""
+    other nodes could not reach it. Returns the node request to start, or None without an autoscaler."""
     shape = autoscale.cluster_shape(opts.autoscaling_config, opts.address) if opts.address else None
     if shape is None:
         return None
     autoscale.resolve_auto(space, shape, opts.trials_per_gpu)
-    autoscale.plan_concurrency(space, shape)
+    concurrency = autoscale.plan_concurrency(space, shape)
     if any(t.max_workers > 0 for t in shape.workers):
         check_shared_storage(storage, opts.storage_shared, f"the cluster can add nodes ({shape.describe()})")
-    return shape
+    return autoscale.NodeRequest(opts.address, shape, concurrency, min(space.num_samples, concurrency))
 
 
 def check_shared_storage(storage: str, shared: bool, why: str) -> None:
@@ -208,7 +207,7 @@ def check_shared_storage(storage: str, shared: bool, why: str) -> None:
     )
 
 
-def _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, ncpu, warm, shape, waiting):
+def _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, ncpu, warm, nodes):
     """Start or join Ray, plan the concurrency, run Tune; returns (state_file, dataset, search_time)."""
     import ray
 
@@ -221,9 +220,11 @@ def _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, n
     # a cluster that goes away mid-search: one error line and the runs marked KILLED, never left RUNNING
     watch = watch_cluster(opts.address, str(output / "tracker_state.json"), tracking_uri)
     try:
-        if shape is not None:
-            autoscale.wait_for_a_trial_slot(space, opts.stall_timeout_s, waiting)
-            concurrency = autoscale.plan_concurrency(space, shape)
+        if nodes is not None:
+            if space.uses_ray_train:
+                train_coordinator.pin_to_head()  # else it lands on a GPU node and holds it up for good
+            autoscale.wait_for_a_trial_slot(space, opts.stall_timeout_s, nodes.line)
+            concurrency = nodes.concurrency
         else:
             resolve_auto(space, ray.cluster_resources(), opts.trials_per_gpu)  # planned from the nodes up now
             concurrency = plan_concurrency(space, ray.cluster_resources())
@@ -239,10 +240,15 @@ def _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, n
         search_time = time.perf_counter() - t0
     finally:
         watch.stop()
-        if shape is not None:
-            autoscale.release_nodes(opts.address)
+        if nodes is not None:
+            nodes.release()  # while this driver is still connected: no second Ray client needed
         ray.shutdown()
     return state_file, dataset, search_time
+
+
+def runs_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """MLflow's runs view of one experiment, sorted by the selection metric, lowest first."""
+    return f"{host}/#/experiments/{experiment_id}/runs?orderByKey=metrics.%60best_val_mae%60&orderByAsc=true"
 
 
 def sigterm_as_ctrl_c() -> None:
@@ -577,8 +583,8 @@ def _closing_lines(summary: dict[str, Any], space: SearchSpace, output: Path, tr
         _log.info(f"retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
     _log.info(
         f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}, then open "
-        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs (experiment '{summary['experiment']}'; "
-        f"the parent run {tracker.parent_run_id} has the summary; sort by metrics.best_val_mae, the selection metric)"
+        f"{runs_url(tracker.experiment_id)} (experiment '{summary['experiment']}', trials sorted by "
+        f"best_val_mae, the selection metric; the parent run {tracker.parent_run_id} has the summary)"
     )
     if (output / "optuna.db").exists():
         _log.info(

@@ -62,6 +62,23 @@ def parity_plot(y: np.ndarray, p: np.ndarray, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _signature(example, checkpoint: Path):
+    """The pyfunc's signature, inferred from running it on the example, with ``id`` optional (rows
+    without one are numbered): MLflow alone would mark every column of the example required."""
+    from types import SimpleNamespace
+
+    from mlflow.models import infer_signature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from .mlflow_model import CrystaltunePyfunc
+
+    model = CrystaltunePyfunc()
+    model.load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}))
+    signature = infer_signature(example, model.predict(None, example))
+    signature.inputs = Schema([ColSpec(c.type, c.name, required=c.name != "id") for c in signature.inputs.inputs])
+    return signature
+
+
 def _input_example(dataset, data):
     """One test crystal as the pyfunc takes it: a DataFrame with ``id`` and ``structure`` (CIF text)."""
     import pandas as pd
@@ -131,9 +148,10 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
         except Exception as exc:
             client.set_tag(parent, "crystaltune.model_log_error", str(exc)[:500])
     client.log_artifacts(parent, str(art), artifact_path="search")
-    client.log_metric(parent, "best_val_mae", float(best["val_mae"]))
+    # under names of their own: the parent never sorts among its trials by the selection metric
+    client.log_metric(parent, "search.best_val_mae", float(best["val_mae"]))
     if math.isfinite(best["test_mae"]):
-        client.log_metric(parent, "best_test_mae", float(best["test_mae"]))
+        client.log_metric(parent, "search.best_test_mae", float(best["test_mae"]))
     client.set_tag(parent, "crystaltune.best_run", best["name"])
     return made
 
@@ -148,12 +166,16 @@ def _study_plots(study, art: Path) -> dict[str, Any]:
     made: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        names = {t.number: t.user_attrs.get("trial", f"#{t.number}") for t in study.trials}
         ax = ovm.plot_optimization_history(study)
         ax.set_title("Best val MAE per trial, in the order they ran")
+        _label_trials(ax, names)
         ax.figure.savefig(art / "optuna_history.png", dpi=110, bbox_inches="tight")
         plt.close(ax.figure)
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        history = [{"number": t.number, "value": t.value, "params": t.params} for t in complete]
+        history = [
+            {"number": t.number, "trial": names[t.number], "value": t.value, "params": t.params} for t in complete
+        ]
         (art / "optuna_history.json").write_text(json.dumps(history, indent=1, default=str))
         if len(study.trials) >= 3:
             # one method for the JSON, the PNG and the report: fANOVA, seeded
@@ -165,6 +187,16 @@ def _study_plots(study, art: Path) -> dict[str, Any]:
             ax.figure.savefig(art / "param_importances.png", dpi=110, bbox_inches="tight")
             plt.close(ax.figure)
     return made
+
+
+def _label_trials(ax, names: dict[int, str], most: int = 20) -> None:
+    """Tick the x axis with the trials' run names (t001, ...), not Optuna's 0-based numbers, so a
+    point on the plot reads as the MLflow run it is."""
+    numbers = sorted(names)
+    ticks = numbers[:: max(1, math.ceil(len(numbers) / most))]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([names[n] for n in ticks], rotation=45, ha="right", fontsize=7)
+    ax.set_xlabel("trial (its MLflow run name)")
 
 
 def _best_parity_plots(checkpoint: Path, best, dataset, art: Path, made: dict[str, Any]):
@@ -190,6 +222,7 @@ def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path)
 
     mlflow.set_tracking_uri(tracker.tracking_uri)
     status = tracker.client.get_run(best["run_id"]).info.status  # FINISHED, or KILLED if interrupted
+    example = _input_example(dataset, data)
     mlflow.start_run(run_id=best["run_id"])
     try:
         with warnings.catch_warnings():
@@ -201,7 +234,8 @@ def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path)
                 registered_model_name=f"crystaltune-{space.name}",
                 pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
                 params={k: str(v)[:500] for k, v in cfg.used_flat().items()},  # the best trial's own config
-                input_example=_input_example(dataset, data),  # MLflow infers the signature from it
+                input_example=example,
+                signature=_signature(example, output / "best_trial.pt"),
             )
     finally:
         mlflow.end_run(status)  # as it was: a failed model log must not mark the trial FAILED
