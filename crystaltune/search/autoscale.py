@@ -17,7 +17,8 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -200,33 +201,40 @@ class NodeRequest:
     shape: ClusterShape
     concurrency: int  # packed trials at once with every node type at its max
     trials: int  # of them, the ones this search asks nodes for
+    expire_s: float = 1800.0  # the request stands this long at most (the stall timeout)
     line: str = ""  # what the console says is waited for
     started: float = 0.0  # time.time() of the request
+    requester: str = field(default_factory=lambda: f"crystaltune-{uuid.uuid4().hex[:12]}")
     _proc: subprocess.Popen | None = None
     _released: bool = False
 
     def start(self, space) -> None:
-        """Write the request from a short-lived process (the driver builds its graphs in forked
-        workers, which must not inherit a Ray connection)."""
+        """Ask from a short-lived process (the driver builds its graphs in forked workers, which must
+        not inherit a Ray connection)."""
         bundles = [bundle(space)] * (self.trials * space.workers)
         if space.uses_ray_train:
             bundles += [{"CPU": 1.0}] * self.trials
         nodes = _expected_nodes(space, self.trials, self.shape)
         self.line = f"waiting for the autoscaler: {nodes} for {self.trials} packed trial(s)"
         self.started = time.time()
-        self._proc = _sdk_call(self.address, bundles)
+        self._proc = _in_a_process(self.address, "request", self.requester, bundles=bundles, expire_s=self.expire_s)
 
     def release(self) -> None:
-        """Withdraw the request so the idle timeout takes the nodes back to their minimum. The writing
-        process is finished first: a request it wrote after the withdrawal would keep nodes up."""
+        """Withdraw the request so the idle timeout takes the nodes back to their minimum. The asking
+        process is finished first: a request it made after the withdrawal would keep nodes up."""
         if self._released:
             return
         self._released = True
         try:
             _finish(self._proc)
-            _withdraw(self.address, self.started)
+            import ray
+
+            if ray.is_initialized():
+                train_coordinator.release(self.requester, self.started)
+            else:
+                _finish(_in_a_process(self.address, "release", self.requester, since=self.started))
         except Exception as exc:  # never let clean-up hide the search's own outcome
-            _log.warning(f"could not withdraw the autoscaler request: {exc}")
+            _log.warning(f"could not withdraw the autoscaler request: {type(exc).__name__}: {exc}")
 
 
 def _expected_nodes(space, trials: int, shape: ClusterShape) -> str:
@@ -247,27 +255,9 @@ def _finish(proc: subprocess.Popen | None, timeout_s: float = 120.0) -> None:
         proc.wait()
 
 
-def _withdraw(address: str, since: float) -> None:
-    import ray
-
-    if ray.is_initialized():
-        from ray.autoscaler.sdk import request_resources
-
-        train_coordinator.release(since)
-        request_resources(bundles=[])
-    else:
-        _finish(_sdk_call(address, []))
-
-
-def _sdk_call(address: str, bundles: list[dict[str, float]]) -> subprocess.Popen:
-    code = (
-        "import json, sys, ray\n"
-        "from ray.autoscaler.sdk import request_resources\n"
-        "ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR')\n"
-        "request_resources(bundles=json.loads(sys.argv[2]))\n"
-    )
+def _in_a_process(address: str, action: str, requester: str, **args) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", code, address, json.dumps(bundles)],
+        [sys.executable, "-m", train_coordinator.__name__, address, action, requester, json.dumps(args)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -14,7 +14,7 @@ from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError, is_disk_full
 from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
-from . import autoscale, diskguard, train_coordinator
+from . import autoscale, diskguard
 from .leaderboard import ranked
 from .plan import plan_concurrency, resolve_auto
 from .preflight import preflight
@@ -194,7 +194,8 @@ def plan_autoscaling(opts: SearchOptions, space: SearchSpace, storage: str) -> a
     concurrency = autoscale.plan_concurrency(space, shape)
     if any(t.max_workers > 0 for t in shape.workers):
         check_shared_storage(storage, opts.storage_shared, f"the cluster can add nodes ({shape.describe()})")
-    return autoscale.NodeRequest(opts.address, shape, concurrency, min(space.num_samples, concurrency))
+    trials = min(space.num_samples, concurrency)
+    return autoscale.NodeRequest(opts.address, shape, concurrency, trials, expire_s=opts.stall_timeout_s)
 
 
 def check_shared_storage(storage: str, shared: bool, why: str) -> None:
@@ -221,8 +222,6 @@ def _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, n
     watch = watch_cluster(opts.address, str(output / "tracker_state.json"), tracking_uri)
     try:
         if nodes is not None:
-            if space.uses_ray_train:
-                train_coordinator.pin_to_head()  # else it lands on a GPU node and holds it up for good
             autoscale.wait_for_a_trial_slot(space, opts.stall_timeout_s, nodes.line)
             concurrency = nodes.concurrency
         else:
