@@ -28,3 +28,21 @@ def test_wheel_builds_without_deprecation_warnings_and_carries_its_licenses(tmp_
     assert "License-Expression: MIT" in meta
     assert any(n.endswith("licenses/LICENSE") for n in names)
     assert any(n.endswith("licenses/crystaltune/featurizers/data/LICENSE-cgcnn") for n in names)
+
+
+def test_the_editable_install_make_install_does_prints_no_notice(tmp_path):
+    """`make install` installs the project editable: its build prints no setuptools warning or notice
+    (a flat layout made setuptools emit an 'Editable installation' notice on every install)."""
+    code = "import sys; from setuptools import build_meta as b; print(b.build_editable(sys.argv[1]))"
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    noisy = [line for line in log.splitlines() if "warn" in line.lower() or line.strip() == "!!"]
+    assert not noisy, noisy[:5]
+    assert list(tmp_path.glob("crystaltune-*.editable-*.whl"))
