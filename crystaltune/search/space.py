@@ -326,9 +326,8 @@ def experiment_space(name_or_path: str) -> tuple[str, str]:
 
 
 def builtin_spaces_dir() -> Path:
-    here = Path(__file__).resolve().parents[2] / "search_spaces"
-    if here.is_dir():
-        return here
+    """The shipped spaces and baselines: package data (a checkout's search_spaces/ links here), so an
+    installed wheel or a cluster image built from one runs them too."""
     return Path(__file__).resolve().parent / "spaces"
 
 
