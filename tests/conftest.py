@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,13 @@ def run_cli(
         preexec_fn=limit_memory if capped else None,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable, **env},
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rocksalt(a: float = 5.64, species=("Na", "Cl")) -> Structure:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_cell, record, rocksalt, run_cli, write_jsonl
+from conftest import free_port, random_cell, record, rocksalt, run_cli, write_jsonl
 
 from crystaltune.errors import CrystaltuneError
 
@@ -140,12 +140,6 @@ def test_joining_another_process_private_ray_is_refused_before_any_run(tmp_path)
         holder.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _kill_cluster(tag: str) -> None:
     """SIGKILL every process of the cluster whose temp dir is ``tag`` (only that one: `ray stop` would
     stop every Ray instance on the machine)."""
@@ -164,7 +158,7 @@ def test_two_searches_share_a_fresh_store_and_a_lost_cluster_leaves_nothing_runn
     """Two searches join one standing loopback Ray and share one fresh SQLite store: both record every
     run. Then the cluster is killed under the second (its trial hangs at epoch 2): it stops within
     seconds with one error line, its parent run and trial runs KILLED; no run is left RUNNING."""
-    port = _free_port()
+    port = free_port()
     tag = f"/tmp/ct-hs-{port}"
     marker = tmp_path / "hang-marker"
     env = {

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from browser import CHROMIUM, free_port, page_text, serving
+from browser import CHROMIUM, page_text, serving
+from conftest import free_port
 
 from crystaltune.errors import CrystaltuneError
 from crystaltune.search.space import load_space, parse_space

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import CrystaltuneError
-from . import train_coordinator
+from . import coordinator
 
 _log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class NodeRequest:
     shape: ClusterShape
     concurrency: int  # packed trials at once with every node type at its max
     trials: int  # of them, the ones this search asks nodes for
-    expire_s: float = 1800.0  # the request stands this long at most (the stall timeout)
+    expire_s: float  # the request stands this long at most (the search's stall timeout)
     line: str = ""  # what the console says is waited for
     started: float = 0.0  # time.time() of the request
     requester: str = field(default_factory=lambda: f"crystaltune-{uuid.uuid4().hex[:12]}")
@@ -230,7 +230,7 @@ class NodeRequest:
             import ray
 
             if ray.is_initialized():
-                train_coordinator.release(self.requester, self.started)
+                coordinator.release(self.requester, self.started)
             else:
                 _finish(_in_a_process(self.address, "release", self.requester, since=self.started))
         except Exception as exc:  # never let clean-up hide the search's own outcome
@@ -257,7 +257,7 @@ def _finish(proc: subprocess.Popen | None, timeout_s: float = 120.0) -> None:
 
 def _in_a_process(address: str, action: str, requester: str, **args) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", train_coordinator.__name__, address, action, requester, json.dumps(args)],
+        [sys.executable, "-m", coordinator.__name__, address, action, requester, json.dumps(args)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

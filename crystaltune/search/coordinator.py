@@ -102,7 +102,7 @@ def _actor_node(handle) -> str | None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m crystaltune.search.train_coordinator ADDRESS request|release REQUESTER JSON``: the
+    """``python -m crystaltune.search.coordinator ADDRESS request|release REQUESTER JSON``: the
     same from a short-lived process (the driver builds graphs in forked workers first, which must not
     inherit a Ray connection)."""
     import json
