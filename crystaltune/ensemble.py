@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -29,21 +28,16 @@ from .errors import CrystaltuneError, cli_main
 
 def member_checkpoints(client, exp_id: str, parent_id: str, k: int, folder: Path) -> list[tuple[str, dict]]:
     """(trial name, checkpoint dict) of the k trials with the lowest best_val_mae that have a checkpoint."""
-    from .search.leaderboard import ranked
+    from .search import runs
 
-    runs = client.search_runs(
-        [exp_id],
-        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`crystaltune.kind` = 'trial'",
-        max_results=5000,
-    )
-    runs = [r for r in runs if ranked(r.info.status, r.data.metrics.get("best_val_mae", math.nan))]
+    ok, _ = runs.rank([runs.TrialRow.from_run(r) for r in runs.trial_runs(client, exp_id, parent_id)])
     out = []
-    for r in sorted(runs, key=lambda r: r.data.metrics["best_val_mae"]):
+    for r in ok:
         try:
-            path = client.download_artifacts(r.info.run_id, "checkpoint/best.pt", str(folder))
+            path = client.download_artifacts(r.run_id, runs.CHECKPOINT, str(folder))
         except Exception:
             continue  # a trial without a logged checkpoint cannot be a member
-        out.append((r.info.run_name.split()[0], read_checkpoint(Path(path).rename(folder / f"{r.info.run_id}.pt"))))
+        out.append((r.trial, read_checkpoint(Path(path).rename(folder / f"{r.run_id}.pt"))))
         if len(out) == k:
             break
     if len(out) < 2:
@@ -103,16 +97,13 @@ def build_ensemble(name: str, tracking_uri: str, k: int, output: Path) -> dict[s
     """Members, test-split measurements, ensemble.pt, and the MLflow run and registered model."""
     from mlflow.tracking import MlflowClient
 
-    from .report import _latest_parent
+    from .search import runs
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(f"crystaltune-{name}")
-    if exp is None:
-        raise CrystaltuneError(f"no MLflow experiment 'crystaltune-{name}' in {tracking_uri}")
-    parent = _latest_parent(client, exp.experiment_id, None)
+    parent = runs.latest_search(client, runs.find_experiment(client, name, tracking_uri))
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        chosen = member_checkpoints(client, exp.experiment_id, parent.info.run_id, k, Path(tmp))
+        chosen = member_checkpoints(client, parent.info.experiment_id, parent.info.run_id, k, Path(tmp))
     members = [load_checkpoint_dict(ck, f"trial {t}") for t, ck in chosen]
     val_preds, val_y, _ = split_predictions(members, "val")
     scale = std_scale(val_preds[:, :, 0], val_y[:, 0])
@@ -129,21 +120,24 @@ def build_ensemble(name: str, tracking_uri: str, k: int, output: Path) -> dict[s
     }
     torch.save(payload, output / "ensemble.pt")
     (output / "ensemble.json").write_text(json.dumps({"trials": payload["trials"], **metrics}, indent=1))
-    log_ensemble(client, tracking_uri, exp.experiment_id, parent.info.run_id, name, output, payload["trials"], metrics)
+    log_ensemble(client, tracking_uri, parent, name, output / "ensemble.pt", payload)
     return {"trials": payload["trials"], **metrics, "checkpoint": str(output / "ensemble.pt")}
 
 
-def log_ensemble(client, uri: str, exp_id: str, parent_id: str, name: str, output: Path, trials: list[str], metrics):
+def log_ensemble(client, uri: str, parent, name: str, checkpoint: Path, payload: dict) -> None:
     """An MLflow run under the search (metrics, the checkpoint) and the ensemble registered as a pyfunc."""
     import warnings
 
     import mlflow
     from mlflow.entities import Metric, Param
 
+    from .search import runs
+
+    trials, metrics = payload["trials"], payload["metrics"]
     run = client.create_run(
-        exp_id,
+        parent.info.experiment_id,
         run_name=f"ensemble of {len(trials)}: {' '.join(trials)}",
-        tags={"mlflow.parentRunId": parent_id, "crystaltune.kind": "ensemble"},
+        tags={runs.PARENT: parent.info.run_id, runs.KIND: runs.ENSEMBLE},
     )
     client.log_batch(
         run.info.run_id,
@@ -156,8 +150,8 @@ def log_ensemble(client, uri: str, exp_id: str, parent_id: str, name: str, outpu
         mlflow.pyfunc.log_model(
             name="ensemble",
             python_model=str(Path(__file__).parent / "search" / "mlflow_model.py"),
-            artifacts={"checkpoint": str(output / "ensemble.pt")},
-            registered_model_name=f"crystaltune-{name}-ensemble",
+            artifacts={"checkpoint": str(checkpoint)},
+            registered_model_name=runs.model_name(name, "ensemble"),
             pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
         )
     client.set_terminated(run.info.run_id, "FINISHED")

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import render
 from .errors import CrystaltuneError
 from .fmt import num
-from .retraining import improvement_sentence
 
 
 def splice(readme: str | Path, section: str, text: str) -> None:
@@ -51,45 +51,24 @@ def render_results(f: dict[str, Any]) -> str:
     ]
     r = f.get("retrained") or {}
     if r:
-        over = "fold" if r.get("best", {}).get("cv") else "seed"
-        out += [f"| configuration | test MAE per {over} | mean ± sd | mean val MAE |", "|---|---|---|---|"]
-        labels = {"reference": "reference recipe", "baseline": "well-trained default"}
-        rows = [(labels[k], r[k]) for k in ("reference", "baseline") if k in r]
-        rows += [
-            (f"searched, trial {c['trial']}" + (" (chosen by val)" if c is r.get("best") else ""), c)
-            for c in r.get("candidates", {}).values()
-        ]
-        for label, c in rows:
-            reps = " / ".join(f"{v:.4f}" for v in c["seeds"].values())
-            out.append(
-                f"| {label}: {_describe(c['params'])} | {reps} ({over}s {', '.join(map(str, c['seeds']))}) | "
-                f"{c['mean']:.4f} ± {c['sd']:.4f} | {c['val_mean']:.4f} |"
-            )
+        out += render.retrained_table(r, describe=_describe)
         if "improvement" in r:
-            out += ["", improvement_sentence(r["improvement"])]
+            out += ["", render.improvement_sentence(r["improvement"])]
         out.append("")
     if f.get("target_mae") is not None and f["top"]:
-        best, target = f["top"][0]["test"], f["target_mae"]
+        best, target = f["top"][0].test_mae, f["target_mae"]
         out += [f"Best trial's test MAE {num(best)} against the target <= {target:g}: **{_verdict(best, target)}**."]
         if "best" in r:
             rb = r["best"]
             out += [
                 "",
-                f"The best config retrained ({rb['params'].get('train.epochs')} epochs, {len(rb['seeds'])} seed(s)): "
-                f"mean test MAE {rb['mean']:.4f} against the target: **{_verdict(rb['mean'], target)}**.",
+                f"The best config retrained ({rb['params'].get('train.epochs')} epochs, "
+                f"{len(rb['test_mae'])} seed(s)): "
+                f"mean test MAE {rb['test_mae_mean']:.4f} against the target: "
+                f"**{_verdict(rb['test_mae_mean'], target)}**.",
             ]
         out.append("")
-    out += [
-        "Top trials of the search (by val MAE):",
-        "",
-        "| trial | val MAE | test MAE | model | edge | node | loss | epochs |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in f["top"]:
-        out.append(
-            f"| {row['name'].split()[0]} | {num(row['val'])} | {num(row['test'])} | {row['model']} | {row['edge']} | "
-            f"{row['node']} | {row['loss']} | {row['epochs']} |"
-        )
+    out += ["Top trials of the search (by val MAE):", "", *render.trial_table(f["top"], render.README_COLUMNS)]
     out += ["", f"Full report (TRAINING TABLE, parity plot, importances): `python -m crystaltune.report {name}`."]
     return "\n".join(out)
 
@@ -118,6 +97,7 @@ def _describe(p: dict[str, str]) -> str:
 def render_performance(b: dict[str, Any]) -> str:
     """The README's Performance section body from a ``bench all`` JSON document."""
     g, tr = b["graphs"], b["train"]
+    arch = next(iter(tr.values()))["architecture"]
     out = [
         f"Measured {b['date']} on {b['machine']}; {b['versions']}. Command: `{b['command']}`"
         + (" (quick sizes)" if b.get("quick") else "")
@@ -125,11 +105,12 @@ def render_performance(b: dict[str, Any]) -> str:
         "",
         "| measurement | result |",
         "|---|---|",
-        f"| graph building, {g['crystals']} perovskites (cutoff {g['cutoff']} Å, 12 neighbours) | "
+        f"| graph building, {g['crystals']} perovskites (cutoff {g['cutoff']} Å, {g['max_neighbors']} neighbours) | "
         f"{g['ours_structures_per_s']:.0f} structures/s vs "
         f"{g['pymatgen_get_all_neighbors_structures_per_s']:.1f} with pymatgen "
         f"`get_all_neighbors`: **{g['ratio']:.1f}x** |",
-        f"| load the preprocessed perov5 graphs (7572 crystals) from the cache | {b['cache_load_perov5_s']:.2f} s |",
+        f"| load the preprocessed perov5 graphs ({b['cache_load_perov5_crystals']} crystals) from the cache | "
+        f"{b['cache_load_perov5_s']:.2f} s |",
     ]
     ref = tr.get("cgcnn", {}).get("reference_code_graphs_per_s")
     if ref:
@@ -156,7 +137,7 @@ def render_performance(b: dict[str, Any]) -> str:
     out += [
         "",
         f"Training throughput per model (batch {b['train_batch_size']}, {b['train_threads']} threads, "
-        f"hidden 64/128, 3 layers; graphs/s excluding the first epoch):",
+        f"hidden {arch['hidden']}/{arch['head_hidden']}, {arch['layers']} layers; graphs/s excluding the first epoch):",
         "",
         "| model | graphs/s | peak RSS MB |",
         "|---|---|---|",

@@ -14,26 +14,13 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
-import numpy as np
-
+from . import render
 from .errors import CrystaltuneError, cli_main
-from .fmt import num, pyplot
-
-
-def _latest_parent(client, exp_id: str, run_id: str | None):
-    if run_id:
-        return client.get_run(run_id)
-    runs = client.search_runs(
-        [exp_id],
-        filter_string="tags.`crystaltune.kind` = 'search'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
-        raise CrystaltuneError("no search run in this experiment")
-    return runs[0]
+from .fmt import num
+from .search import runs
 
 
 def search_timing(client, parent, children) -> dict:
@@ -86,74 +73,66 @@ def rung_correlation(client, children, max_epochs: int) -> list[dict]:
     return out
 
 
-def _f(x, nd=4):
-    return num(x, nd) if isinstance(x, float) else "-"
+@dataclass
+class RetrainPlan:
+    """What ``report`` retrains before it writes: the top-k trials and the baselines, once per seed on
+    the search's split or on each of ``cv`` folds; ``epochs`` overrides the horizon (not the reference's)."""
+
+    seeds: list[int] | None = None
+    cv: int | None = None
+    top_k: int = 1
+    epochs: int | None = None
+    baseline: str | None = None
+    reference: str | None = None
 
 
 def build_report(
-    name: str,
-    tracking_uri: str,
-    output: Path,
-    run_id: str | None = None,
-    baseline: str | None = None,
-    seeds: list[int] | None = None,
-    retrain_epochs: int | None = None,
-    top_k: int = 1,
-    reference: str | None = None,
-    cv: int | None = None,
+    name: str, tracking_uri: str, output: Path, run_id: str | None = None, plan: RetrainPlan | None = None
 ) -> tuple[Path, dict]:
-    """Write report.md (+ PNGs) for a finished search; first, when ``seeds`` or ``cv`` ask for it,
-    retrain the top-k trials and the baselines on the same split (each seed) or on each of ``cv``
-    folds. Returns the report path and the facts the README section is rendered from."""
+    """Write report.md (+ PNGs) for a finished search; first, when ``plan`` asks for it, retrain the
+    top-k trials and the baselines. Returns the report path and the facts the README section is
+    rendered from."""
     from mlflow.tracking import MlflowClient
 
     from . import retraining
-    from .search.leaderboard import ranked
 
     client = MlflowClient(tracking_uri)
-    exp_id, parent, children = _search_runs(client, name, tracking_uri, run_id)
+    exp_id = runs.find_experiment(client, name, tracking_uri)
+    parent = runs.latest_search(client, exp_id, run_id)
     pid = parent.info.run_id
+    children = runs.trial_runs(client, exp_id, pid)
+    if not children:
+        raise CrystaltuneError(f"search run {pid} has no trial runs")
     output.mkdir(parents=True, exist_ok=True)
-    if seeds or cv:
-        _retrain_study(client, exp_id, pid, baseline, reference, seeds, cv, top_k, retrain_epochs)
-    rows = [_trial_row(r) for r in children]
-    ok = sorted([r for r in rows if ranked(r["status"], r["val"])], key=lambda r: r["val"])
-    failed = [r for r in rows if r not in ok]
+    if plan and (plan.seeds or plan.cv):
+        _retrain_study(client, exp_id, pid, plan)
+    rows = [runs.TrialRow.from_run(r) for r in children]
+    ok, failed = runs.rank(rows)
     facts = _facts(name, tracking_uri, parent, children, rows, ok)
     facts["timing"] = search_timing(client, parent, children)
     facts["retrained"] = retraining.summarize(client, exp_id, pid)
     facts["rungs"] = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
-    facts["training_table"] = _training_table(ok)
-    lines = _header_lines(name, tracking_uri, parent, rows, ok) + _timing_lines(facts["timing"])
-    lines += _retrained_lines(facts["retrained"]) + _rung_lines(facts["rungs"], facts["max_epochs"])
-    lines += _leaderboard_lines(ok, failed) + _training_table_lines(facts["training_table"])
+    facts["training_table"] = render.training_table(ok)
+    lines = _header_lines(name, tracking_uri, parent, rows, ok) + render.timing_lines(facts["timing"])
+    lines += _retrained_lines(facts["retrained"]) + render.rung_lines(facts["rungs"], facts["max_epochs"])
+    lines += ["## Leaderboard", "", *render.trial_table(ok, render.REPORT_COLUMNS, failed)]
+    lines += render.training_table_lines(facts["training_table"])
     if ok:
         lines += ["", "## Best model on the test split", ""] + _best_model_plots(client, ok[0], output)
-    lines += _importance_lines(client, pid)
+    lines += render.importance_lines(_importances(client, pid))
     report = output / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (output / "leaderboard.json").write_text(json.dumps(ok + failed, indent=1, default=str))
-    (output / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
+    (output / "leaderboard.json").write_text(json.dumps([asdict(r) for r in ok + failed], indent=1, default=str))
+    (output / "facts.json").write_text(json.dumps(facts, indent=1, default=_as_json))
     return report, facts
 
 
-def _search_runs(client, name: str, tracking_uri: str, run_id: str | None):
-    """(experiment id, the search's parent run, its trial runs): the latest search unless ``run_id``."""
-    exp = client.get_experiment_by_name(f"crystaltune-{name}")
-    if exp is None:
-        raise CrystaltuneError(f"no MLflow experiment 'crystaltune-{name}' in {tracking_uri}")
-    parent = _latest_parent(client, exp.experiment_id, run_id)
-    children = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`crystaltune.kind` = 'trial'",
-        max_results=5000,
-    )
-    if not children:
-        raise CrystaltuneError(f"search run {parent.info.run_id} has no trial runs")
-    return exp.experiment_id, parent, children
+def _as_json(x):
+    """facts.json: rows as their fields, anything else as text."""
+    return asdict(x) if is_dataclass(x) else str(x)
 
 
-def _facts(name: str, tracking_uri: str, parent, children, rows: list[dict], ok: list[dict]) -> dict:
+def _facts(name: str, tracking_uri: str, parent, children, rows: list, ok: list) -> dict:
     """What the README section is rendered from: the search's setting as its parent run logged it."""
     pp = parent.data.params
     return {
@@ -171,19 +150,19 @@ def _facts(name: str, tracking_uri: str, parent, children, rows: list[dict], ok:
         "seed": pp.get("search.seed", "0"),
         "trials": len(rows),
         **_status_counts(rows),
-        "search_status": parent.data.tags.get("crystaltune.status", ""),
+        "search_status": parent.data.tags.get(runs.STATUS, ""),
         "top": ok[:5],
         "targets": children[0].data.params.get("data.targets", ""),
     }
 
 
-def _status_counts(rows: list[dict]) -> dict[str, int]:
+def _status_counts(rows: list) -> dict[str, int]:
     """Trials by how their MLflow run ended: an interrupted trial (KILLED) still ranks with the epochs
     it ran, so it is counted apart from the finished ones."""
     return {
-        "finished": sum(r["status"] == "FINISHED" for r in rows),
-        "interrupted": sum(r["status"] == "KILLED" for r in rows),
-        "failed": sum(r["status"] == "FAILED" for r in rows),
+        "finished": sum(r.status == "FINISHED" for r in rows),
+        "interrupted": sum(r.status == "KILLED" for r in rows),
+        "failed": sum(r.status == "FAILED" for r in rows),
     }
 
 
@@ -198,259 +177,103 @@ def _header_lines(name: str, tracking_uri: str, parent, rows: list, ok: list) ->
         "{} trials: {finished} finished, {interrupted} interrupted, {failed} failed; ".format(
             len(rows), **_status_counts(rows)
         )
-        + f"{sum(r['epochs'] for r in rows)} epochs run.",
+        + f"{sum(r.epochs for r in rows)} epochs run.",
         "",
     ]
     if ok:
         b = ok[0]
         lines += [
-            f"**Best trial** (lowest val MAE): `{b['name']}`: val MAE {_f(b['val'])}, test MAE {_f(b['test'])}, "
-            f"test RMSE {_f(b['rmse'])}, test R² {_f(b['r2'], 3)}.",
+            f"**Best trial** (lowest val MAE): `{b.name}`: val MAE {num(b.best_val_mae)}, test MAE "
+            f"{num(b.test_mae)}, test RMSE {num(b.test_rmse)}, test R² {num(b.test_r2, 3)}.",
             "",
         ]
     return lines
 
 
-def _timing_lines(t: dict) -> list[str]:
-    return [
-        "## Search time",
-        "",
-        f"`tuner.fit` took {t['tuner_s']:.0f} s with up to {t['concurrent_trials']} trials at a time; training epochs "
-        f"(including per-epoch evaluation) took {t['training_s']:.0f} s in all, so {100 * t['overhead_fraction']:.1f}% "
-        f"of the trial-slot time was overhead (trial start-up, Ray, Tune, MLflow, checkpoints). ASHA ran "
-        f"{t['epochs_run']} of the {t['epochs_full_budget']} epochs a full-budget search would run.",
-        "",
-    ]
-
-
-def _training_table_lines(table: list[dict]) -> list[str]:
-    return [
-        "",
-        "## TRAINING TABLE",
-        "",
-        "Test MAE of the best-val trial of each model x edge featurizer x node featurizer combination tried.",
-        "",
-        "| model | edge featurizer | node featurizer | trials | best val MAE | its test MAE |",
-        "|---|---|---|---|---|---|",
-    ] + [
-        f"| {g['model']} | {g['edge']} | {g['node']} | {g['trials']} | {_f(g['val'])} | {_f(g['test'])} |"
-        for g in table
-    ]
-
-
-def _trial_row(r) -> dict:
-    """One trial's row from its MLflow run."""
-    m, p = r.data.metrics, r.data.params
-    return {
-        "name": r.info.run_name,
-        "status": r.info.status,
-        "run_id": r.info.run_id,
-        "val": m.get("best_val_mae", math.nan),
-        "test": m.get("test_mae", math.nan),
-        "rmse": m.get("test_rmse", math.nan),
-        "r2": m.get("test_r2", math.nan),
-        "epochs": int(float(r.data.tags.get("crystaltune.epochs_run", 0) or 0)),
-        "model": p.get("model.name"),
-        "edge": p.get("model.edge_featurizer"),
-        "node": p.get("model.node_featurizer"),
-        "kl": p.get("loss.kl"),
-        "loss": p.get("loss.name"),
-        "hidden": p.get("model.hidden"),
-        "layers": p.get("model.layers"),
-        "lr": p.get("optim.lr"),
-        "error": r.data.tags.get("crystaltune.error", ""),
-    }
-
-
-def _rung_lines(rungs: list[dict], max_epochs) -> list[str]:
-    if not rungs:
-        return []
-    return [
-        "## How early val MAE predicts the final one",
-        "",
-        f"Spearman rank correlation between a trial's val MAE at epoch e and its best val MAE over the full "
-        f"{max_epochs} epochs ({rungs[0]['trials']} trials that ran the full budget). ASHA compares "
-        "trials at its rungs (grace period x reduction factor^i): rungs where rho is low stop trials that "
-        "would have ended well.",
-        "",
-        "| epoch | " + " | ".join(str(r["epoch"]) for r in rungs) + " |",
-        "|---|" + "---|" * len(rungs),
-        "| rho | " + " | ".join(f"{r['rho']:.2f}" for r in rungs) + " |",
-        "",
-    ]
-
-
-def _leaderboard_lines(ok: list[dict], failed: list[dict]) -> list[str]:
-    lines = [
-        "## Leaderboard",
-        "",
-        "| # | trial | val MAE | test MAE | R² | epochs | model | edge | node | loss | KL | hidden | layers | lr |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for i, r in enumerate(ok, 1):
-        lr = _f(float(r["lr"]), 5) if r["lr"] else "-"
-        lines.append(
-            f"| {i} | {r['name'].split()[0]} | {_f(r['val'])} | {_f(r['test'])} | {_f(r['r2'], 3)} | {r['epochs']} | "
-            f"{r['model']} | {r['edge']} | {r['node']} | {r['loss']} | {r['kl']} | {r['hidden']} | "
-            f"{r['layers']} | {lr} |"
-        )
-    for r in failed:
-        lines.append(
-            f"| - | {r['name'].split()[0]} | {r['status']} | | | | {r['model']} | {r['edge']} | {r['node']} | "
-            f"{r['loss']} | "
-            f"{r['kl']} | | | {r['error'][:80]} |"
-        )
-    return lines
-
-
-def _training_table(ok: list[dict]) -> list[dict]:
-    """The notes' TRAINING TABLE: per model x edge x node featurizer, the best-val trial's test MAE."""
-    groups: dict[tuple, list] = {}
-    for r in ok:
-        groups.setdefault((r["model"], r["edge"], r["node"]), []).append(r)
-    return [
-        {"model": k[0], "edge": k[1], "node": k[2], "trials": len(v), "val": v[0]["val"], "test": v[0]["test"]}
-        for k, v in sorted(groups.items(), key=lambda kv: kv[1][0]["val"])
-    ]
-
-
-def _importance_lines(client, pid: str) -> list[str]:
+def _importances(client, pid: str) -> dict[str, float] | None:
+    """The search's fANOVA importances as its parent run logged them (None: too few trials)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            imp = json.loads(Path(client.download_artifacts(pid, "search/param_importances.json", tmp)).read_text())
+            return json.loads(Path(client.download_artifacts(pid, runs.IMPORTANCES, tmp)).read_text())
         except Exception:
-            return ["", "(no parameter importances: too few finished trials)"]
-    return ["", "## Parameter importances (fANOVA on best val MAE)", "", "| parameter | importance |", "|---|---|"] + [
-        f"| {k} | {v:.3f} |" for k, v in imp.items()
-    ]
+            return None
 
 
 def _retrained_lines(retrained: dict) -> list[str]:
-    """The report's table of retrained configurations: candidates, the one chosen, the baselines."""
+    """The report's section on the retrained configurations: candidates, the one chosen, the baselines."""
     if not retrained:
         return []
-    from . import retraining
-
-    over = "fold" if retrained.get("best", {}).get("cv") else "seed"
+    over = render.replicate_word(retrained)
     lines = [
         f"## Retrained per {over} (same split{'s' if over == 'fold' else ''})",
         "",
         "The searched configuration is the candidate with the lowest mean val MAE; test MAE plays no part.",
         "",
-        f"| configuration | test MAE per {over} | mean ± sd | mean val MAE |",
-        "|---|---|---|---|",
+        *render.retrained_table(retrained),
     ]
-    rows = [
-        (f"candidate {t}" + (" (chosen)" if c is retrained.get("best") else ""), c)
-        for t, c in retrained.get("candidates", {}).items()
-    ]
-    rows += [(role, retrained[role]) for role in ("baseline", "reference") if role in retrained]
-    for label, r in rows:
-        lines.append(
-            f"| {label} ({r['source']}) | {' / '.join(f'{v:.4f}' for v in r['seeds'].values())} | "
-            f"{r['mean']:.4f} ± {r['sd']:.4f} | {r['val_mean']:.4f} |"
-        )
     if "improvement" in retrained:
-        lines += ["", retraining.improvement_sentence(retrained["improvement"])]
+        lines += ["", render.improvement_sentence(retrained["improvement"])]
     return lines + [""]
 
 
-def _retrain_study(
-    client,
-    exp_id: str,
-    pid: str,
-    baseline: str | None,
-    reference: str | None,
-    seeds: list[int] | None,
-    cv: int | None,
-    top_k: int,
-    retrain_epochs: int | None,
-) -> None:
+def _retrain_study(client, exp_id: str, pid: str, plan: RetrainPlan) -> None:
     """Retrain the top-k searched configs (candidates), the baseline and the reference on the same
-    replicates. The shipped baselines train on the search's data and split, as its default trial does;
-    a baseline file of the user's own must already name that split (checked before any training).
-    ``retrain_epochs`` applies to the well-trained default too: a longer horizon for the candidates
-    alone would compare them with a default trained less. The reference keeps its own recipe."""
+    replicates. ``plan.epochs`` applies to the well-trained default too: a longer horizon for the
+    candidates alone would compare them with a default trained less. The reference keeps its recipe."""
     from . import retraining
-    from .config import TrialConfig
 
-    reps = retraining.replicates(seeds, cv)
-    candidates = retraining.top_configs_of(client, pid, top_k)
-    if retrain_epochs:
-        candidates = [(t, retraining.with_epochs(c, retrain_epochs)) for t, c in candidates]
-    from .search.space import builtin_spaces_dir
-
-    others = []
-    for role, path in (("baseline", baseline), ("reference", reference)):
-        if not path:
-            continue
-        cfg = TrialConfig.from_yaml(path)
-        if not Path(path).resolve().is_relative_to(builtin_spaces_dir().resolve()):
-            retraining.check_same_split(candidates[0][1], cfg, path)  # the user's own file: as written
-            others.append((role, path, cfg))
-        else:
-            cfg, changed = retraining.on_search_split(candidates[0][1], cfg)
-            if changed:
-                said = ", ".join(f"data.{k}" for k in changed)
-                print(f"[crystaltune] {role} {path}: trained on the search's data and split ({said} set aside)")
-            others.append((role, path, cfg))
-    if retrain_epochs:
-        others = [(r, p, retraining.with_epochs(c, retrain_epochs) if r == "baseline" else c) for r, p, c in others]
-    suffix = f", {retrain_epochs} epochs" if retrain_epochs else ""
+    reps = retraining.replicates(plan.seeds, plan.cv)
+    candidates = retraining.top_configs_of(client, pid, plan.top_k)
+    if plan.epochs:
+        candidates = [(t, retraining.with_epochs(c, plan.epochs)) for t, c in candidates]
+    others = _baselines(plan, candidates[0][1])  # a baseline on another split is refused before any training
+    suffix = f", {plan.epochs} epochs" if plan.epochs else ""
     for rank, (trial, cfg) in enumerate(candidates, 1):
-        retraining.retrain(
-            client,
-            exp_id,
-            pid,
-            "candidate",
-            cfg,
-            reps,
-            f"trial {trial} (#{rank} of the search){suffix}",
-            tags={"crystaltune.trial": trial},
-        )
+        source = f"trial {trial} (#{rank} of the search){suffix}"
+        retraining.retrain(client, exp_id, pid, "candidate", cfg, reps, source, tags={runs.TRIAL_NAME: trial})
     for role, path, cfg in others:
         retraining.retrain(client, exp_id, pid, role, cfg, reps, Path(path).as_posix())
 
 
-def _best_model_plots(client, best, output: Path) -> list[str]:
-    plt = pyplot()
+def _baselines(plan: RetrainPlan, searched):
+    """(role, file, config) of the baseline and the reference. The shipped ones train on the search's
+    data and split, as its default trial does; a file of the user's own must already name that split
+    (checked before any training)."""
+    from . import retraining
+    from .config import TrialConfig
+    from .search.space import builtin_spaces_dir
 
-    from .checkpoint import load_checkpoint
-    from .train.metrics import predict_indices
-    from .train.trial_data import prepare_trial_data
+    out = []
+    for role, path in (("baseline", plan.baseline), ("reference", plan.reference)):
+        if not path:
+            continue
+        cfg = TrialConfig.from_yaml(path)
+        if not Path(path).resolve().is_relative_to(builtin_spaces_dir().resolve()):
+            retraining.check_same_split(searched, cfg, path)  # the user's own file: as written
+        else:
+            cfg, changed = retraining.on_search_split(searched, cfg)
+            if changed:
+                said = ", ".join(f"data.{k}" for k in changed)
+                print(f"[crystaltune] {role} {path}: trained on the search's data and split ({said} set aside)")
+        if plan.epochs and role == "baseline":
+            cfg = retraining.with_epochs(cfg, plan.epochs)
+        out.append((role, path, cfg))
+    return out
+
+
+def _best_model_plots(client, best, output: Path) -> list[str]:
+    """Parity plot and error histogram of the best trial's checkpoint on the test split, per target."""
+    from .search.report_artifacts import parity_plots
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            ck = client.download_artifacts(best["run_id"], "checkpoint/best.pt", tmp)
+            ck = client.download_artifacts(best.run_id, runs.CHECKPOINT, tmp)
         except Exception as exc:
             return [f"(best checkpoint not available: {exc})"]
-        loaded = load_checkpoint(ck)
-    data = prepare_trial_data(loaded.config)
-    p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")
+        _, summaries = parity_plots(Path(ck), best.name, output, "best")
     out = []
-    for t, target in enumerate(data.targets):
-        m = np.isfinite(y[:, t])
-        err = p[m, t] - y[m, t]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4), dpi=110)
-        a1.scatter(y[m, t], p[m, t], s=8, alpha=0.6)
-        lo, hi = float(min(y[m, t].min(), p[m, t].min())), float(max(y[m, t].max(), p[m, t].max()))
-        a1.plot([lo, hi], [lo, hi], "k--", lw=1)
-        a1.set_xlabel(f"true {target}")
-        a1.set_ylabel(f"predicted {target}")
-        a1.set_title(f"parity, test MAE {np.abs(err).mean():.4f}")
-        a2.hist(err, bins=30)
-        a2.set_xlabel("prediction error")
-        a2.set_title(f"errors (n={len(err)})")
-        fig.tight_layout()
-        fig.savefig(output / f"best_{target}.png")
-        plt.close(fig)
-        out += [
-            f"![parity and error histogram](best_{target}.png)",
-            "",
-            f"{target}: n = {len(err)}, MAE {np.abs(err).mean():.4f}, RMSE {np.sqrt((err**2).mean()):.4f}, "
-            f"median |error| {np.median(np.abs(err)):.4f}, "
-            f"90th percentile |error| {np.quantile(np.abs(err), 0.9):.4f}.",
-        ]
+    for target, summary in summaries.items():
+        out += [f"![parity and error histogram](best_{target}.png)", "", summary]
     return out
 
 
@@ -528,18 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     uri = a.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CrystaltuneError(f"no MLflow store at {uri}")
-    path, facts = build_report(
-        a.name,
-        uri,
-        Path(a.output or f"crystaltune-results/{a.name}/report"),
-        a.run_id,
-        a.baseline,
-        a.retrain_seeds,
-        a.retrain_epochs,
-        a.top_k,
-        a.reference,
-        a.cv,
-    )
+    plan = RetrainPlan(a.retrain_seeds, a.cv, a.top_k, a.retrain_epochs, a.baseline, a.reference)
+    path, facts = build_report(a.name, uri, Path(a.output or f"crystaltune-results/{a.name}/report"), a.run_id, plan)
     print(f"report: {path}")
     if a.readme:
         from .readme import render_results, splice

@@ -14,32 +14,23 @@ from typing import Any
 
 from .config import TrialConfig
 from .errors import CrystaltuneError
+from .search import runs
 
 #: data settings that must match for two test MAEs to be comparable
 SPLIT_KEYS = ("dataset", "file", "targets", "split_seed", "split", "limit", "folds", "fold")
 
 
-def best_config_of(client, parent_run_id: str) -> TrialConfig:
-    return top_configs_of(client, parent_run_id, 1)[0][1]
-
-
 def top_configs_of(client, parent_run_id: str, k: int) -> list[tuple[str, TrialConfig]]:
-    """(trial, config) of the search's top-k trials by val MAE, from its ``search/top_configs.yaml``
-    (searches older than that file: the best config only)."""
+    """(trial, config) of the search's top-k trials by val MAE, from its ``search/top_configs.yaml``."""
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(parent_run_id, "search/top_configs.yaml", tmp)
-            entries = yaml.safe_load(open(path))
-            return [(e["trial"], TrialConfig.from_dict(e["config"])) for e in entries[:k]]
-        except Exception:
-            pass
-        try:
-            path = client.download_artifacts(parent_run_id, "search/best_config.yaml", tmp)
+            path = client.download_artifacts(parent_run_id, runs.TOP_CONFIGS, tmp)
         except Exception as exc:
-            raise CrystaltuneError(f"search run {parent_run_id} has no search/best_config.yaml ({exc})") from None
-        return [("best", TrialConfig.from_yaml(path))]
+            raise CrystaltuneError(f"search run {parent_run_id} has no {runs.TOP_CONFIGS} ({exc})") from None
+        entries = yaml.safe_load(open(path))
+        return [(e["trial"], TrialConfig.from_dict(e["config"])) for e in entries[:k]]
 
 
 def check_same_split(best: TrialConfig, baseline: TrialConfig, baseline_source: str) -> None:
@@ -80,14 +71,6 @@ def config_digest(cfg: TrialConfig) -> str:
     return hashlib.sha1(repr(sorted(TrialConfig.from_dict(d).flat().items())).encode()).hexdigest()[:12]
 
 
-def retrain_runs(client, exp_id: str, parent_run_id: str) -> list:
-    return client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`crystaltune.kind` = 'retrain' and tags.`crystaltune.search_run` = '{parent_run_id}'",
-        max_results=1000,
-    )
-
-
 def replicates(seeds: list[int] | None, folds: int | None) -> list[tuple[int, int | None]]:
     """(seed, fold) pairs to train each config on: every seed on the search's split, or with ``folds``
     every fold of a k-fold partition (seed: the first of ``seeds``, else 0)."""
@@ -125,12 +108,12 @@ def retrain(
     digest = config_digest(cfg)
     done = {
         (
-            r.data.tags.get("crystaltune.role"),
-            r.data.tags.get("crystaltune.config_digest"),
-            r.data.tags.get("crystaltune.seed"),
-            r.data.tags.get("crystaltune.fold", ""),
+            r.data.tags.get(runs.ROLE),
+            r.data.tags.get(runs.CONFIG_DIGEST),
+            r.data.tags.get(runs.SEED),
+            r.data.tags.get(runs.FOLD, ""),
         )
-        for r in retrain_runs(client, exp_id, parent_run_id)
+        for r in runs.retrain_runs(client, exp_id, parent_run_id)
         if r.info.status == "FINISHED"
     }
     folds = max((f for _, f in reps if f is not None), default=-1) + 1 or None
@@ -144,14 +127,14 @@ def retrain(
             exp_id,
             run_name=f"{role} s{seed}" + (f" f{fold}" if fold is not None else ""),
             tags={
-                "mlflow.parentRunId": parent_run_id,
-                "crystaltune.kind": "retrain",
-                "crystaltune.role": role,
-                "crystaltune.search_run": parent_run_id,
-                "crystaltune.seed": str(seed),
-                "crystaltune.fold": "" if fold is None else str(fold),
-                "crystaltune.config_digest": digest,
-                "crystaltune.source": source,
+                runs.PARENT: parent_run_id,
+                runs.KIND: runs.RETRAIN,
+                runs.ROLE: role,
+                runs.SEARCH_RUN: parent_run_id,
+                runs.SEED: str(seed),
+                runs.FOLD: "" if fold is None else str(fold),
+                runs.CONFIG_DIGEST: digest,
+                runs.SOURCE: source,
                 **(tags or {}),
             },
         )
@@ -161,7 +144,7 @@ def retrain(
         try:
             m = fit(c, _epoch_logger(client, rid, label, c.train.epochs, log))
         except TrialDiverged as exc:
-            client.set_tag(rid, "crystaltune.error", str(exc)[:5000])
+            client.set_tag(rid, runs.ERROR, str(exc)[:5000])
             client.set_terminated(rid, "FAILED")
             log(f"[crystaltune] {label}: diverged ({exc})")
             continue
@@ -169,7 +152,7 @@ def retrain(
         client.log_batch(
             rid,
             metrics=finite_metrics(metrics, ("test_mae", "test_rmse", "test_r2", "best_val_mae", "train_time_s"), 0),
-            tags=[RunTag("crystaltune.epochs_run", str(m.get("epochs_run", "")))],
+            tags=[RunTag(runs.EPOCHS_RUN, str(m.get("epochs_run", "")))],
         )
         client.set_terminated(rid, "FINISHED")
         log(
@@ -197,26 +180,23 @@ def _epoch_logger(client, run_id: str, label: str, epochs: int, log):
     return per_epoch
 
 
-def _stats(runs: list) -> dict[str, Any]:
-    """Test and val MAE per replicate of one config's runs, with mean and sd."""
-    key = (
-        (lambda r: f"f{r.data.tags['crystaltune.fold']}")
-        if runs[-1].data.tags.get("crystaltune.fold")
-        else (lambda r: int(r.data.tags["crystaltune.seed"]))
-    )
-    test = {key(r): r.data.metrics["test_mae"] for r in runs}
-    val = [r.data.metrics.get("best_val_mae", math.nan) for r in runs]
+def _stats(group: list) -> dict[str, Any]:
+    """Test MAE per replicate (seed, or fold "f0", ...) of one config's runs, its mean and sd, and the
+    mean best val MAE (what the choice among candidates reads)."""
+    last = group[-1].data.tags
+    key = (lambda r: f"f{r.data.tags[runs.FOLD]}") if last.get(runs.FOLD) else (lambda r: int(r.data.tags[runs.SEED]))
+    test = {key(r): r.data.metrics["test_mae"] for r in group}
     vals = list(test.values())
     return {
-        "source": runs[-1].data.tags.get("crystaltune.source", ""),
-        "seeds": dict(sorted(test.items())),
-        "cv": bool(runs[-1].data.tags.get("crystaltune.fold")),
-        "mean": statistics.fmean(vals),
-        "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-        "val_mean": statistics.fmean(val),
-        "params": runs[-1].data.params,
-        "epochs": runs[-1].data.tags.get("crystaltune.epochs_run", ""),
-        "trial": runs[-1].data.tags.get("crystaltune.trial", ""),
+        "source": last.get(runs.SOURCE, ""),
+        "test_mae": dict(sorted(test.items())),
+        "cv": bool(last.get(runs.FOLD)),
+        "test_mae_mean": statistics.fmean(vals),
+        "test_mae_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "best_val_mae_mean": statistics.fmean(r.data.metrics.get("best_val_mae", math.nan) for r in group),
+        "params": group[-1].data.params,
+        "epochs": last.get(runs.EPOCHS_RUN, ""),
+        "trial": last.get(runs.TRIAL_NAME, ""),
     }
 
 
@@ -224,47 +204,34 @@ def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:
     """role -> stats (latest config per role; per trial for candidates). ``best``: the candidate with
     the lowest mean val MAE (the test MAE plays no part in the choice); ``improvement``: how much
     lower its mean test MAE is than the baseline's (the well-trained default)."""
-    groups: dict[tuple, list] = {}
-    runs = sorted(
+    done = sorted(
         (
             r
-            for r in retrain_runs(client, exp_id, parent_run_id)
+            for r in runs.retrain_runs(client, exp_id, parent_run_id)
             if r.info.status == "FINISHED" and "test_mae" in r.data.metrics
         ),
         key=lambda r: r.info.start_time,
     )
-    cv = bool(runs and runs[-1].data.tags.get("crystaltune.fold"))  # the latest study's kind: per fold or per seed
-    for r in runs:
-        if bool(r.data.tags.get("crystaltune.fold")) == cv:
-            role = r.data.tags["crystaltune.role"]
-            sub = r.data.tags.get("crystaltune.trial", "") if role == "candidate" else ""
+    cv = bool(done and done[-1].data.tags.get(runs.FOLD))  # the latest study's kind: per fold or per seed
+    groups: dict[tuple, list] = {}
+    for r in done:
+        if bool(r.data.tags.get(runs.FOLD)) == cv:
+            role = r.data.tags[runs.ROLE]
+            sub = r.data.tags.get(runs.TRIAL_NAME, "") if role == "candidate" else ""
             groups.setdefault((role, sub), []).append(r)
     out: dict[str, Any] = {}
-    for (role, sub), runs in groups.items():
-        digest = runs[-1].data.tags.get("crystaltune.config_digest")
-        stats = _stats([r for r in runs if r.data.tags.get("crystaltune.config_digest") == digest])
+    for (role, sub), group in groups.items():
+        digest = group[-1].data.tags.get(runs.CONFIG_DIGEST)
+        stats = _stats([r for r in group if r.data.tags.get(runs.CONFIG_DIGEST) == digest])
         if role == "candidate":
             out.setdefault("candidates", {})[sub] = stats
         else:
             out[role] = stats
     if out.get("candidates"):
-        out["best"] = min(out["candidates"].values(), key=lambda c: c["val_mean"])
+        out["best"] = min(out["candidates"].values(), key=lambda c: c["best_val_mae_mean"])
     for ref in ("baseline", "reference"):
         if "best" in out and ref in out:
             out["improvement" if ref == "baseline" else "improvement_reference"] = (
-                1 - out["best"]["mean"] / out[ref]["mean"]
+                1 - out["best"]["test_mae_mean"] / out[ref]["test_mae_mean"]
             )
     return out
-
-
-def improvement_sentence(improvement: float, target: float | None = None) -> str:
-    """How the searched config's mean test MAE compares with the well-trained default's (and, given a
-    target fraction, whether it meets it)."""
-    word = "lower" if improvement >= 0 else "higher"
-    verdict = ""
-    if target is not None:
-        verdict = f" ({'meets' if improvement >= target else 'misses'} the {100 * target:.0f}% improvement target)"
-    return (
-        f"The searched config's mean test MAE is **{100 * abs(improvement):.1f}% {word}** than the well-trained "
-        f"default's on the same split{verdict}."
-    )

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated cache directory and helpers that write small dataset files."""
+"""Shared fixtures: an isolated cache directory, helpers that write small dataset files, and the
+session's one smoke search with the helper that reads its MLflow runs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +104,58 @@ def write_jsonl(path: Path, records: list, gz: bool = False) -> Path:
 def small_records():
     """12 valid crystals with a band_gap target."""
     return [record(f"c{i:02d}", random_cell(i, n=2 + i % 3), band_gap=float(i) / 4) for i in range(12)]
+
+
+def _watch_listeners(proc: subprocess.Popen, seen: dict, timeout: float) -> None:
+    """Until ``proc`` ends, record every listening TCP socket of it and its descendants (Ray's GCS,
+    raylet, agents, workers) as ``(pid, name, address) -> environment's RAY_AUTH_MODE``."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            pids = {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+        pids[proc.pid] = psutil.Process(proc.pid)
+        for c in psutil.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN and c.pid in pids and (c.pid, c.laddr.ip) not in seen:
+                try:
+                    p = pids[c.pid]
+                    seen[(c.pid, c.laddr.ip)] = (p.name(), c.laddr.port, p.environ().get("RAY_AUTH_MODE"))
+                except psutil.Error:
+                    pass
+        time.sleep(0.5)
+
+
+# One smoke search per test session, shared by test_search_e2e.py and test_report.py.
+# A test that adds runs works on a copy of its MLflow store, so every test reads the same search.
+@pytest.fixture(scope="session")
+def smoke_search(tmp_path_factory):
+    """Run `python -m crystaltune.search smoke` once, as a user would, in a scratch directory, and
+    record the sockets it listens on while it runs."""
+    work = tmp_path_factory.mktemp("smoke")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # what a new user has
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crystaltune.search", "smoke", "--output", str(work / "out")],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    listeners: dict = {}
+    watcher = threading.Thread(target=_watch_listeners, args=(proc, listeners, 900), daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate(timeout=900)
+    watcher.join(timeout=10)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return work, stdout, listeners
+
+
+def _runs(work):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crystaltune-smoke")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)

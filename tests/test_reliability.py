@@ -1,5 +1,5 @@
 """Faults injected for real (real processes, Ray, MLflow): a DDP rank dies, trials diverge, Ctrl-C,
-8 concurrent trials on one SQLite store, unwritable outputs. (SIGKILL + --resume: test_search.py.)"""
+8 concurrent trials on one SQLite store, unwritable outputs. (SIGKILL + --resume: test_tracking.py.)"""
 
 from __future__ import annotations
 

@@ -259,3 +259,73 @@ def test_ensemble_prediction_is_the_members_mean_with_their_std(tmp_path):
             assert r["band_gap_std"] == pytest.approx(np.std(values), abs=1e-5)
             if members[0] == members[1]:
                 assert r["band_gap_std"] == 0.0
+
+
+class _Crash(Exception):
+    """Stands in for the worker dying after an epoch's checkpoint was written."""
+
+
+def test_a_trial_retried_mid_run_ends_like_one_that_ran_straight_through(tmp_path):
+    """Ray Train retries a trial from its last epoch checkpoint: the early-stopping patience already
+    used (bad_epochs), the schedule and the dropout RNG carry over, so it draws the same batches, reports
+    the same epochs and stops at the same one. Here val is best at epoch 3 and worse at 4-6, so
+    patience 3 ends the run after epoch 6; a retry after epoch 5 that restarted the patience would train
+    on to epoch 10 (val improves at 7). A retry from the checkpoint of the stopping epoch trains nothing."""
+    import shutil
+
+    from crystaltune.train.loop import load_epoch_checkpoint
+
+    cfg = small_cfg(train={"epochs": 10, "early_stopping": 3}, optim={"lr": 0.03}, model={"dropout": 0.1})
+    straight, kept = [], {}
+
+    def keep(metrics, checkpoint_dir):
+        straight.append(metrics)
+        shutil.copytree(checkpoint_dir, tmp_path / str(metrics["epoch"]))
+        kept[metrics["epoch"]] = load_epoch_checkpoint(tmp_path / str(metrics["epoch"]))
+
+    whole = fit(cfg, report=keep, checkpoint_every_epoch=True)
+    assert whole["best_epoch"] == 3 and whole["epochs_run"] == 6  # patience ended it
+    assert kept[5]["bad_epochs"] == 2 and kept[5]["scaler"] == {}  # disabled on the CPU
+
+    def crash_after_5(metrics, checkpoint_dir):
+        if metrics["epoch"] == 5:
+            shutil.copytree(checkpoint_dir, tmp_path / "crashed")
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        fit(cfg, report=crash_after_5, checkpoint_every_epoch=True)
+    retried = []
+    again = fit(
+        cfg,
+        report=lambda m, c: retried.append(m),
+        resume=load_epoch_checkpoint(tmp_path / "crashed"),
+        checkpoint_every_epoch=True,
+    )
+    assert [m["epoch"] for m in retried] == [6] and retried[0]["done"]
+    for a, b in zip(straight[5:], retried):
+        for key in ("train_mae", "val_mae", "lr", "best_val_mae"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert again["best_epoch"] == whole["best_epoch"] and again["epochs_run"] == whole["epochs_run"]
+    assert again["test_mae"] == pytest.approx(whole["test_mae"], abs=1e-6)
+    # a checkpoint written before bad_epochs was saved: counted from the history (epochs since the best)
+    legacy, seen = {k: v for k, v in kept[5].items() if k not in ("bad_epochs", "scaler")}, []
+    fit(cfg, report=lambda m, c: seen.append(m["epoch"]), resume=legacy)
+    assert seen == [6]
+    # resumed from the stopping epoch's checkpoint (the driver died before it saw the end): no more epochs
+    after_end = []
+    last = fit(cfg, report=lambda m, c: after_end.append(m), resume=kept[6])
+    assert after_end == [] and last["epochs_run"] == 6 and last["best_epoch"] == 3
+
+
+def test_the_grad_scaler_state_is_saved_and_restored():
+    """A retried fp16 trial keeps its loss scale instead of starting again from 2**16 (and skipping
+    steps until it backs off to the scale it had found)."""
+    from crystaltune.train.loop import setup
+
+    run, state = setup(small_cfg(), None, None)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    saved = state.state_dict(run.model)
+    _, fresh = setup(small_cfg(), None, None)
+    fresh.scaler = torch.amp.GradScaler("cpu")
+    fresh.load_state_dict(run.model, saved)
+    assert fresh.scaler.get_scale() == 512.0 and fresh.scaler.get_growth_interval() == 7

@@ -25,6 +25,7 @@ def search_overhead(space: str, workdir: Path, num_samples: int | None = None) -
     from mlflow.tracking import MlflowClient
 
     from ..report import search_timing
+    from ..search import runs
     from ..search.engine import SearchOptions, run_search
 
     old = Path.cwd()
@@ -39,10 +40,7 @@ def search_overhead(space: str, workdir: Path, num_samples: int | None = None) -
         os.chdir(old)
     client = MlflowClient(summary["tracking_uri"])
     parent = client.get_run(summary["parent_run_id"])
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`crystaltune.kind` = 'trial'",
-    )
+    children = runs.trial_runs(client, parent.info.experiment_id, parent.info.run_id)
     timing = search_timing(client, parent, children)
     return {
         "space": space,
@@ -141,7 +139,7 @@ def bench_all(
     res["graphs"] = bench_graphs("perovskites", 50 if quick else 300)
     load_dataset("perov5")
     t0 = time.perf_counter()
-    load_dataset("perov5")
+    res["cache_load_perov5_crystals"] = len(load_dataset("perov5"))
     res["cache_load_perov5_s"] = time.perf_counter() - t0
     limit, epochs = (256, 2) if quick else (None, 3)
     res["train"] = {

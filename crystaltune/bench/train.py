@@ -60,6 +60,7 @@ def bench_train(
         "batch_size": batch_size,
         "epochs": epochs,
         "train_crystals": int(len(data.train)),
+        "architecture": {"hidden": hidden, "head_hidden": head_hidden, "layers": layers},
         "graphs_per_s": float(np.mean(rates[1:] if len(rates) > 1 else rates)),
         "graphs_per_s_by_epoch": rates,
         "peak_rss_mb": peak_rss_mb(),
@@ -67,26 +68,11 @@ def bench_train(
     if device == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if reference_code:
-        out.update(
-            _reference_code_figures(
-                cfg, data, reference_code, epochs, batch_size, threads, hidden, head_hidden, layers, out["graphs_per_s"]
-            )
-        )
+        out.update(_reference_code_figures(cfg, data, reference_code, out["graphs_per_s"]))
     return out
 
 
-def _reference_code_figures(
-    cfg,
-    data,
-    code: str,
-    epochs: int,
-    batch_size: int,
-    threads: int,
-    hidden: int,
-    head_hidden: int,
-    layers: int,
-    ours: float,
-) -> dict[str, Any]:
+def _reference_code_figures(cfg, data, code: str, ours: float) -> dict[str, Any]:
     """The reference code run on this benchmark's training crystals, and our speed-up over it."""
     from ..data import read_source
     from ..train.trial_data import load_trial_dataset
@@ -98,12 +84,12 @@ def _reference_code_figures(
         code,
         records,
         data.targets[0],
-        epochs,
-        batch_size,
-        threads,
-        hidden,
-        head_hidden,
-        layers,
+        cfg.train.epochs,
+        cfg.train.batch_size,
+        cfg.train.num_threads,
+        cfg.model.hidden,
+        cfg.model.head_hidden,
+        cfg.model.layers,
         cuda=cfg.train.device == "cuda",
     )
     return {

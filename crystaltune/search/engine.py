@@ -6,18 +6,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .. import render
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError, is_disk_full
 from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
-from . import autoscale, diskguard
-from .leaderboard import ranked
+from . import autoscale, diskguard, runs
 from .plan import plan_concurrency, resolve_auto
 from .preflight import preflight
+from .runs import TrialRow
 from .space import MAX_EPOCHS, SearchSpace, check_executor, load_space
 
 _log = logging.getLogger(__name__)
@@ -146,29 +147,65 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+@dataclass(frozen=True)
+class SearchRun:
+    """Where one search keeps its things, resolved and checked once in ``run_search``: its output
+    folder, Tune storage (a local path or a remote URI), MLflow store and the names derived from them."""
+
+    space: SearchSpace
+    output: Path
+    storage: str
+    tracking_uri: str
+
+    @classmethod
+    def resolve(cls, opts: SearchOptions, space: SearchSpace) -> SearchRun:
+        output = Path(opts.output or Path("crystaltune-results") / space.name).resolve()
+        check_writable(output, "--output")
+        storage = opts.storage or str(output / "ray")
+        check_storage(storage)
+        if "://" not in storage:
+            storage = str(Path(storage).resolve())
+            check_writable(Path(storage), "--storage")
+        tracking_uri = opts.tracking_uri or default_tracking_uri()
+        check_tracking_uri(tracking_uri)
+        return cls(space, output, storage, tracking_uri)
+
+    @property
+    def remote(self) -> bool:
+        """Storage behind a URI (s3://, gs://): every node reaches it, and nothing here is on disk."""
+        return "://" in self.storage
+
+    @property
+    def state_file(self) -> str:
+        return str(self.output / "tracker_state.json")
+
+    @property
+    def train_storage(self) -> str:
+        return f"{self.storage.rstrip('/')}/train"
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.space.name}"
+
+    @property
+    def experiment(self) -> str:
+        return runs.experiment_name(self.space.name)
+
+
 def run_search(opts: SearchOptions) -> dict[str, Any]:
     """The whole search: validate and plan, build the graphs once, start or join Ray, run Tune, then
-    write the leaderboard and artifacts."""
+    write the leaderboard and artifacts. Returns the summary as a dict (``SearchSummary.to_dict``)."""
     from ..raysession import require_token_auth
 
     require_token_auth()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     space = prepare_space(opts)
-    output = Path(opts.output or Path("crystaltune-results") / space.name).resolve()
-    check_writable(output, "--output")
-    lock = lock_output(output)  # noqa: F841 (held until this process ends)
-    storage = opts.storage or str(output / "ray")
-    check_storage(storage)
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-        check_writable(Path(storage), "--storage")
-    tracking_uri = opts.tracking_uri or default_tracking_uri()
-    check_tracking_uri(tracking_uri)
-    preflight(opts.address, tracking_uri, opts.resume, output, opts.warm_start)  # before graphs or Ray
-    experiment = f"crystaltune-{space.name}"
+    run = SearchRun.resolve(opts, space)
+    lock = lock_output(run.output)  # noqa: F841 (held until this process ends)
+    preflight(opts.address, run.tracking_uri, opts.resume, run.output, opts.warm_start)  # before graphs or Ray
     console(quiet=opts.quiet)
     ncpu = plan_local(opts, space)
-    nodes = plan_autoscaling(opts, space, storage)
+    nodes = plan_autoscaling(opts, run)
     from .warm_start import warm_points
 
     warm = warm_points(opts.warm_start, space) if opts.warm_start and not opts.resume else []
@@ -176,40 +213,41 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         nodes.start(space)
     try:
         dataset = load_shared_graphs(space)  # the autoscaler starts nodes meanwhile
-        run = _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, ncpu, warm, nodes)
+        search_time = _run_tune(opts, run, dataset, ncpu, warm, nodes)
     finally:
         if nodes is not None:
             nodes.release()  # a no-op when _run_tune withdrew it already
-    return finish_search(space, output, tracking_uri, experiment, *run)
+    return finish_search(run, dataset, search_time).to_dict()
 
 
-def plan_autoscaling(opts: SearchOptions, space: SearchSpace, storage: str) -> autoscale.NodeRequest | None:
+def plan_autoscaling(opts: SearchOptions, run: SearchRun) -> autoscale.NodeRequest | None:
     """With --address and an autoscaling config: ``auto`` planned from its node types and a request no
     node type can hold refused, before any graph is built; a local storage path refused where trials on
     other nodes could not reach it. Returns the node request to start, or None without an autoscaler."""
     shape = autoscale.cluster_shape(opts.autoscaling_config, opts.address) if opts.address else None
     if shape is None:
         return None
+    space = run.space
     autoscale.resolve_auto(space, shape, opts.trials_per_gpu)
     concurrency = autoscale.plan_concurrency(space, shape)
     if any(t.max_workers > 0 for t in shape.workers):
-        check_shared_storage(storage, opts.storage_shared, f"the cluster can add nodes ({shape.describe()})")
+        check_shared_storage(run, opts.storage_shared, f"the cluster can add nodes ({shape.describe()})")
     trials = min(space.num_samples, concurrency)
     return autoscale.NodeRequest(opts.address, shape, concurrency, trials, expire_s=opts.stall_timeout_s)
 
 
-def check_shared_storage(storage: str, shared: bool, why: str) -> None:
+def check_shared_storage(run: SearchRun, shared: bool, why: str) -> None:
     """Trials on other nodes write their checkpoints to --storage: a path only this node has fails them."""
-    if "://" in storage or shared:
+    if run.remote or shared:
         return
     raise CrystaltuneError(
-        f"--storage {storage}: a local path, but {why} and trials there cannot write into it; use "
+        f"--storage {run.storage}: a local path, but {why} and trials there cannot write into it; use "
         "--storage s3://BUCKET/PREFIX (or gs://...), or a path every node mounts with --storage-shared"
     )
 
 
-def _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, ncpu, warm, nodes):
-    """Start or join Ray, plan the concurrency, run Tune; returns (state_file, dataset, search_time)."""
+def _run_tune(opts: SearchOptions, run: SearchRun, dataset, ncpu, warm, nodes) -> float:
+    """Start or join Ray, plan the concurrency, run Tune; returns the tuner's wall time."""
     import ray
 
     from ..raysession import init_ray
@@ -219,30 +257,34 @@ def _run_tune(opts, space, output, storage, tracking_uri, experiment, dataset, n
     init_ray(opts.address, ncpu, include_dashboard=True)
     sigterm_as_ctrl_c()  # after ray.init, which installs a handler that aborts the driver on SIGTERM
     # a cluster that goes away mid-search: one error line and the runs marked KILLED, never left RUNNING
-    watch = watch_cluster(opts.address, str(output / "tracker_state.json"), tracking_uri)
+    watch = watch_cluster(opts.address, run.state_file, run.tracking_uri)
     try:
-        if nodes is not None:
-            autoscale.wait_for_a_trial_slot(space, opts.stall_timeout_s, nodes.line)
-            concurrency = nodes.concurrency
-        else:
-            resolve_auto(space, ray.cluster_resources(), opts.trials_per_gpu)  # planned from the nodes up now
-            concurrency = plan_concurrency(space, ray.cluster_resources())
-            if opts.address and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
-                check_shared_storage(storage, opts.storage_shared, "the cluster has more than one node")
-        state_file = str(output / "tracker_state.json")
-        trainable = make_trainable(space, opts, storage, state_file, ray.put(dataset))
-        tuner = make_tuner(
-            opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, warm
-        )
+        concurrency = _concurrency(opts, run, nodes)
+        trainable = make_trainable(run, opts, ray.put(dataset))
+        tuner = make_tuner(opts, run, trainable, len(dataset), concurrency, warm)
         t0 = time.perf_counter()
         tuner.fit()
-        search_time = time.perf_counter() - t0
+        return time.perf_counter() - t0
     finally:
         watch.stop()
         if nodes is not None:
             nodes.release()  # while this driver is still connected: no second Ray client needed
         ray.shutdown()
-    return state_file, dataset, search_time
+
+
+def _concurrency(opts: SearchOptions, run: SearchRun, nodes) -> int:
+    """Trials at a time: as planned on the autoscaler's node types (once a first trial fits), or from
+    the nodes up now."""
+    import ray
+
+    if nodes is not None:
+        autoscale.wait_for_a_trial_slot(run.space, opts.stall_timeout_s, nodes.line)
+        return nodes.concurrency
+    resolve_auto(run.space, ray.cluster_resources(), opts.trials_per_gpu)
+    concurrency = plan_concurrency(run.space, ray.cluster_resources())
+    if opts.address and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        check_shared_storage(run, opts.storage_shared, "the cluster has more than one node")
+    return concurrency
 
 
 def runs_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
@@ -294,22 +336,22 @@ def load_shared_graphs(space: SearchSpace):
     return dataset
 
 
-def make_trainable(space: SearchSpace, opts: SearchOptions, storage: str, state_file: str, data_ref):
+def make_trainable(run: SearchRun, opts: SearchOptions, data_ref):
     """The Tune trainable with its resources: a Ray Train worker group per trial, or direct training."""
     from ray import tune
 
-    from .trainable import direct_trial_fn, trial_fn
+    from .trainable import TrialSettings, direct_trial_fn, trial_fn
 
-    train_storage = str(Path(storage) / "train") if "://" not in storage else f"{storage.rstrip('/')}/train"
-    settings = {
-        "workers": space.workers,
-        "cpus_per_worker": space.cpus_per_worker,
-        "gpus_per_worker": space.gpus_per_worker,
-        "train_storage": train_storage,
-        "max_failures": opts.max_failures,
-    }
-    if opts.resume and Path(state_file).exists():  # trials done before the interruption never train again
-        settings["finished"] = finished_trials(state_file)
+    space = run.space
+    settings = TrialSettings(
+        workers=space.workers,
+        cpus_per_worker=space.cpus_per_worker,
+        gpus_per_worker=space.gpus_per_worker,
+        train_storage=run.train_storage,
+        max_failures=opts.max_failures,
+    )
+    if opts.resume and Path(run.state_file).exists():  # trials done before the interruption never train again
+        settings.finished = finished_trials(run.state_file)
     if space.uses_ray_train:
         fn, resources = trial_fn, {"cpu": 1}
     else:
@@ -318,7 +360,7 @@ def make_trainable(space: SearchSpace, opts: SearchOptions, storage: str, state_
     return tune.with_resources(tune.with_parameters(fn, space=space, data_ref=[data_ref], settings=settings), resources)
 
 
-def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experiment, dataset, concurrency, warm=()):
+def make_tuner(opts: SearchOptions, run: SearchRun, trainable, crystals: int, concurrency: int, warm=()):
     """A new Tuner (Optuna from the default point, ASHA, tracker and watchdog), or the restored one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -326,43 +368,26 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
 
     from .diskguard import DiskGuard
     from .space import DefineByRun, encode_point
-    from .tracking import MLflowTracker, redact
+    from .tracking import MLflowTracker
     from .watchdog import Watchdog
 
-    exp_path = f"{storage.rstrip('/')}/{space.name}"
+    space = run.space
     if opts.resume:
-        if not tune.Tuner.can_restore(exp_path):
-            raise CrystaltuneError(f"--resume: no interrupted search at {exp_path}")
-        _log.info(f"resuming the search stored at {exp_path}")
+        if not tune.Tuner.can_restore(run.experiment_path):
+            raise CrystaltuneError(f"--resume: no interrupted search at {run.experiment_path}")
+        _log.info(f"resuming the search stored at {run.experiment_path}")
         return tune.Tuner.restore(
-            exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+            run.experiment_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
         )
-    if "://" not in storage and Path(exp_path).exists():
-        old = f"{exp_path}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(Path(exp_path).stat().st_mtime))}"
-        Path(exp_path).rename(old)
-        _log.info(f"previous search moved to {old}")
-        if Path(state_file).exists():
-            Path(state_file).rename(f"{old}-tracker_state.json")
-    info = {
-        "space": space.name,
-        "space_arg": opts.space,  # as the user named it: a built-in name or the (copied) space file
-        "num_samples": space.num_samples,
-        "max_epochs": space.max_epochs,
-        "grace_period": space.grace_period,
-        "reduction_factor": space.reduction_factor,
-        "workers_per_trial": space.workers,
-        "gpus_per_worker": space.gpus_per_worker,
-        "seed": opts.seed,
-        "executor": "train" if space.uses_ray_train else "direct",
-        "storage": redact(storage),
-        "crystals": len(dataset),
-        "machine": describe_machine(),
-        **({"cluster": autoscale.describe_cluster()} if opts.address else {}),
-        "versions": versions_line(),
-    }
-    tracker = MLflowTracker(tracking_uri, space, experiment, info, state_file=state_file, verbose=not opts.quiet)
+    _set_aside_previous(run)
+    info = _search_info(opts, run, crystals)
+    tracker = MLflowTracker(run.tracking_uri, space, run.experiment, info, run.state_file, verbose=not opts.quiet)
     watchdog = Watchdog(tracker, opts.watchdog_factor, opts.watchdog_floor_s, opts.stall_timeout_s, not opts.quiet)
-    watched = {"--output": str(Path(state_file).parent), **({} if "://" in storage else {"--storage": storage})}
+    watched = {"--output": str(run.output), **({} if run.remote else {"--storage": run.storage})}
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -390,7 +415,7 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
         # the last epoch checkpoint
         run_config=tune.RunConfig(
             name=space.name,
-            storage_path=storage,
+            storage_path=run.storage,
             verbose=0,
             callbacks=[tracker, watchdog, DiskGuard(tracker, watched)],
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
@@ -398,30 +423,41 @@ def make_tuner(opts, space, trainable, storage, state_file, tracking_uri, experi
     )
 
 
-def run_description(rows: list[dict[str, Any]], summary: dict[str, Any], space: SearchSpace, exp_id: str) -> str:
-    """The parent run's Markdown description (MLflow shows it on the run page): outcome and top trials."""
-    lines = [
-        f"**crystaltune search `{space.name}`**: {summary['trials']} trials ({summary['failed']} failed), "
-        f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA).",
-        "",
-    ]
-    if "best_trial" in summary:
-        lines += [
-            f"Best: **{summary['best_trial']}**, best_val_mae {summary['best_val_mae']:.4f}, test_mae "
-            f"{summary['best_test_mae']:.4f} ([run](#/experiments/{exp_id}/runs/{summary['best_run_id']})).",
-            "",
-        ]
-    if "default_trial" in summary:
-        lines += [
-            f"Default configuration ({summary['default_trial']}): best_val_mae {summary['default_val_mae']:.4f}.",
-            "",
-        ]
-    lines += ["| # | trial | best_val_mae | test_mae |", "|---|---|---|---|"]
-    lines += [
-        f"| {i} | {r['name']} | {r['val_mae']:.4f} | {r['test_mae']:.4f} |"
-        for i, r in enumerate([r for r in rows if ranked(r["status"], r["val_mae"])][:5], 1)
-    ]
-    return "\n".join(lines)
+def _set_aside_previous(run: SearchRun) -> None:
+    """A new search in a folder that holds an earlier one: the earlier Tune experiment and tracker state
+    are renamed with their date, never overwritten."""
+    path = Path(run.experiment_path)
+    if run.remote or not path.exists():
+        return
+    old = f"{path}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(path.stat().st_mtime))}"
+    path.rename(old)
+    _log.info(f"previous search moved to {old}")
+    if Path(run.state_file).exists():
+        Path(run.state_file).rename(f"{old}-tracker_state.json")
+
+
+def _search_info(opts: SearchOptions, run: SearchRun, crystals: int) -> dict[str, Any]:
+    """The search's setting, logged as the parent run's ``search.*`` parameters."""
+    from .tracking import redact
+
+    space = run.space
+    return {
+        "space": space.name,
+        "space_arg": opts.space,  # as the user named it: a built-in name or the (copied) space file
+        "num_samples": space.num_samples,
+        "max_epochs": space.max_epochs,
+        "grace_period": space.grace_period,
+        "reduction_factor": space.reduction_factor,
+        "workers_per_trial": space.workers,
+        "gpus_per_worker": space.gpus_per_worker,
+        "seed": opts.seed,
+        "executor": "train" if space.uses_ray_train else "direct",
+        "storage": redact(run.storage),
+        "crystals": crystals,
+        "machine": describe_machine(),
+        **({"cluster": autoscale.describe_cluster()} if opts.address else {}),
+        "versions": versions_line(),
+    }
 
 
 def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
@@ -434,7 +470,7 @@ def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
     return {tid: rec.last_result for tid, rec in records.items() if rec.done}
 
 
-def write_top_configs(tracker, space: SearchSpace, ok: list[dict[str, Any]], path: Path, k: int = 10) -> None:
+def write_top_configs(tracker, space: SearchSpace, ok: list[TrialRow], path: Path, k: int = 10) -> None:
     """The full configs of the best ``k`` trials by val MAE, for ``report --top-k`` to retrain."""
     import yaml
 
@@ -442,147 +478,161 @@ def write_top_configs(tracker, space: SearchSpace, ok: list[dict[str, Any]], pat
 
     top = [
         {
-            "trial": r["trial"],
-            "val_mae": r["val_mae"],
-            "default": r["default"],
-            "config": space.trial_config(decode_sampled(tracker.trials[r["trial_id"]].config, space)).to_dict(),
+            "trial": r.trial,
+            "val_mae": r.best_val_mae,
+            "default": r.default,
+            "config": space.trial_config(decode_sampled(tracker.trials[r.trial_id].config, space)).to_dict(),
         }
         for r in ok[:k]
     ]
     path.write_text(yaml.safe_dump(top, sort_keys=False))
 
 
-def finish_search(
-    space: SearchSpace,
-    output: Path,
-    tracking_uri: str,
-    experiment: str,
-    state_file: str,
-    dataset,
-    search_time: float,
-) -> dict[str, Any]:
+@dataclass
+class SearchSummary:
+    """The outcome of a search: what the CLI prints (``--json``: ``to_dict``), exits by, and logs."""
+
+    trials: int
+    failed: int
+    search_time_s: float
+    output: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    epochs_run: int
+    epochs_full_budget: int
+    interrupted: bool
+    stop_reason: str = ""
+    files_written: bool = False
+    error: str = ""  # why a search that ran to its end has no result
+    best: TrialRow | None = None
+    default: TrialRow | None = None  # the default configuration's trial, when it ranked
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready keys (``best_trial``, ``best_val_mae``, ``default_test_mae``, ...)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("best", "default")}
+        for role, row in (("best", self.best), ("default", self.default)):
+            if row is not None:
+                d.update({f"{role}_trial": row.name, f"{role}_val_mae": row.best_val_mae})
+                d.update({f"{role}_test_mae": row.test_mae, f"{role}_run_id": row.run_id})
+        return d
+
+
+def finish_search(run: SearchRun, dataset, search_time: float) -> SearchSummary:
     """Leaderboard, best_config.yaml and the parent run's artifacts (all from the driver)."""
-    from .leaderboard import build_leaderboard, format_table, ranked, write_csv
+    from .leaderboard import build_leaderboard, write_csv
     from .tracking import MLflowTracker
 
-    tracker = MLflowTracker.from_state_file(state_file, tracking_uri, space, experiment)
+    tracker = MLflowTracker.from_state_file(run.state_file, run.tracking_uri, run.space, run.experiment)
     tracker.stop_reason = tracker.stop_reason or diskguard.stop_reason
-    rows = build_leaderboard(tracker, space)
-    ok = [r for r in rows if ranked(r["status"], r["val_mae"])]
-    summary = _summary(space, rows, ok, tracker, search_time, output, tracking_uri, experiment)
+    rows = build_leaderboard(tracker, run.space)
+    ok = [r for r in rows if r.ranked]
+    summary = _summary(run, rows, tracker, search_time)
     if _log.isEnabledFor(logging.INFO):  # the leaderboard is the search's output, not a log line
-        print("\n" + format_table(rows), flush=True)
+        print("\n" + render.console_leaderboard(rows), flush=True)
     try:
-        write_csv(rows, output / "leaderboard.csv")
+        write_csv(rows, run.output / "leaderboard.csv")
         if ok:
-            _write_best(tracker, space, rows, ok, dataset, output)
-        summary["files_written"] = bool(ok)
+            _write_best(tracker, run, rows, ok, dataset)
+        summary.files_written = bool(ok)
     except OSError as exc:  # a full disk: MLflow (elsewhere) has every run; --resume writes these files
         if not is_disk_full(exc):
             raise
-        summary["stop_reason"] = summary["stop_reason"] or f"disk full writing the search's files in {output}"
-        _log.warning("could not write the leaderboard and best config to %s: disk full", output)
-    status = "interrupted" if summary["interrupted"] else "failed" if summary["error"] else "finished"
-    tracker.client.set_tag(tracker.parent_run_id, "crystaltune.status", status)
+        summary.stop_reason = summary.stop_reason or f"disk full writing the search's files in {run.output}"
+        _log.warning("could not write the leaderboard and best config to %s: disk full", run.output)
+    status = "interrupted" if summary.interrupted else "failed" if summary.error else "finished"
+    tracker.client.set_tag(tracker.parent_run_id, runs.STATUS, status)
     tracker.client.set_terminated(tracker.parent_run_id, {"interrupted": "KILLED"}.get(status, status.upper()))
-    tracker.client.set_tag(
-        tracker.parent_run_id, "mlflow.note.content", run_description(rows, summary, space, tracker.experiment_id)
-    )
-    _closing_lines(summary, space, output, tracker)
+    description = render.run_description(run.space.name, summary, ok, tracker.experiment_id)
+    tracker.client.set_tag(tracker.parent_run_id, runs.DESCRIPTION, description)
+    _closing_lines(summary, run.space, tracker)
     return summary
 
 
-def _summary(space, rows, ok, tracker, search_time, output, tracking_uri, experiment) -> dict[str, Any]:
-    """The search's outcome (returned, printed with --json); its time and epoch counts are also logged
-    as metrics of the parent run for the report's overhead / ASHA figures."""
+def _summary(run: SearchRun, rows: list[TrialRow], tracker, search_time: float) -> SearchSummary:
+    """The search's outcome; its time and epoch counts are also logged as metrics of the parent run
+    for the report's overhead / ASHA figures."""
     from mlflow.entities import Metric
 
-    summary: dict[str, Any] = {
-        "trials": len(rows),
-        "failed": sum(r["status"] == "FAILED" for r in rows),
-        "search_time_s": search_time,
-        "output": str(output),
-        "tracking_uri": tracking_uri,
-        "experiment": experiment,
-        "parent_run_id": tracker.parent_run_id,
-        "epochs_run": sum(int(r["epochs"] or 0) for r in rows),
-        "epochs_full_budget": space.num_samples * space.max_epochs,
-        "interrupted": len(rows) < space.num_samples or any(r["status"] in ("INTERRUPTED", "RUNNING") for r in rows),
-        "stop_reason": tracker.stop_reason,
-        "files_written": False,
-    }
+    ok = [r for r in rows if r.ranked]
+    space = run.space
+    interrupted = len(rows) < space.num_samples or any(r.status in ("INTERRUPTED", "RUNNING") for r in rows)
+    summary = SearchSummary(
+        trials=len(rows),
+        failed=sum(r.status == "FAILED" for r in rows),
+        search_time_s=search_time,
+        output=str(run.output),
+        tracking_uri=run.tracking_uri,
+        experiment=run.experiment,
+        parent_run_id=tracker.parent_run_id,
+        epochs_run=sum(r.epochs for r in rows),
+        epochs_full_budget=space.num_samples * space.max_epochs,
+        interrupted=interrupted,
+        stop_reason=tracker.stop_reason,
+        error=no_result_error(rows, ok, interrupted),
+        best=ok[0] if ok else None,
+        default=next((r for r in ok if r.default), None),
+    )
     tracker.client.log_batch(  # the latest session's tuner time when --resume was used
         tracker.parent_run_id,
         metrics=[
-            Metric(k, float(summary[k]), int(time.time() * 1000), 0)
+            Metric(k, float(getattr(summary, k)), int(time.time() * 1000), 0)
             for k in ("search_time_s", "epochs_run", "epochs_full_budget")
         ],
     )
-    if ok:
-        best = ok[0]
-        summary.update(best_trial=best["name"], best_val_mae=best["val_mae"], best_test_mae=best["test_mae"])
-        summary["best_run_id"] = best["run_id"]
-    default = next((r for r in ok if r["default"]), None)
-    if default:
-        summary.update(default_trial=default["name"], default_val_mae=default["val_mae"])
-        summary["default_test_mae"] = default["test_mae"]
-    summary["error"] = no_result_error(rows, ok, summary["interrupted"])
     return summary
 
 
-def no_result_error(rows: list[dict[str, Any]], ok: list[dict[str, Any]], interrupted: bool) -> str:
+def no_result_error(rows: list[TrialRow], ok: list[TrialRow], interrupted: bool) -> str:
     """Why a search that ran to its end has no result (every trial failed), else ''. The CLI prints it
     as its error line and exits 1, instead of exiting 0 with no best_config.yaml."""
     if ok or interrupted or not rows:
         return ""
-    first = next((r for r in rows if r["error"]), rows[0])
-    reason = first["error"].splitlines()[0][:300] if first["error"] else first["status"]
-    return f"all {len(rows)} trials failed, so no best configuration was written; first, {first['trial']}: {reason}"
+    first = next((r for r in rows if r.error), rows[0])
+    reason = first.error.splitlines()[0][:300] if first.error else first.status
+    return f"all {len(rows)} trials failed, so no best configuration was written; first, {first.trial}: {reason}"
 
 
-def _write_best(tracker, space: SearchSpace, rows, ok, dataset, output: Path) -> None:
+def _write_best(tracker, run: SearchRun, rows: list[TrialRow], ok: list[TrialRow], dataset) -> None:
     """best_config.yaml, top_configs.yaml and the parent run's artifacts (plots, model, study)."""
     from .report_artifacts import log_search_artifacts
     from .space import decode_sampled
 
-    best = ok[0]
-    cfg = space.trial_config(
-        decode_sampled(tracker.trials[best["trial_id"]].config, space), output=str(output / "best_model.pt")
-    )
-    cfg.to_yaml(output / "best_config.yaml")
-    write_top_configs(tracker, space, ok, output / "top_configs.yaml")
-    log_search_artifacts(tracker, space, rows, best, cfg, dataset, output)
+    best, space = ok[0], run.space
+    sampled = decode_sampled(tracker.trials[best.trial_id].config, space)
+    cfg = space.trial_config(sampled, output=str(run.output / "best_model.pt"))
+    cfg.to_yaml(run.output / "best_config.yaml")
+    write_top_configs(tracker, space, ok, run.output / "top_configs.yaml")
+    log_search_artifacts(tracker, space, rows, best, cfg, dataset, run.output)
 
 
-def _closing_lines(summary: dict[str, Any], space: SearchSpace, output: Path, tracker) -> None:
+def _closing_lines(summary: SearchSummary, space: SearchSpace, tracker) -> None:
     """What the user reads last: the outcome, the default's comparison, where to look next."""
-    if summary["interrupted"]:
+    s, output = summary, Path(summary.output)
+    if s.interrupted:
         _log.info(
-            f"interrupted after {summary['trials']} of {space.num_samples} trials; the state is saved: "
+            f"interrupted after {s.trials} of {space.num_samples} trials; the state is saved: "
             f"continue with the same command plus --resume"
         )
     _log.info(
-        f"{summary['trials']} trials ({summary['failed']} failed) in {summary['search_time_s']:.0f}s; "
-        f"{summary['epochs_run']} of {summary['epochs_full_budget']} epochs run (ASHA)"
+        f"{s.trials} trials ({s.failed} failed) in {s.search_time_s:.0f}s; "
+        f"{s.epochs_run} of {s.epochs_full_budget} epochs run (ASHA)"
     )
-    if "best_trial" in summary:
+    if s.best is not None:
+        _log.info(f"best: {s.best.name}  val_mae {s.best.best_val_mae:.4f}  test_mae {s.best.test_mae:.4f}")
+    if s.default is not None:
+        dv = s.default.best_val_mae
+        gain = 100 * (1 - s.best.best_val_mae / dv) if dv > 0 else 0.0
         _log.info(
-            f"best: {summary['best_trial']}  val_mae {summary['best_val_mae']:.4f}  "
-            f"test_mae {summary['best_test_mae']:.4f}"
+            f"default ({space.default_source}): {s.default.trial}  val_mae {dv:.4f}  "
+            f"test_mae {s.default.test_mae:.4f}; the best is {gain:.1f}% lower on val MAE"
         )
-    if "default_trial" in summary:
-        dv = summary["default_val_mae"]
-        gain = 100 * (1 - summary["best_val_mae"] / dv) if dv > 0 else 0.0
-        _log.info(
-            f"default ({space.default_source}): {summary['default_trial'].split()[0]}  val_mae {dv:.4f}  "
-            f"test_mae {summary['default_test_mae']:.4f}; the best is {gain:.1f}% lower on val MAE"
-        )
-    if summary["files_written"]:
+    if s.files_written:
         _log.info(f"wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
         _log.info(f"retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")
     _log.info(
-        f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}, then open "
-        f"{runs_url(tracker.experiment_id)} (experiment '{summary['experiment']}', trials sorted by "
+        f"MLflow: mlflow ui --backend-store-uri {s.tracking_uri}, then open "
+        f"{runs_url(tracker.experiment_id)} (experiment '{s.experiment}', trials sorted by "
         f"best_val_mae, the selection metric; the parent run {tracker.parent_run_id} has the summary)"
     )
     if (output / "optuna.db").exists():

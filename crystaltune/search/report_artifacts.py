@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import render
 from ..fmt import pyplot
+from . import runs
 
 
 def optuna_study(tracker, space, rows, storage: str | None = None):
@@ -22,44 +24,43 @@ def optuna_study(tracker, space, rows, storage: str | None = None):
     ``--warm-start``. Rebuilt from the tracker, so it is complete after --resume too."""
     import optuna
 
-    from .leaderboard import ranked
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    dists = {p.name: p.distribution() for p in space.params}
-    name = f"crystaltune-{space.name}"
+    dists = {p.name: p.dist for p in space.params}
+    name = runs.experiment_name(space.name)
     if storage is not None and name in optuna.get_all_study_names(storage):
         optuna.delete_study(study_name=name, storage=storage)
     study = optuna.create_study(direction="minimize", storage=storage, study_name=name if storage else None)
-    for r in sorted(rows, key=lambda r: r["trial"]):  # the order the trials ran (t001, t002, ...), not rank order
-        raw = tracker.trials[r["trial_id"]].config
+    for r in sorted(rows, key=lambda r: r.trial):  # the order the trials ran (t001, t002, ...), not rank order
+        raw = tracker.trials[r.trial_id].config
         params = {k: v for k, v in raw.items() if k in dists}
-        ok = ranked(r["status"], r["val_mae"])
         study.add_trial(
             optuna.trial.create_trial(
                 params=params,
                 distributions={k: dists[k] for k in params},
-                value=float(r["val_mae"]) if ok else None,
-                state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
-                user_attrs={"trial": r["trial"], "mlflow_run_id": r["run_id"], "default": bool(r.get("default"))},
+                value=float(r.best_val_mae) if r.ranked else None,
+                state=optuna.trial.TrialState.COMPLETE if r.ranked else optuna.trial.TrialState.FAIL,
+                user_attrs={"trial": r.trial, "mlflow_run_id": r.run_id, "default": r.default},
             )
         )
     return study
 
 
-def parity_plot(y: np.ndarray, p: np.ndarray, title: str, path: Path) -> None:
-    plt = pyplot()
+def parity_plots(checkpoint: Path, title: str, folder: Path, stem: str, dataset=None):
+    """A checkpoint's parity plot and error histogram on its test split, one ``stem_TARGET.png`` per
+    target in ``folder``; returns its prepared trial data and an error summary line per target."""
+    from ..checkpoint import load_checkpoint
+    from ..train.metrics import predict_indices
+    from ..train.trial_data import prepare_trial_data
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.scatter(y, p, s=8, alpha=0.6)
-    lo, hi = float(np.nanmin([y.min(), p.min()])), float(np.nanmax([y.max(), p.max()]))
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    mae = float(np.abs(p - y).mean())
-    ax.set_xlabel("true")
-    ax.set_ylabel("predicted")
-    ax.set_title(f"{title}\ntest MAE {mae:.4f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    loaded = load_checkpoint(checkpoint)
+    data = prepare_trial_data(loaded.config, dataset)
+    p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")
+    summaries = {}
+    for t, target in enumerate(data.targets):
+        m = np.isfinite(y[:, t])
+        render.parity_plot(y[m, t], p[m, t], f"{title} - {target}", folder / f"{stem}_{target}.png", target)
+        summaries[target] = render.error_summary(target, y[m, t], p[m, t])
+    return data, summaries
 
 
 def _signature(example, checkpoint: Path):
@@ -102,15 +103,15 @@ def describe_registered_model(client, name: str, info, space, best) -> None:
     if version is None:
         return
     text = (
-        f"Best trial `{best['name']}` of the `{space.name}` search (selection: lowest best_val_mae). "
-        f"best_val_mae {best['val_mae']:.4f}, test_mae {best['test_mae']:.4f}. Trial run {best['run_id']}."
+        f"Best trial `{best.name}` of the `{space.name}` search (selection: lowest best_val_mae). "
+        f"best_val_mae {best.best_val_mae:.4f}, test_mae {best.test_mae:.4f}. Trial run {best.run_id}."
     )
     client.update_model_version(name, str(version), description=text)
     for key, value in (
-        ("best_val_mae", f"{best['val_mae']:.6g}"),
-        ("test_mae", f"{best['test_mae']:.6g}"),
-        ("trial", best["name"]),
-        ("trial_run_id", best["run_id"]),
+        ("best_val_mae", f"{best.best_val_mae:.6g}"),
+        ("test_mae", f"{best.test_mae:.6g}"),
+        ("trial", best.name),
+        ("trial_run_id", best.run_id),
         ("search", space.name),
     ):
         client.set_model_version_tag(name, str(version), key, value)
@@ -119,7 +120,7 @@ def describe_registered_model(client, name: str, info, space, best) -> None:
         name, description=f"Best models of crystaltune `{space.name}` searches; alias `best`: the latest. {text}"
     )
     client.set_registered_model_tag(name, "search_space", space.name)
-    client.set_tag(best["run_id"], "crystaltune.registered_model", f"models:/{name}@best (version {version})")
+    client.set_tag(best.run_id, runs.REGISTERED_MODEL, f"models:/{name}@best (version {version})")
 
 
 def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path) -> dict[str, Any]:
@@ -138,21 +139,22 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
         made["optuna_storage"] = f"sqlite:///{output / 'optuna.db'}"
         made.update(_study_plots(study, art))
     except Exception as exc:  # a plotting problem must not lose the search
-        client.set_tag(parent, "crystaltune.optuna_artifacts_error", str(exc)[:500])
-    ck = Path(best["checkpoint"], "best.pt") if best.get("checkpoint") else None
+        client.set_tag(parent, runs.OPTUNA_ERROR, str(exc)[:500])
+    ck = Path(best.checkpoint, "best.pt") if best.checkpoint else None
     if ck is not None and ck.exists():
         shutil.copy(ck, output / "best_trial.pt")
-        data = _best_parity_plots(output / "best_trial.pt", best, dataset, art, made)
+        data, _ = parity_plots(output / "best_trial.pt", best.name, art, "parity", dataset)
+        made["parity"] = [str(art / f"parity_{n}.png") for n in data.targets]
         try:
             made["model_uri"] = _register_best_model(tracker, space, best, cfg, dataset, data, output)
         except Exception as exc:
-            client.set_tag(parent, "crystaltune.model_log_error", str(exc)[:500])
-    client.log_artifacts(parent, str(art), artifact_path="search")
+            client.set_tag(parent, runs.MODEL_LOG_ERROR, str(exc)[:500])
+    client.log_artifacts(parent, str(art), artifact_path=runs.SEARCH_DIR)
     # under names of their own: the parent never sorts among its trials by the selection metric
-    client.log_metric(parent, "search.best_val_mae", float(best["val_mae"]))
-    if math.isfinite(best["test_mae"]):
-        client.log_metric(parent, "search.best_test_mae", float(best["test_mae"]))
-    client.set_tag(parent, "crystaltune.best_run", best["name"])
+    client.log_metric(parent, runs.PARENT_BEST_VAL, float(best.best_val_mae))
+    if math.isfinite(best.test_mae):
+        client.log_metric(parent, runs.PARENT_BEST_TEST, float(best.test_mae))
+    client.set_tag(parent, runs.BEST_RUN, best.name)
     return made
 
 
@@ -199,31 +201,15 @@ def _label_trials(ax, names: dict[int, str], most: int = 20) -> None:
     ax.set_xlabel("trial (its MLflow run name)")
 
 
-def _best_parity_plots(checkpoint: Path, best, dataset, art: Path, made: dict[str, Any]):
-    """Parity plots of the best trial on the test split; returns its prepared trial data."""
-    from ..checkpoint import load_checkpoint
-    from ..train.metrics import predict_indices
-    from ..train.trial_data import prepare_trial_data
-
-    loaded = load_checkpoint(checkpoint)
-    data = prepare_trial_data(loaded.config, dataset)
-    p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")
-    for t, name in enumerate(data.targets):
-        m = np.isfinite(y[:, t])
-        parity_plot(y[m, t], p[m, t], f"{best['name']} - {name}", art / f"parity_{name}.png")
-    made["parity"] = [str(art / f"parity_{n}.png") for n in data.targets]
-    return data
-
-
 def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path) -> str:
     """The best trial as an MLflow pyfunc model logged in the trial's own run (its source run, its
     metrics), registered and described."""
     import mlflow
 
     mlflow.set_tracking_uri(tracker.tracking_uri)
-    status = tracker.client.get_run(best["run_id"]).info.status  # FINISHED, or KILLED if interrupted
+    status = tracker.client.get_run(best.run_id).info.status  # FINISHED, or KILLED if interrupted
     example = _input_example(dataset, data)
-    mlflow.start_run(run_id=best["run_id"])
+    mlflow.start_run(run_id=best.run_id)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -231,7 +217,7 @@ def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path)
                 name="best_model",
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
                 artifacts={"checkpoint": str(output / "best_trial.pt")},
-                registered_model_name=f"crystaltune-{space.name}",
+                registered_model_name=runs.model_name(space.name),
                 pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
                 params={k: str(v)[:500] for k, v in cfg.used_flat().items()},  # the best trial's own config
                 input_example=example,
@@ -239,5 +225,5 @@ def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path)
             )
     finally:
         mlflow.end_run(status)  # as it was: a failed model log must not mark the trial FAILED
-    describe_registered_model(tracker.client, f"crystaltune-{space.name}", info, space, best)
+    describe_registered_model(tracker.client, runs.model_name(space.name), info, space, best)
     return info.model_uri

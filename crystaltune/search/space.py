@@ -64,10 +64,6 @@ class Param:
     def active(self, sampled: dict[str, Any]) -> bool:
         return all(k in sampled and sampled[k] in vals for k, vals in self.when.items())
 
-    def distribution(self) -> BaseDistribution:
-        """The Optuna distribution this parameter is sampled from."""
-        return self.dist
-
     def describe(self) -> str:
         d = self.dist
         if self.categorical:

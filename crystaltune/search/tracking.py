@@ -20,6 +20,7 @@ from ray import tune
 
 from ..mlflow_metrics import finite_metrics
 from ..outputs import redact  # noqa: F401  (re-exported: the tracker's callers redact through it)
+from . import runs
 from .space import SearchSpace, decode_sampled
 
 #: per epoch; best_val_mae (the best val MAE so far) is the selection metric everywhere: leaderboard,
@@ -54,22 +55,8 @@ class TrialRecord:
 
 
 def records_from_state(state: dict[str, Any]) -> dict[str, TrialRecord]:
-    """Trial records from a saved state; states written before TrialRecord kept one dict per field."""
-    if "trials" in state:
-        return {tid: TrialRecord(**rec) for tid, rec in state["trials"].items()}
-    return {
-        tid: TrialRecord(
-            run_id=rid,
-            name=state.get("names", {}).get(tid, tid),
-            config=state.get("configs", {}).get(tid, {}),
-            status=state.get("status", {}).get(tid, "PENDING"),
-            last_epoch=state.get("last_epoch", {}).get(tid, 0),
-            last_result=state.get("last_result", {}).get(tid, {}),
-            error=state.get("errors", {}).get(tid, ""),
-            watchdog=state.get("watchdog", {}).get(tid, ""),
-        )
-        for tid, rid in state.get("runs", {}).items()
-    }
+    """Trial records from a saved tracker state."""
+    return {tid: TrialRecord(**rec) for tid, rec in state.get("trials", {}).items()}
 
 
 def run_name(index: int, sampled: dict[str, Any], base: dict[str, Any]) -> str:
@@ -190,7 +177,7 @@ class MLflowTracker(tune.Callback):
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"search {self.space.name} {time.strftime('%Y-%m-%d %H:%M')}",
-                tags={"crystaltune.kind": "search", "crystaltune.space": self.space.name},
+                tags={runs.KIND: runs.SEARCH, runs.SPACE: self.space.name},
             )
             self.parent_run_id = run.info.run_id
             from mlflow.entities import Param
@@ -237,10 +224,10 @@ class MLflowTracker(tune.Callback):
             self.experiment_id,
             run_name=name,
             tags={
-                "mlflow.parentRunId": self.parent_run_id,
-                "crystaltune.trial_id": tid,
-                "crystaltune.kind": "trial",
-                "crystaltune.default": str(is_default).lower(),
+                runs.PARENT: self.parent_run_id,
+                runs.TRIAL_ID: tid,
+                runs.KIND: runs.TRIAL,
+                runs.DEFAULT: str(is_default).lower(),
             },
         )
         rec = self.trials[tid] = TrialRecord(run.info.run_id, name, dict(trial.config))
@@ -268,11 +255,11 @@ class MLflowTracker(tune.Callback):
                 continue
             rid, name = rec.run_id, rec.name
             if rec.status in ("RUNNING", "INTERRUPTED"):
-                self.client.set_tag(rid, "crystaltune.kind", "lost_trial")
-                self.client.set_tag(rid, "crystaltune.status", "lost")
+                self.client.set_tag(rid, runs.KIND, runs.LOST_TRIAL)
+                self.client.set_tag(rid, runs.STATUS, "lost")
                 self.client.set_tag(
                     rid,
-                    "crystaltune.note",
+                    runs.NOTE,
                     "started after Tune's last experiment snapshot before the "
                     "driver died; Tune could not resume it and sampled its slot again",
                 )
@@ -315,7 +302,7 @@ class MLflowTracker(tune.Callback):
         """Where the trial runs (node id, node type, GPU share), tagged when it first reports and again
         if a retry moved it to another node."""
         where = {k: str(result[k]) for k in PLACEMENT_KEYS if k in result}
-        placed = self.__dict__.setdefault("_placed", {})  # absent from a tracker restored from older state
+        placed = self._placed
         if where and placed.get(rec.run_id) != where:
             from mlflow.entities import RunTag
 
@@ -353,9 +340,9 @@ class MLflowTracker(tune.Callback):
         if metrics:
             self.client.log_batch(rec.run_id, metrics=metrics)
         if status == "FAILED":
-            self.client.set_tag(rec.run_id, "crystaltune.error", rec.error[:5000])
+            self.client.set_tag(rec.run_id, runs.ERROR, rec.error[:5000])
         self._log_checkpoint(rec)
-        self.client.set_tag(rec.run_id, "crystaltune.epochs_run", str(last.get("epoch", 0)))
+        self.client.set_tag(rec.run_id, runs.EPOCHS_RUN, str(last.get("epoch", 0)))
         self.client.set_terminated(rec.run_id, status)
         rec.status = status
         self.save()
@@ -376,15 +363,15 @@ class MLflowTracker(tune.Callback):
         ck = rec.last_result.get("checkpoint_path")
         if ck and Path(ck, "best.pt").exists():
             try:
-                self.client.log_artifact(rec.run_id, str(Path(ck, "best.pt")), artifact_path="checkpoint")
+                self.client.log_artifact(rec.run_id, str(Path(ck, "best.pt")), artifact_path=runs.CHECKPOINT_DIR)
             except Exception as exc:  # artifact store trouble must not stop the search
-                self.client.set_tag(rec.run_id, "crystaltune.artifact_error", str(exc)[:500])
+                self.client.set_tag(rec.run_id, runs.ARTIFACT_ERROR, str(exc)[:500])
 
     def on_experiment_end(self, trials, **info):
         for t in trials:  # trials stopped by Ctrl-C: mark interrupted, resumable
             rec = self.trials.get(t.trial_id)
             if rec is not None and rec.status == "RUNNING":
-                self.client.set_tag(rec.run_id, "crystaltune.status", "interrupted")
+                self.client.set_tag(rec.run_id, runs.STATUS, "interrupted")
                 self.client.set_terminated(rec.run_id, "KILLED")
                 rec.status = "INTERRUPTED"
         self.save()

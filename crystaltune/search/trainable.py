@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,47 +157,64 @@ def _maybe_inject_fault(fault: str, rank: int, epoch: int) -> None:
         os._exit(17)
 
 
-def finished_before_resume(settings: dict[str, Any]) -> bool:
+@dataclass
+class TrialSettings:
+    """How every trial of a search runs, handed to the trainable once: its worker group, where Ray
+    Train stores its checkpoints, its retries, and (on --resume) the trials already done."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    train_storage: str | None = None
+    max_failures: int = 2
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial id -> its last result
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def worker_config(self, data_ref) -> dict[str, Any]:
+        """What each training worker is told besides the trial's config."""
+        return {
+            "data_ref": data_ref[0] if data_ref else None,
+            "use_gpu": self.use_gpu,
+            "gpu_share": self.gpus_per_worker,
+            "cpus_per_worker": self.cpus_per_worker,
+        }
+
+
+def finished_before_resume(settings: TrialSettings) -> bool:
     """On --resume: a trial the tracker saw finish after Tune's last snapshot (so Tune restarts it)
     repeats its recorded last result instead of training on; the tracker drops the duplicate."""
-    last = (settings.get("finished") or {}).get(tune.get_context().get_trial_id())
+    last = settings.finished.get(tune.get_context().get_trial_id())
     if last is None:
         return False
     tune.report({**last, "done": True})
     return True
 
 
-def trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: dict[str, Any] | None = None) -> None:
+def trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: TrialSettings | None = None) -> None:
     """The Tune function trainable: one TorchTrainer (W workers, DDP) per trial."""
     from .space import decode_sampled
 
-    settings = settings or {}
+    settings = settings or TrialSettings()
     if finished_before_resume(settings):
         return
     trial_id = tune.get_context().get_trial_id()
     cfg = space.trial_config(decode_sampled(config, space))
-    use_gpu = settings.get("gpus_per_worker", 0) > 0
-    resources = {"CPU": settings.get("cpus_per_worker", 1)}
-    if use_gpu:
-        resources["GPU"] = settings["gpus_per_worker"]
+    resources = {"CPU": settings.cpus_per_worker, **({"GPU": settings.gpus_per_worker} if settings.use_gpu else {})}
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "trial": cfg.to_dict(),
-            "data_ref": data_ref[0] if data_ref else None,
-            "use_gpu": use_gpu,
-            "gpu_share": settings.get("gpus_per_worker", 0),
-            "cpus_per_worker": settings.get("cpus_per_worker", 1),
-        },
+        train_loop_config={"trial": cfg.to_dict(), **settings.worker_config(data_ref)},
         # logical GPUs of a test cluster: Ray must not pick NCCL, which needs CUDA
-        torch_config=ray.train.torch.TorchConfig(backend="gloo") if use_gpu and fake_gpus() else None,
+        torch_config=ray.train.torch.TorchConfig(backend="gloo") if settings.use_gpu and fake_gpus() else None,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.get("workers", 1), use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=settings.workers, use_gpu=settings.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
-            storage_path=settings.get("train_storage"),
-            failure_config=ray.train.FailureConfig(max_failures=settings.get("max_failures", 2)),
+            storage_path=settings.train_storage,
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),
@@ -217,11 +235,11 @@ def _send_or_wait_on_full_disk(send, metrics: dict[str, Any], checkpoint_dir: st
         raise
 
 
-def direct_trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: dict[str, Any] | None = None) -> None:
+def direct_trial_fn(config: dict[str, Any], space=None, data_ref=None, settings: TrialSettings | None = None) -> None:
     """The Tune function trainable for one-worker trials: train right here, report to Tune."""
     from .space import decode_sampled
 
-    settings = settings or {}
+    settings = settings or TrialSettings()
     if finished_before_resume(settings):
         return
     cfg = space.trial_config(decode_sampled(config, space))
@@ -229,14 +247,4 @@ def direct_trial_fn(config: dict[str, Any], space=None, data_ref=None, settings:
     def send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    run_trial(
-        cfg,
-        {
-            "data_ref": data_ref[0] if data_ref else None,
-            "use_gpu": settings.get("gpus_per_worker", 0) > 0,
-            "gpu_share": settings.get("gpus_per_worker", 0),
-            "cpus_per_worker": settings.get("cpus_per_worker", 1),
-        },
-        tune.get_checkpoint(),
-        send,
-    )
+    run_trial(cfg, settings.worker_config(data_ref), tune.get_checkpoint(), send)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CrystaltuneError
+from . import runs
 from .space import SearchSpace, decode_sampled
 
 _log = logging.getLogger(__name__)
@@ -70,9 +71,10 @@ def _study(source: str, space: SearchSpace):
         raise CrystaltuneError(f"--warm-start {source}: not an Optuna storage ({type(exc).__name__})") from None
     if not names:
         raise CrystaltuneError(f"--warm-start {source}: holds no Optuna study")
-    name = f"crystaltune-{space.name}" if f"crystaltune-{space.name}" in names else names[0]
-    if len(names) > 1 and name not in (f"crystaltune-{space.name}",):
-        raise CrystaltuneError(f"--warm-start {source}: several studies ({', '.join(names)}) and none is {name!r}")
+    own = runs.experiment_name(space.name)  # the study a search of this space saved
+    if len(names) > 1 and own not in names:
+        raise CrystaltuneError(f"--warm-start {source}: several studies ({', '.join(names)}) and none is {own!r}")
+    name = own if own in names else names[0]
     return optuna.load_study(study_name=name, storage=storage)
 
 

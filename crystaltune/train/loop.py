@@ -79,7 +79,8 @@ class Run:
 
 @dataclass
 class TrainingState:
-    """What changes from epoch to epoch, saved in every epoch checkpoint and restored as one object."""
+    """What changes from epoch to epoch: saved in every epoch checkpoint and restored as one object,
+    so that a retried trial continues exactly as if it had never stopped."""
 
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -90,19 +91,52 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)
     bad_epochs: int = 0
 
-    def restore(self, model: torch.nn.Module, saved: dict[str, Any]) -> None:
-        """Continue from an epoch checkpoint (a Ray Train retry or a resumed search)."""
+    def state_dict(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Everything to resume, written after epoch ``self.epoch`` (0-based) ran and before the counter
+        moves on. Batch order needs no state: it is drawn from (seed, epoch) alone (train_epoch)."""
+        saved = {
+            "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),  # {} when disabled (no fp16 autocast)
+            "epoch": self.epoch,
+            "best": self.best,
+            "best_state": self.best_state,
+            "history": self.history,
+            "bad_epochs": self.bad_epochs,
+            "torch_rng": torch.get_rng_state(),  # dropout on the CPU
+        }
+        device = _device_of(model)
+        if device.type == "cuda":
+            saved["cuda_rng"] = torch.cuda.get_rng_state(device)  # dropout on the GPU
+        return saved
+
+    def load_state_dict(self, model: torch.nn.Module, saved: dict[str, Any]) -> None:
+        """Continue from ``state_dict``'s output (a Ray Train retry or a resumed search); checkpoints
+        written before bad_epochs was saved get it from the history (epochs since the best one)."""
         model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scheduler is not None and saved.get("scheduler"):
             self.scheduler.load_state_dict(saved["scheduler"])
-        self.epoch, self.best, self.best_state, self.history = (
-            saved["epoch"] + 1,
-            saved["best"],
-            saved["best_state"],
-            saved["history"],
-        )
+        if saved.get("scaler"):  # ignored by a disabled scaler (a retry without fp16)
+            self.scaler.load_state_dict(saved["scaler"])
+        self.epoch = saved["epoch"] + 1
+        self.best, self.best_state, self.history = saved["best"], saved["best_state"], saved["history"]
+        self.bad_epochs = saved.get("bad_epochs", len(self.history) - self.best.get("best_epoch", 0))
         torch.set_rng_state(saved["torch_rng"])
+        device = _device_of(model)
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (whose CUDA RNG its dropout draws from)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _patience_spent(cfg: TrialConfig, state: TrainingState) -> bool:
+    """Early stopping: ``train.early_stopping`` epochs in a row without a better val MAE."""
+    return cfg.train.early_stopping is not None and state.bad_epochs >= cfg.train.early_stopping
 
 
 def fit(
@@ -120,8 +154,9 @@ def fit(
     GPU when the graphs fit its budget; True forces it, also on the CPU, as the tests do)."""
     run, state = setup(cfg, data, device_store)
     if resume is not None:
-        state.restore(run.model, resume)
-    while state.epoch < cfg.train.epochs:
+        state.load_state_dict(run.model, resume)
+    # a trial resumed from the checkpoint of the epoch that ended it early has nothing left to train
+    while state.epoch < cfg.train.epochs and not _patience_spent(cfg, state):
         t0 = time.perf_counter()
         train_mae, seen, train_time = train_epoch(run, state)
         val = evaluate(run, state)
@@ -137,7 +172,7 @@ def fit(
             **{k: v for k, v in state.best.items() if k != "val_mae"},
         }
         state.history.append({k: metrics[k] for k in ("epoch", "train_mae", "val_mae", "lr")})
-        stop = cfg.train.early_stopping is not None and state.bad_epochs >= cfg.train.early_stopping
+        stop = _patience_spent(cfg, state)
         metrics["done"] = bool(stop or state.epoch + 1 == cfg.train.epochs)
         if verbose and run.rank == 0:
             print(
@@ -225,7 +260,7 @@ def train_epoch(run: Run, state: TrainingState) -> tuple[float, int, float]:
             count += m.sum(0)
     train_time = time.perf_counter() - t0
     if run.world > 1:
-        stats = torch.cat([abs_err, count]).to(run.device if run.device.type == "cuda" else "cpu")
+        stats = torch.cat([abs_err, count])
         dist.all_reduce(stats)
         abs_err, count = stats[: len(targets)], stats[len(targets) :]
     abs_err, count = abs_err.cpu(), count.cpu()
@@ -240,7 +275,7 @@ def _step(run: Run, state: TrainingState, batch, s: int) -> torch.Tensor:
     loss, _ = run.loss_fn(pred.float(), y)
     bad = not torch.isfinite(loss)
     if run.world > 1:  # every rank must stop together, or the others wait forever in all-reduce
-        flag = torch.tensor([float(bad)], device=run.device if run.device.type == "cuda" else "cpu")
+        flag = torch.tensor([float(bad)], device=run.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         bad = bool(flag.item())
     if bad:
@@ -346,19 +381,7 @@ def load_epoch_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 def _write_epoch_checkpoint(directory, run: Run, state: TrainingState) -> None:
     """state.pt (everything to resume) and best.pt (the best-val model, a crystaltune checkpoint)."""
-    torch.save(
-        {
-            "model": run.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-            "epoch": state.epoch,
-            "best": state.best,
-            "best_state": state.best_state,
-            "history": state.history,
-            "torch_rng": torch.get_rng_state(),
-        },
-        Path(directory) / "state.pt",
-    )
+    torch.save(state.state_dict(run.model), Path(directory) / "state.pt")
     if state.best_state is not None:
         current = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
         run.model.load_state_dict(state.best_state)
