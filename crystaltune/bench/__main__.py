@@ -99,22 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme:
             splice(args.readme, "gpu", render_gpu(out))
     elif args.cmd == "train":
+        from .recipe import BenchRecipe
         from .train import bench_train
 
-        out = bench_train(
-            args.dataset,
-            args.model,
-            args.epochs,
-            args.batch_size,
-            args.threads,
-            args.hidden,
-            args.head_hidden,
-            args.layers,
-            args.device,
-            args.amp,
-            limit=args.limit,
-            reference_code=args.reference_code,
-        )
+        names = ("model", "dataset", "epochs", "batch_size", "threads", "hidden", "head_hidden", "layers", "device")
+        recipe = BenchRecipe(**{k: getattr(args, k) for k in names}, amp=args.amp, limit=args.limit)
+        out = bench_train(recipe, args.reference_code)
     if getattr(args, "json", False) or args.cmd in ("all", "gpu"):
         print(json.dumps(out, indent=1, default=str))
     else:

@@ -17,30 +17,15 @@ from typing import Any
 
 import torch
 
+from .recipe import BenchRecipe
 from .suite import train_in_subprocess
 
 BATCHES, PACKED = (32, 256, 1024), (1, 2, 4, 8)
 
 
-def packed_trials(n: int, model: str, batch: int, epochs: int, limit: int | None) -> dict[str, Any]:
+def packed_trials(n: int, recipe: BenchRecipe) -> dict[str, Any]:
     """``n`` bench-train processes on the GPU at once: their summed graphs/s and peak memories."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "crystaltune.bench",
-        "train",
-        "--model",
-        model,
-        "--device",
-        "cuda",
-        "--json",
-        "--batch-size",
-        str(batch),
-        "--epochs",
-        str(epochs),
-        "--threads",
-        "1",
-    ] + (["--limit", str(limit)] if limit else [])
+    cmd = [sys.executable, "-m", "crystaltune.bench", "train", "--json", *recipe.cli_args()]
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
     outs = [p.communicate() for p in procs]
@@ -65,22 +50,22 @@ def bench_gpu(
         return {"device": None, "skipped": "no CUDA device: GPU figures not measured", "quick": quick}
     limit = 512 if quick else dataset_limit
     epochs = 2 if quick else 3
+    gpu = BenchRecipe(epochs=epochs, threads=1, device="cuda", limit=limit)
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "quick": quick, "single": {}, "packed": {}}
     for model in models:
         for batch in BATCHES[:2] if quick else BATCHES:
             for amp in (False, True):
-                r = train_in_subprocess(model, epochs, limit, None, batch, 1, "cuda", amp)
+                r = train_in_subprocess(gpu.replace(model=model, batch_size=batch, amp=amp))
                 out["single"][f"{model}_b{batch}_{'amp' if amp else 'fp32'}"] = {
                     "graphs_per_s": r["graphs_per_s"],
                     "peak_cuda_mb": r.get("peak_cuda_mb"),
                 }
-        out["packed"][model] = [packed_trials(n, model, 256, epochs, limit) for n in (PACKED[:2] if quick else PACKED)]
+        packed = gpu.replace(model=model, batch_size=256)
+        out["packed"][model] = [packed_trials(n, packed) for n in (PACKED[:2] if quick else PACKED)]
     if reference_code:
         from .train import bench_train
 
-        r = bench_train(
-            model="cgcnn", epochs=epochs, batch_size=256, device="cuda", limit=limit, reference_code=reference_code
-        )
+        r = bench_train(gpu.replace(model="cgcnn", batch_size=256, threads=2), reference_code)
         out["reference_code"] = {
             "ours": r["graphs_per_s"],
             "reference": r["reference_code_graphs_per_s"],

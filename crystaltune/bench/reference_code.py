@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CrystaltuneError
+from .recipe import BenchRecipe
 
 BATCH_LINE = re.compile(r"^Epoch: \[(\d+)\]\[(\d+)/(\d+)\]\s+Time ([0-9.]+)")
 TRAIN_RATIO = 0.8  # main.py's split: 80 / 10 / 10
@@ -60,24 +61,14 @@ def parse_batch_times(log: str, n_crystals: int, batch_size: int) -> dict[int, t
 
 
 def reference_throughput(
-    code_dir: str | Path,
-    records: list[dict[str, Any]],
-    target: str,
-    epochs: int = 3,
-    batch_size: int = 256,
-    threads: int = 2,
-    hidden: int = 64,
-    head_hidden: int = 128,
-    layers: int = 3,
-    timeout: float = 3600,
-    cuda: bool = False,
+    code_dir: str | Path, records: list[dict[str, Any]], target: str, recipe: BenchRecipe, timeout: float = 3600
 ) -> dict[str, Any]:
     """Run the reference code on ``records`` and return its graphs/s (epochs after the first); on the
-    GPU when ``cuda`` (its default when one is present), else with ``--disable-cuda``."""
+    GPU when the recipe's device is cuda (its default when one is present), else with ``--disable-cuda``."""
     code = Path(code_dir).resolve()
     if not (code / "main.py").is_file():
         raise CrystaltuneError(f"--reference-code {code_dir}: no main.py there (the reference CGCNN code's folder)")
-    if epochs < 2:
+    if recipe.epochs < 2:
         raise CrystaltuneError("--reference-code needs --epochs >= 2 (the first epoch builds the graphs)")
     with tempfile.TemporaryDirectory(prefix="ct-ref-") as tmp:
         folder = Path(tmp) / "data"
@@ -87,12 +78,12 @@ def reference_throughput(
             str(code / "main.py"),
             str(folder),
             "--epochs",
-            str(epochs),
+            str(recipe.epochs),
             "-b",
-            str(batch_size),
+            str(recipe.batch_size),
             "-j",
             "0",
-            *([] if cuda else ["--disable-cuda"]),
+            *([] if recipe.device == "cuda" else ["--disable-cuda"]),
             "--print-freq",
             "1",
             "--train-ratio",
@@ -102,22 +93,22 @@ def reference_throughput(
             "--test-ratio",
             "0.1",
             "--atom-fea-len",
-            str(hidden),
+            str(recipe.hidden),
             "--h-fea-len",
-            str(head_hidden),
+            str(recipe.head_hidden),
             "--n-conv",
-            str(layers),
+            str(recipe.layers),
         ]
         env = {
             **os.environ,
-            "OMP_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(recipe.threads),
+            "MKL_NUM_THREADS": str(recipe.threads),
             "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
         }  # its final test reloads an argparse object
         out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env, timeout=timeout)
     if out.returncode != 0:
         raise CrystaltuneError(f"the reference code failed (exit {out.returncode}): {out.stderr.strip()[-300:]}")
-    per_epoch = parse_batch_times(out.stdout, n, batch_size)
+    per_epoch = parse_batch_times(out.stdout, n, recipe.batch_size)
     later = [per_epoch[e] for e in sorted(per_epoch) if e >= 1]
     if not later:
         raise CrystaltuneError("the reference code printed no batch times after its first epoch")
@@ -126,7 +117,7 @@ def reference_throughput(
         "reference_code": str(code),
         "crystals": n,
         "train_crystals": int(TRAIN_RATIO * n),
-        "threads": threads,
+        "threads": recipe.threads,
         "graphs_per_s": graphs / secs,
         "graphs_per_s_by_epoch": [g / s for g, s in (per_epoch[e] for e in sorted(per_epoch))],
         "command": " ".join(cmd[1:2] + ["DIR"] + cmd[3:]),

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import CrystaltuneError
+from .recipe import BenchRecipe
 
 MODELS = ("cgcnn", "csgcnn", "csgann", "csginn", "flowgnn")
 
@@ -53,42 +54,13 @@ def search_overhead(space: str, workdir: Path, num_samples: int | None = None) -
     }
 
 
-def train_in_subprocess(
-    model: str,
-    epochs: int,
-    limit: int | None,
-    reference_code: str | None,
-    batch_size: int,
-    threads: int,
-    device: str = "cpu",
-    amp: bool = False,
-) -> dict[str, Any]:
+def train_in_subprocess(recipe: BenchRecipe, reference_code: str | None = None) -> dict[str, Any]:
     """``bench train`` in a fresh process, so each model's peak memory is its own."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "crystaltune.bench",
-        "train",
-        "--model",
-        model,
-        "--epochs",
-        str(epochs),
-        "--json",
-        "--batch-size",
-        str(batch_size),
-        "--threads",
-        str(threads),
-        "--device",
-        device,
-    ]
-    cmd += (
-        (["--limit", str(limit)] if limit else [])
-        + (["--reference-code", reference_code] if reference_code else [])
-        + (["--amp"] if amp else [])
-    )
+    cmd = [sys.executable, "-m", "crystaltune.bench", "train", "--json", *recipe.cli_args()]
+    cmd += ["--reference-code", reference_code] if reference_code else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise CrystaltuneError(f"bench train --model {model} failed: {out.stderr.strip().splitlines()[-1:]}")
+        raise CrystaltuneError(f"bench train --model {recipe.model} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout[out.stdout.index("{") :])
 
 
@@ -142,9 +114,9 @@ def bench_all(
     res["cache_load_perov5_crystals"] = len(load_dataset("perov5"))
     res["cache_load_perov5_s"] = time.perf_counter() - t0
     limit, epochs = (256, 2) if quick else (None, 3)
+    recipe = BenchRecipe(epochs=epochs, batch_size=batch, threads=threads, limit=limit)
     res["train"] = {
-        m: train_in_subprocess(m, epochs, limit, reference_code if m == "cgcnn" else None, batch, threads)
-        for m in MODELS
+        m: train_in_subprocess(recipe.replace(model=m), reference_code if m == "cgcnn" else None) for m in MODELS
     }
     res["ddp"] = ddp_scaling(240 if quick else None, 2 if quick else 3)
     res["searches"] = []
@@ -153,7 +125,9 @@ def bench_all(
             res["searches"].append(search_overhead(space, Path(tmp)))
     if torch.cuda.is_available():
         res["gpu"] = {
-            f"{m}_{'amp' if amp else 'fp32'}": train_in_subprocess(m, 3, None, None, batch, threads, "cuda", amp)
+            f"{m}_{'amp' if amp else 'fp32'}": train_in_subprocess(
+                BenchRecipe(m, epochs=3, batch_size=batch, threads=threads, device="cuda", amp=amp)
+            )
             for m in ("cgcnn", "csgcnn")
             for amp in (False, True)
         }
