@@ -120,11 +120,11 @@ def build_ensemble(name: str, tracking_uri: str, k: int, output: Path) -> dict[s
     }
     torch.save(payload, output / "ensemble.pt")
     (output / "ensemble.json").write_text(json.dumps({"trials": payload["trials"], **metrics}, indent=1))
-    log_ensemble(client, tracking_uri, parent, name, output / "ensemble.pt", payload)
+    log_ensemble(client, tracking_uri, parent, output / "ensemble.pt", payload)
     return {"trials": payload["trials"], **metrics, "checkpoint": str(output / "ensemble.pt")}
 
 
-def log_ensemble(client, uri: str, parent, name: str, checkpoint: Path, payload: dict) -> None:
+def log_ensemble(client, uri: str, parent, checkpoint: Path, payload: dict) -> None:
     """An MLflow run under the search (metrics, the checkpoint) and the ensemble registered as a pyfunc."""
     import warnings
 
@@ -151,7 +151,7 @@ def log_ensemble(client, uri: str, parent, name: str, checkpoint: Path, payload:
             name="ensemble",
             python_model=str(Path(__file__).parent / "search" / "mlflow_model.py"),
             artifacts={"checkpoint": str(checkpoint)},
-            registered_model_name=runs.model_name(name, "ensemble"),
+            registered_model_name=runs.model_name(parent.data.tags[runs.SPACE], "ensemble"),
             pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
         )
     client.set_terminated(run.info.run_id, "FINISHED")

@@ -27,8 +27,6 @@ def search_timing(client, parent, children) -> dict:
     """Wall time of the search split into training epochs (train + per-epoch evaluation, summed over
     trials) and everything else (trial start-up, Ray, Tune, MLflow, checkpoints), per trial slot."""
     tuner_s = sum(m.value for m in client.get_metric_history(parent.info.run_id, "search_time_s"))
-    if not tuner_s and parent.info.end_time:  # searches logged before search_time_s existed: the parent
-        tuner_s = (parent.info.end_time - parent.info.start_time) / 1000  # run's span (a slight overestimate)
     train_s = sum(m.value for r in children for m in client.get_metric_history(r.info.run_id, "epoch_time_s"))
     spans = sorted(
         [(r.info.start_time, 1) for r in children] + [(r.info.end_time or r.info.start_time, -1) for r in children]
@@ -39,16 +37,13 @@ def search_timing(client, parent, children) -> dict:
         peak = max(peak, cur)
     slot_s = tuner_s * max(peak, 1)
     m = parent.data.metrics
-    p = parent.data.params
-    full = m.get("epochs_full_budget") or int(p.get("search.num_samples", 0)) * int(p.get("search.max_epochs", 0))
-    run = m.get("epochs_run") or sum(int(float(r.data.tags.get("crystaltune.epochs_run", 0) or 0)) for r in children)
     return {
         "tuner_s": tuner_s,
         "training_s": train_s,
         "concurrent_trials": peak,
         "overhead_fraction": 1 - train_s / slot_s if slot_s else math.nan,
-        "epochs_run": int(run),
-        "epochs_full_budget": int(full),
+        "epochs_run": int(m.get("epochs_run", 0)),
+        "epochs_full_budget": int(m.get("epochs_full_budget", 0)),
     }
 
 
@@ -108,7 +103,7 @@ def build_report(
         _retrain_study(client, exp_id, pid, plan)
     rows = [runs.TrialRow.from_run(r) for r in children]
     ok, failed = runs.rank(rows)
-    facts = _facts(name, tracking_uri, parent, children, rows, ok)
+    facts = _facts(name, tracking_uri, parent, rows)
     facts["timing"] = search_timing(client, parent, children)
     facts["retrained"] = retraining.summarize(client, exp_id, pid)
     facts["rungs"] = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
@@ -132,7 +127,7 @@ def _as_json(x):
     return asdict(x) if is_dataclass(x) else str(x)
 
 
-def _facts(name: str, tracking_uri: str, parent, children, rows: list, ok: list) -> dict:
+def _facts(name: str, tracking_uri: str, parent, rows: list) -> dict:
     """What the README section is rendered from: the search's setting as its parent run logged it."""
     pp = parent.data.params
     return {
@@ -151,8 +146,8 @@ def _facts(name: str, tracking_uri: str, parent, children, rows: list, ok: list)
         "trials": len(rows),
         **_status_counts(rows),
         "search_status": parent.data.tags.get(runs.STATUS, ""),
-        "top": ok[:5],
-        "targets": children[0].data.params.get("data.targets", ""),
+        "top": runs.rank(rows)[0][:5],
+        "targets": rows[0].params.get("data.targets", ""),
     }
 
 
@@ -222,7 +217,7 @@ def _retrain_study(client, exp_id: str, pid: str, plan: RetrainPlan) -> None:
     candidates alone would compare them with a default trained less. The reference keeps its recipe."""
     from . import retraining
 
-    reps = retraining.replicates(plan.seeds, plan.cv)
+    study = retraining.RetrainStudy(client, exp_id, pid, retraining.replicates(plan.seeds, plan.cv))
     candidates = retraining.top_configs_of(client, pid, plan.top_k)
     if plan.epochs:
         candidates = [(t, retraining.with_epochs(c, plan.epochs)) for t, c in candidates]
@@ -230,9 +225,9 @@ def _retrain_study(client, exp_id: str, pid: str, plan: RetrainPlan) -> None:
     suffix = f", {plan.epochs} epochs" if plan.epochs else ""
     for rank, (trial, cfg) in enumerate(candidates, 1):
         source = f"trial {trial} (#{rank} of the search){suffix}"
-        retraining.retrain(client, exp_id, pid, "candidate", cfg, reps, source, tags={runs.TRIAL_NAME: trial})
+        study.retrain("candidate", cfg, source, tags={runs.TRIAL_NAME: trial})
     for role, path, cfg in others:
-        retraining.retrain(client, exp_id, pid, role, cfg, reps, Path(path).as_posix())
+        study.retrain(role, cfg, Path(path).as_posix())
 
 
 def _baselines(plan: RetrainPlan, searched):

@@ -10,6 +10,8 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .config import TrialConfig
@@ -87,67 +89,65 @@ def _replicate_config(cfg: TrialConfig, seed: int, fold: int | None, folds: int 
     return TrialConfig.from_dict(d)
 
 
-def retrain(
-    client,
-    exp_id: str,
-    parent_run_id: str,
-    role: str,
-    cfg: TrialConfig,
-    reps: list[tuple[int, int | None]],
-    source: str,
-    log=print,
-    tags: dict[str, str] | None = None,
-) -> None:
-    """Train ``cfg`` once per (seed, fold) replicate (skipping those already logged for this exact
-    config) and log each run; ``tags`` mark the run further (e.g. which trial a candidate is)."""
-    from mlflow.entities import Param, RunTag
+@dataclass
+class RetrainStudy:
+    """Retraining under one search: its MLflow client, experiment and parent run, and the (seed, fold)
+    replicates every configuration is trained on, so all of them compare on the same ones."""
 
-    from .mlflow_metrics import finite_metrics
-    from .train.loop import TrialDiverged, fit
+    client: Any
+    exp_id: str
+    parent_run_id: str
+    reps: list[tuple[int, int | None]]
+    log: Callable[[str], None] = print
 
-    digest = config_digest(cfg)
-    done = {
-        (
-            r.data.tags.get(runs.ROLE),
-            r.data.tags.get(runs.CONFIG_DIGEST),
-            r.data.tags.get(runs.SEED),
-            r.data.tags.get(runs.FOLD, ""),
-        )
-        for r in runs.retrain_runs(client, exp_id, parent_run_id)
-        if r.info.status == "FINISHED"
-    }
-    folds = max((f for _, f in reps if f is not None), default=-1) + 1 or None
-    for seed, fold in reps:
-        label = f"{role} seed {seed}" + (f" fold {fold}" if fold is not None else "")
-        if (role, digest, str(seed), "" if fold is None else str(fold)) in done:
-            log(f"[crystaltune] {label}: already in MLflow, not retrained")
-            continue
-        c = _replicate_config(cfg, seed, fold, folds)
-        run = client.create_run(
-            exp_id,
-            run_name=f"{role} s{seed}" + (f" f{fold}" if fold is not None else ""),
-            tags={
-                runs.PARENT: parent_run_id,
+    def retrain(self, role: str, cfg: TrialConfig, source: str, tags: dict[str, str] | None = None) -> None:
+        """Train ``cfg`` once per replicate (skipping those already logged for this exact config) and
+        log each run; ``tags`` mark the run further (e.g. which trial a candidate is)."""
+        digest = config_digest(cfg)
+        done = {
+            (r.data.tags.get(runs.ROLE), r.data.tags.get(runs.CONFIG_DIGEST))
+            + (r.data.tags.get(runs.SEED), r.data.tags.get(runs.FOLD, ""))
+            for r in runs.retrain_runs(self.client, self.exp_id, self.parent_run_id)
+            if r.info.status == "FINISHED"
+        }
+        folds = max((f for _, f in self.reps if f is not None), default=-1) + 1 or None
+        for seed, fold in self.reps:
+            label = f"{role} seed {seed}" + (f" fold {fold}" if fold is not None else "")
+            if (role, digest, str(seed), "" if fold is None else str(fold)) in done:
+                self.log(f"[crystaltune] {label}: already in MLflow, not retrained")
+                continue
+            tags_of_run = {
+                runs.PARENT: self.parent_run_id,
                 runs.KIND: runs.RETRAIN,
                 runs.ROLE: role,
-                runs.SEARCH_RUN: parent_run_id,
+                runs.SEARCH_RUN: self.parent_run_id,
                 runs.SEED: str(seed),
                 runs.FOLD: "" if fold is None else str(fold),
                 runs.CONFIG_DIGEST: digest,
                 runs.SOURCE: source,
                 **(tags or {}),
-            },
-        )
-        rid = run.info.run_id
-        client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in c.used_flat().items()])
+            }
+            name = f"{role} s{seed}" + (f" f{fold}" if fold is not None else "")
+            self._train_one(_replicate_config(cfg, seed, fold, folds), name, label, tags_of_run)
+
+    def _train_one(self, cfg: TrialConfig, name: str, label: str, tags: dict[str, str]) -> None:
+        """One replicate: its MLflow run, per-epoch curves, final metrics; a diverged one marked FAILED."""
+        from mlflow.entities import Param, RunTag
+
+        from .mlflow_metrics import finite_metrics
+        from .train.loop import TrialDiverged, fit
+
+        client = self.client
+        rid = client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
+        client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in cfg.used_flat().items()])
         t0 = time.perf_counter()
         try:
-            m = fit(c, _epoch_logger(client, rid, label, c.train.epochs, log))
+            m = fit(cfg, _epoch_logger(client, rid, label, cfg.train.epochs, self.log))
         except TrialDiverged as exc:
             client.set_tag(rid, runs.ERROR, str(exc)[:5000])
             client.set_terminated(rid, "FAILED")
-            log(f"[crystaltune] {label}: diverged ({exc})")
-            continue
+            self.log(f"[crystaltune] {label}: diverged ({exc})")
+            return
         metrics = {**m, "best_val_mae": m["val_mae"], "train_time_s": time.perf_counter() - t0}
         client.log_batch(
             rid,
@@ -155,7 +155,7 @@ def retrain(
             tags=[RunTag(runs.EPOCHS_RUN, str(m.get("epochs_run", "")))],
         )
         client.set_terminated(rid, "FINISHED")
-        log(
+        self.log(
             f"[crystaltune] {label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} "
             f"({metrics['train_time_s']:.0f} s)"
         )

@@ -10,7 +10,7 @@ import pytest
 
 from crystaltune.checkpoint import load_checkpoint
 from crystaltune.errors import CrystaltuneError
-from crystaltune.search.tracking import redact
+from crystaltune.outputs import redact
 
 ROOT = Path(__file__).resolve().parents[1]
 

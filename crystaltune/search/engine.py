@@ -3,6 +3,7 @@ trials, then write the leaderboard, best_config.yaml and the search-level MLflow
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -10,16 +11,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .. import render
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError, is_disk_full
 from ..log import console
-from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output
+from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output, redact
 from . import autoscale, diskguard, runs
 from .plan import plan_concurrency, resolve_auto
 from .preflight import preflight
 from .runs import TrialRow
-from .space import MAX_EPOCHS, SearchSpace, check_executor, load_space
+from .space import MAX_EPOCHS, DefineByRun, SearchSpace, check_executor, decode_sampled, encode_point, load_space
 
 _log = logging.getLogger(__name__)
 
@@ -366,8 +369,6 @@ def make_tuner(opts: SearchOptions, run: SearchRun, trainable, crystals: int, co
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from .diskguard import DiskGuard
-    from .space import DefineByRun, encode_point
     from .tracking import MLflowTracker
     from .watchdog import Watchdog
 
@@ -417,7 +418,7 @@ def make_tuner(opts: SearchOptions, run: SearchRun, trainable, crystals: int, co
             name=space.name,
             storage_path=run.storage,
             verbose=0,
-            callbacks=[tracker, watchdog, DiskGuard(tracker, watched)],
+            callbacks=[tracker, watchdog, diskguard.DiskGuard(tracker, watched)],
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         ),
     )
@@ -438,8 +439,6 @@ def _set_aside_previous(run: SearchRun) -> None:
 
 def _search_info(opts: SearchOptions, run: SearchRun, crystals: int) -> dict[str, Any]:
     """The search's setting, logged as the parent run's ``search.*`` parameters."""
-    from .tracking import redact
-
     space = run.space
     return {
         "space": space.name,
@@ -462,8 +461,6 @@ def _search_info(opts: SearchOptions, run: SearchRun, crystals: int) -> dict[str
 
 def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
     """trial id -> last recorded result, for the trials the tracker saw finish or fail."""
-    import json
-
     from .tracking import records_from_state
 
     records = records_from_state(json.loads(Path(state_file).read_text()))
@@ -472,10 +469,6 @@ def finished_trials(state_file: str) -> dict[str, dict[str, Any]]:
 
 def write_top_configs(tracker, space: SearchSpace, ok: list[TrialRow], path: Path, k: int = 10) -> None:
     """The full configs of the best ``k`` trials by val MAE, for ``report --top-k`` to retrain."""
-    import yaml
-
-    from .space import decode_sampled
-
     top = [
         {
             "trial": r.trial,
@@ -596,14 +589,13 @@ def no_result_error(rows: list[TrialRow], ok: list[TrialRow], interrupted: bool)
 def _write_best(tracker, run: SearchRun, rows: list[TrialRow], ok: list[TrialRow], dataset) -> None:
     """best_config.yaml, top_configs.yaml and the parent run's artifacts (plots, model, study)."""
     from .report_artifacts import log_search_artifacts
-    from .space import decode_sampled
 
     best, space = ok[0], run.space
     sampled = decode_sampled(tracker.trials[best.trial_id].config, space)
     cfg = space.trial_config(sampled, output=str(run.output / "best_model.pt"))
     cfg.to_yaml(run.output / "best_config.yaml")
     write_top_configs(tracker, space, ok, run.output / "top_configs.yaml")
-    log_search_artifacts(tracker, space, rows, best, cfg, dataset, run.output)
+    log_search_artifacts(tracker, rows, cfg, dataset, run.output)
 
 
 def _closing_lines(summary: SearchSummary, space: SearchSpace, tracker) -> None:

@@ -71,8 +71,6 @@ def state_problem(state: Any) -> str:
     """What is wrong with a parsed tracker state ('' when nothing): the first key of a wrong type."""
     if not isinstance(state, dict):
         return f"expected a JSON object, got {_kind(state)}"
-    if "trials" not in state and "runs" in state:
-        return ""  # the older layout (one mapping per field), read by records_from_state
     for key, types in _TOP_TYPES.items():
         if key in state and not isinstance(state[key], types):
             return f"{key} must be {_names(types)}, got {_kind(state[key])}"

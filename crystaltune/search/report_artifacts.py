@@ -123,10 +123,10 @@ def describe_registered_model(client, name: str, info, space, best) -> None:
     client.set_tag(best.run_id, runs.REGISTERED_MODEL, f"models:/{name}@best (version {version})")
 
 
-def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path) -> dict[str, Any]:
-    """Write the artifacts into ``output`` and log them to the parent run (the best model to its trial's
-    run); failures become tags."""
-    client, parent = tracker.client, tracker.parent_run_id
+def log_search_artifacts(tracker, rows, cfg, dataset, output: Path) -> dict[str, Any]:
+    """Write the artifacts into ``output`` and log them to the parent run, the best trial's model
+    (``rows[0]``, configured as ``cfg``) to its own run; failures become tags."""
+    client, parent, space, best = tracker.client, tracker.parent_run_id, tracker.space, rows[0]
     made: dict[str, Any] = {}
     art = output / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,8 @@ def log_search_artifacts(tracker, space, rows, best, cfg, dataset, output: Path)
         data, _ = parity_plots(output / "best_trial.pt", best.name, art, "parity", dataset)
         made["parity"] = [str(art / f"parity_{n}.png") for n in data.targets]
         try:
-            made["model_uri"] = _register_best_model(tracker, space, best, cfg, dataset, data, output)
+            example = _input_example(dataset, data)
+            made["model_uri"] = _register_best_model(tracker, best, cfg, example, output / "best_trial.pt")
         except Exception as exc:
             client.set_tag(parent, runs.MODEL_LOG_ERROR, str(exc)[:500])
     client.log_artifacts(parent, str(art), artifact_path=runs.SEARCH_DIR)
@@ -201,14 +202,14 @@ def _label_trials(ax, names: dict[int, str], most: int = 20) -> None:
     ax.set_xlabel("trial (its MLflow run name)")
 
 
-def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path) -> str:
+def _register_best_model(tracker, best, cfg, example, checkpoint: Path) -> str:
     """The best trial as an MLflow pyfunc model logged in the trial's own run (its source run, its
     metrics), registered and described."""
     import mlflow
 
+    space = tracker.space
     mlflow.set_tracking_uri(tracker.tracking_uri)
     status = tracker.client.get_run(best.run_id).info.status  # FINISHED, or KILLED if interrupted
-    example = _input_example(dataset, data)
     mlflow.start_run(run_id=best.run_id)
     try:
         with warnings.catch_warnings():
@@ -216,12 +217,12 @@ def _register_best_model(tracker, space, best, cfg, dataset, data, output: Path)
             info = mlflow.pyfunc.log_model(
                 name="best_model",
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"checkpoint": str(output / "best_trial.pt")},
+                artifacts={"checkpoint": str(checkpoint)},
                 registered_model_name=runs.model_name(space.name),
                 pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
                 params={k: str(v)[:500] for k, v in cfg.used_flat().items()},  # the best trial's own config
                 input_example=example,
-                signature=_signature(example, output / "best_trial.pt"),
+                signature=_signature(example, checkpoint),
             )
     finally:
         mlflow.end_run(status)  # as it was: a failed model log must not mark the trial FAILED

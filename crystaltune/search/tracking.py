@@ -19,7 +19,7 @@ from typing import Any
 from ray import tune
 
 from ..mlflow_metrics import finite_metrics
-from ..outputs import redact  # noqa: F401  (re-exported: the tracker's callers redact through it)
+from ..outputs import redact
 from . import runs
 from .space import SearchSpace, decode_sampled
 

@@ -112,8 +112,7 @@ class TrainingState:
         return saved
 
     def load_state_dict(self, model: torch.nn.Module, saved: dict[str, Any]) -> None:
-        """Continue from ``state_dict``'s output (a Ray Train retry or a resumed search); checkpoints
-        written before bad_epochs was saved get it from the history (epochs since the best one)."""
+        """Continue from ``state_dict``'s output (a Ray Train retry or a resumed search)."""
         model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scheduler is not None and saved.get("scheduler"):
@@ -122,7 +121,7 @@ class TrainingState:
             self.scaler.load_state_dict(saved["scaler"])
         self.epoch = saved["epoch"] + 1
         self.best, self.best_state, self.history = saved["best"], saved["best_state"], saved["history"]
-        self.bad_epochs = saved.get("bad_epochs", len(self.history) - self.best.get("best_epoch", 0))
+        self.bad_epochs = saved["bad_epochs"]
         torch.set_rng_state(saved["torch_rng"])
         device = _device_of(model)
         if device.type == "cuda" and saved.get("cuda_rng") is not None:
