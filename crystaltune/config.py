@@ -2,27 +2,29 @@
 
 A config that validated once never fails later for a reason validation could have caught: registry
 names, ranges and unknown keys are all checked here.
+
+Dependencies run one way: ``schema`` (parsing) <- the registries (models, featurizers, losses,
+optimisers: they name these classes only in type hints) <- ``config`` <- what builds configs (e.g.
+``models.reference``). ``TrialConfig.validate`` imports the registries inside the function so that
+importing ``config`` stays light (no torch) for code that only reads a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
 from .errors import CrystaltuneError
 from .registry import did_you_mean
+from .schema import build
 
 
 @dataclass
 class DataConfig:
-    #: keys older configs and checkpoints used, read as their new names
-    RENAMED: ClassVar[dict[str, str]] = {"data": "file"}
-
     dataset: str = "perovskites"
     file: str | None = None  # the file behind a dataset name (e.g. the user's SNUMAT file)
     targets: list[str] | None = None  # None: the dataset's default
@@ -102,7 +104,7 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrialConfig:
-        cfg = _build(cls, d or {}, where)
+        cfg = build(cls, d or {}, where)
         cfg.validate()
         return cfg
 
@@ -136,13 +138,20 @@ class TrialConfig:
 
     # validation -----------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Registry names, sizes and the components' own options; raises CrystaltuneError naming the key."""
+        self._check_names()
+        self._check_sizes()
+        self._check_components()
+
+    def _check_names(self) -> None:
+        """Every name resolves in the registry that builds it (so a name is valid exactly when usable)."""
         from .featurizers import EDGE_FEATURIZERS, NODE_TABLES
         from .losses import LOSSES
         from .models import MODELS, POOLINGS
         from .models.base import GLOBAL_FEATURES, NORMS
         from .train.optim import OPTIMIZERS, SCHEDULES
 
-        m, t, o, d = self.model, self.train, self.optim, self.data
+        m, o = self.model, self.optim
         MODELS.get(m.name)
         POOLINGS.get(m.pooling)
         EDGE_FEATURIZERS.get(m.edge_featurizer)
@@ -158,8 +167,11 @@ class TrialConfig:
                 raise CrystaltuneError(f"{name}: {registry.unknown_message(value)}")
         for g in m.global_features:
             _choice("model.global_features", g, GLOBAL_FEATURES)
-        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-        # upper bounds keep a few bytes of config from asking for gigabytes of model
+        _choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
+
+    def _check_sizes(self) -> None:
+        """Ranges; the upper bounds keep a few bytes of config from asking for gigabytes of model."""
+        m, t, o, d = self.model, self.train, self.optim, self.data
         _range("model.hidden", m.hidden, 1, 4096)
         _range("model.head_hidden", m.head_hidden, 1, 8192)
         _range("model.layers", m.layers, 1, 64)
@@ -188,10 +200,15 @@ class TrialConfig:
             _range("data.fold", d.fold, 0, d.folds - 1)
         if len(d.split) != 3 or min(d.split) < 0 or abs(sum(d.split) - 1) > 1e-6 or d.split[0] == 0:
             raise CrystaltuneError(f"data.split must be 3 non-negative fractions summing to 1, got {d.split}")
+
+    def _check_components(self) -> None:
+        """``model.edge_params`` and ``model.params``, parsed by the featurizer's and model's Params."""
         from .featurizers.edge import check_edge_params
+        from .models import MODELS
         from .models.params import parse_params
 
-        check_edge_params(m.edge_featurizer, d.cutoff, m.edge_params)
+        m = self.model
+        check_edge_params(m.edge_featurizer, self.data.cutoff, m.edge_params)
         parse_params(MODELS.get(m.name).Params, m.params, m)
 
 
@@ -204,72 +221,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def _build(cls, d: Any, where: str):
-    if not isinstance(d, dict):
-        raise CrystaltuneError(f"{where}: expected a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = inspect.get_annotations(cls, eval_str=True)
-    kwargs = {}
-    renamed = getattr(cls, "RENAMED", {})
-    for key, value in d.items():
-        key = renamed.get(key, key)
-        if key not in fields:
-            hint = did_you_mean(str(key), list(fields))
-            raise CrystaltuneError(f"{where}: unknown key {key!r}{hint} (known: {', '.join(fields)})")
-        hint_t = hints[key]
-        if dataclasses.is_dataclass(hint_t):
-            kwargs[key] = _build(hint_t, value or {}, f"{where}.{key}")
-        else:
-            kwargs[key] = _coerce(value, hint_t, f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a YAML value against a field's annotation (int/float/str/bool/list/dict/Optional)."""
-    import types
-    import typing
-
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except CrystaltuneError as exc:
-                errors.append(str(exc))
-        raise CrystaltuneError(errors[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise CrystaltuneError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise CrystaltuneError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise CrystaltuneError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise CrystaltuneError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CrystaltuneError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise CrystaltuneError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:

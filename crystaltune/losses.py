@@ -13,12 +13,15 @@ which is zero when the predicted distribution matches the target distribution's 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
-from .config import LossConfig
 from .registry import Registry
+
+if TYPE_CHECKING:  # config imports this registry (lazily), never the reverse
+    from .config import LossConfig
 
 LOSSES: Registry[Callable[..., torch.Tensor]] = Registry("loss")
 EPS = 1e-6

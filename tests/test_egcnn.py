@@ -15,7 +15,7 @@ from crystaltune.errors import CrystaltuneError
 from crystaltune.graphs import GraphStore, graph_from_structure
 from crystaltune.graphs.store import Batch
 from crystaltune.models import build_model
-from crystaltune.models.egcnn import EGCNN, AngleBasis, bond_cosines, bond_pairs
+from crystaltune.models.egcnn import EGCNN, AngleBasis, EGCNNParams, bond_cosines, bond_pairs
 
 ANGLES = [pytest.param({}, id="plain"), pytest.param({"angles": True, "angle_bins": 8}, id="angles")]
 
@@ -333,7 +333,7 @@ def test_bad_params_raise(params, key):
     with pytest.raises(CrystaltuneError, match=f"model.params.{key}: "):
         build_model(config(params=params))
     with pytest.raises(CrystaltuneError, match=key):  # also when the class is built directly
-        EGCNN(config(), **params)
+        EGCNN(config(), params=EGCNNParams(**params))
 
 
 def test_unknown_param_is_a_config_error():

@@ -45,15 +45,20 @@ class Dataset:
         cache: bool = True,
         folds: int | None = None,
         fold: int = 0,
+        val_folds: int | None = None,
     ) -> Split:
         """Seeded random split, made once per (dataset content, targets, seed, fractions) and stored as
         id lists so every trial of a search sees the same crystals. With ``folds`` the test set is
-        fold ``fold`` of a seeded k-fold partition and train/val share the rest as fractions[0:2] do."""
+        fold ``fold`` of a seeded k-fold partition and train/val share the rest as fractions[0:2] do.
+        With ``val_folds`` the test set is the plain split's and the validation set is fold ``fold`` of
+        the rest (cross-validation for choosing a model that never sees the test crystals)."""
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0:
             raise CrystaltuneError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
         tag = f"{self.name}-{self.key}-{'+'.join(self.targets)}-s{seed}-{'-'.join(f'{f:g}' for f in fractions)}"
         if folds:
             tag += f"-cv{folds}.{fold}"
+        if val_folds:
+            tag += f"-valcv{val_folds}.{fold}"
         file = cache_dir() / "splits" / f"{tag}.json"
         ids = None
         if cache and file.exists():
@@ -64,7 +69,8 @@ class Dataset:
             except (OSError, ValueError):
                 ids = None
         if ids is None:
-            ids = _split_ids(np.random.default_rng(seed).permutation(np.sort(self.store.ids)), fractions, folds, fold)
+            order = np.random.default_rng(seed).permutation(np.sort(self.store.ids))
+            ids = _split_ids(order, fractions, folds, fold, val_folds)
             if cache:
                 file.parent.mkdir(parents=True, exist_ok=True)
                 tmp = file.with_suffix(f".{os.getpid()}.tmp")
@@ -74,7 +80,9 @@ class Dataset:
         return Split(*(np.array([pos[r] for r in ids[k]], dtype=np.int64) for k in ("train", "val", "test")), ids=ids)
 
 
-def _split_ids(order: np.ndarray, fractions, folds: int | None, fold: int) -> dict[str, list[str]]:
+def _split_ids(
+    order: np.ndarray, fractions, folds: int | None, fold: int, val_folds: int | None = None
+) -> dict[str, list[str]]:
     """train/val/test id lists from a shuffled id order (see Dataset.split)."""
     if folds:
         parts = np.array_split(order, folds)
@@ -83,6 +91,10 @@ def _split_ids(order: np.ndarray, fractions, folds: int | None, fold: int) -> di
         return {"train": rest[n_val:].tolist(), "val": rest[:n_val].tolist(), "test": test.tolist()}
     n_train = int(round(fractions[0] * len(order)))
     n_val = int(round(fractions[1] * len(order)))
+    if val_folds:
+        parts = np.array_split(order[: n_train + n_val], val_folds)
+        train = np.concatenate([p for i, p in enumerate(parts) if i != fold])
+        return {"train": train.tolist(), "val": parts[fold].tolist(), "test": order[n_train + n_val :].tolist()}
     return {
         "train": order[:n_train].tolist(),
         "val": order[n_train : n_train + n_val].tolist(),

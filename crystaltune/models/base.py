@@ -6,15 +6,21 @@ featurizers, pooling, global features and heads are shared so every model takes 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from ..featurizers import NodeFeaturizer, make_edge_featurizer
 from ..graphs.store import Batch
 from ..registry import Registry
-from .params import ModelParams
+from ..schema import document
+from .params import ModelParams, parse_params
 from .pooling import make_pooling
+
+if TYPE_CHECKING:  # config imports the registries (lazily), never the reverse
+    from ..config import ModelConfig
 
 N_CRYSTAL_SYSTEMS = 7
 #: crystal-level descriptors a model can append to its pooled vector (``model.global_features``)
@@ -64,13 +70,22 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 
 class CrystalModel(nn.Module):
     """Base class of every registered model. ``Params``: the dataclass of its ``model.params``
-    options (keyword arguments of its constructor), checked before anything is built."""
+    options, passed to the constructor as one object (``params``, checked there: None gives the
+    defaults). Each option also reads as an attribute of the model (``model.angles``) unless the
+    model already uses the name; the class docstring's option list is generated from ``Params``."""
 
     Params: type[ModelParams] = ModelParams
 
-    def __init__(self, config: ModelConfig, n_targets: int = 1, cutoff: float = 8.0):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "Params" in vars(cls):
+            document(cls, cls.Params, "model.params")
+
+    def __init__(self, config: ModelConfig, n_targets: int = 1, cutoff: float = 8.0, params: ModelParams | None = None):
         super().__init__()
         self.config = config
+        # build_model has parsed them already; checked again for direct construction (types included)
+        self.params = parse_params(self.Params, params, config)
         self.n_targets = n_targets
         self.node = NodeFeaturizer(config.node_featurizer, trainable=config.node_trainable)
         self.edge = make_edge_featurizer(config.edge_featurizer, cutoff=cutoff, **config.edge_params)
@@ -89,6 +104,9 @@ class CrystalModel(nn.Module):
         self.conv_to_fc = nn.Linear(pooled, config.head_hidden)
         self.act = nn.Softplus()
         self.heads = nn.ModuleList(self._head(config) for _ in range(n_targets))
+        for f in dataclasses.fields(self.params):
+            if not hasattr(self, f.name):
+                setattr(self, f.name, getattr(self.params, f.name))
 
     def _head(self, config: ModelConfig) -> nn.Module:
         layers: list[nn.Module] = []

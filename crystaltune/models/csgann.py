@@ -23,16 +23,19 @@ projected back to ``hidden`` by a linear layer (the usual multi-head output proj
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from torch import nn
 from torch_geometric.nn import GATv2Conv, TransformerConv
 
+from ..schema import option
+from .activations import Activation, make_activation
 from .base import CrystalModel, make_norm
 from .params import ModelParams, require
 from .zoo import MODELS
 
-ACTIVATIONS = {"softplus": nn.Softplus, "silu": nn.SiLU}
-ATTENTIONS = ("transformer", "gatv2")
+Attention = Literal["transformer", "gatv2"]
+ATTENTIONS = get_args(Attention)
 
 
 class AttentionBlock(nn.Module):
@@ -57,7 +60,7 @@ class AttentionBlock(nn.Module):
             )
         self.proj = nn.Linear(heads * head_dim, dim)
         self.norm = make_norm(norm, dim)
-        self.act = ACTIVATIONS[activation]()
+        self.act = make_activation(activation)
         self.drop = nn.Dropout(dropout)
         self.residual = residual
 
@@ -68,9 +71,9 @@ class AttentionBlock(nn.Module):
 
 @dataclass
 class CSGANNParams(ModelParams):
-    heads: int = 4
-    attention: str = "transformer"
-    activation: str = "softplus"
+    heads: int = option(4, doc="attention heads, in [1, model.hidden]")
+    attention: Attention = option("transformer", doc="TransformerConv or GATv2Conv (module docstring)")
+    activation: Activation = option("softplus")
 
     def check(self, model) -> None:
         require(
@@ -78,48 +81,18 @@ class CSGANNParams(ModelParams):
             "model.params.heads",
             f"must be in [1, model.hidden = {model.hidden}], got {self.heads}",
         )
-        require(
-            self.attention in ATTENTIONS,
-            "model.params.attention",
-            f"must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}",
-        )
-        require(
-            self.activation in ACTIVATIONS,
-            "model.params.activation",
-            f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
-        )
 
 
 @MODELS.register("csgann")
 class CSGANN(CrystalModel):
-    """Attention message passing with edge features (see the module docstring).
-
-    Options (``model.params``, :class:`CSGANNParams`): ``heads`` (int in [1, hidden], default 4),
-    ``attention`` ("transformer" | "gatv2", default "transformer"), ``activation`` ("softplus" |
-    "silu", default "softplus").
-    """
+    """Attention message passing with edge features (see the module docstring)."""
 
     Params = CSGANNParams
 
-    def __init__(
-        self,
-        config,
-        n_targets: int = 1,
-        cutoff: float = 8.0,
-        heads: int = 4,
-        attention: str = "transformer",
-        activation: str = "softplus",
-    ):
-        self.num_heads = heads  # not self.heads: the base class keeps the output heads there
-        self.attention = attention
-        self.activation = activation
-        super().__init__(config, n_targets, cutoff)
-
     def build_backbone(self) -> None:
-        c = self.config
+        c, p = self.config, self.params
+        self.num_heads = p.heads  # not self.heads: the base class keeps the output heads there
         self.blocks = nn.ModuleList(
-            AttentionBlock(
-                c.hidden, self.edge_dim, self.num_heads, self.attention, c.norm, c.residual, c.dropout, self.activation
-            )
+            AttentionBlock(c.hidden, self.edge_dim, p.heads, p.attention, c.norm, c.residual, c.dropout, p.activation)
             for _ in range(c.layers)
         )

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..schema import option
 from .base import make_norm
 from .cgcnn import CGCNN, factored_edge_linear
 from .params import ModelParams
@@ -50,30 +51,23 @@ class EdgeUpdate(nn.Module):
 
 @dataclass
 class CSGCNNParams(ModelParams):
-    edge_update: bool = True
+    edge_update: bool = option(
+        True, doc="refresh the edge features from their end atoms after every convolution but the last (false: CGCNN)"
+    )
 
 
 @MODELS.register("csgcnn")
 class CSGCNN(CGCNN):
-    """CGCNN gated convolutions with an edge update between consecutive layers.
-
-    Options (``model.params``): ``edge_update`` (bool, default True): refresh the edge features from
-    their end atoms after every convolution but the last; False gives plain CGCNN on whatever
-    featurizers the config picks.
-    """
+    """CGCNN gated convolutions with an edge update between consecutive layers (module docstring)."""
 
     Params = CSGCNNParams
-
-    def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, edge_update: bool = True):
-        self.edge_update = bool(edge_update)
-        super().__init__(config, n_targets, cutoff)
 
     def build_backbone(self) -> None:
         super().build_backbone()
         c = self.config
         self.edge_updates = (
             nn.ModuleList(EdgeUpdate(c.hidden, self.edge_dim, c.norm) for _ in range(c.layers - 1))
-            if self.edge_update
+            if self.params.edge_update
             else None
         )
 

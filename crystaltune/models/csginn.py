@@ -15,14 +15,19 @@ The MLP has ``mlp_layers`` linear layers of width ``hidden`` with norm + softplu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from torch import nn
 from torch.nn import functional as F
 from torch_geometric.nn import GINEConv
 
+from ..schema import option
 from .base import CrystalModel, make_norm
-from .params import ModelParams, require
+from .params import ModelParams
 from .zoo import MODELS
+
+Aggregation = Literal["add", "sum", "mean", "max"]
+AGGREGATIONS = get_args(Aggregation)
 
 
 def _mlp(dim: int, n_layers: int, norm: str) -> nn.Sequential:
@@ -56,53 +61,22 @@ class GINEBlock(nn.Module):
         return self.drop(F.softplus(x + h if self.residual else h))
 
 
-AGGREGATIONS = ("add", "sum", "mean", "max")
-
-
 @dataclass
 class CSGINNParams(ModelParams):
-    train_eps: bool = True
-    aggr: str = "add"
-    mlp_layers: int = 2
-
-    def check(self, model) -> None:
-        require(
-            self.aggr in AGGREGATIONS,
-            "model.params.aggr",
-            f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggr!r}",
-        )
-        require(1 <= self.mlp_layers <= 8, "model.params.mlp_layers", f"must be in [1, 8], got {self.mlp_layers}")
+    train_eps: bool = option(True, doc="learn GIN's eps")
+    aggr: Aggregation = option("add", doc="neighbour aggregation AGG (add and sum are the same)")
+    mlp_layers: int = option(2, lo=1, hi=8, doc="linear layers of each GINE MLP")
 
 
 @MODELS.register("csginn")
 class CSGINN(CrystalModel):
-    """GINE message passing (see the module docstring).
-
-    Options (``model.params``): ``train_eps`` (bool, default True), ``aggr`` ("add" | "mean" | "max",
-    default "add"), ``mlp_layers`` (int in [1, 8], default 2).
-    """
+    """GINE message passing (see the module docstring)."""
 
     Params = CSGINNParams
 
-    def __init__(
-        self,
-        config,
-        n_targets: int = 1,
-        cutoff: float = 8.0,
-        train_eps: bool = True,
-        aggr: str = "add",
-        mlp_layers: int = 2,
-    ):
-        self.train_eps = bool(train_eps)
-        self.aggr = aggr
-        self.mlp_layers = mlp_layers
-        super().__init__(config, n_targets, cutoff)
-
     def build_backbone(self) -> None:
-        c = self.config
+        c, p = self.config, self.params
         self.blocks = nn.ModuleList(
-            GINEBlock(
-                c.hidden, self.edge_dim, c.norm, c.residual, c.dropout, self.train_eps, self.aggr, self.mlp_layers
-            )
+            GINEBlock(c.hidden, self.edge_dim, c.norm, c.residual, c.dropout, p.train_eps, p.aggr, p.mlp_layers)
             for _ in range(c.layers)
         )

@@ -46,12 +46,13 @@ from torch import nn
 
 from ..errors import CrystaltuneError
 from ..graphs.store import Batch
+from ..schema import option
+from .activations import Activation, make_activation
 from .base import CrystalModel, make_norm
 from .cgcnn import factored_edge_linear, scatter_target
-from .params import ModelParams, as_kwargs, parse_params, require
+from .params import ModelParams
 from .zoo import MODELS
 
-ACTIVATIONS = {"silu": nn.SiLU, "softplus": nn.Softplus}
 EPS = 1e-6
 
 
@@ -122,7 +123,7 @@ class EdgeGatedConv(nn.Module):
         self.node = nn.Linear(dim, 2 * dim)  # A x, B x
         self.norm_x = make_norm(norm, dim)
         self.norm_e = make_norm(norm, dim) if update_edges else None
-        self.act = ACTIVATIONS[activation]()
+        self.act = make_activation(activation)
         self.drop = nn.Dropout(dropout)
         self.residual = residual
 
@@ -204,7 +205,7 @@ class AngleUpdate(nn.Module):
         self.bond = nn.Linear(dim, 4 * dim)  # P e (with the bias), Q e, F e, G e
         self.angle = nn.Linear(bins, dim)  # T rbf (+ gate bias)
         self.norm = make_norm(norm, dim)
-        self.act = ACTIVATIONS[activation]()
+        self.act = make_activation(activation)
         self.drop = nn.Dropout(dropout)
         self.residual = residual
 
@@ -229,77 +230,35 @@ class AngleUpdate(nn.Module):
 # the model ---------------------------------------------------------------------------------------------
 @dataclass
 class EGCNNParams(ModelParams):
-    angles: bool = False
-    angle_bins: int = 16
-    angle_layers: int | None = None
-    activation: str = "silu"
-
-    def check(self, model) -> None:
-        require(
-            2 <= self.angle_bins <= 128,
-            "model.params.angle_bins",
-            f"must be an integer in [2, 128], got {self.angle_bins}",
-        )
-        require(
-            self.angle_layers is None or 0 <= self.angle_layers <= 64,
-            "model.params.angle_layers",
-            f"must be an integer in [0, 64] (or null: every layer), got {self.angle_layers}",
-        )
-        require(
-            self.activation in ACTIVATIONS,
-            "model.params.activation",
-            f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
-        )
+    angles: bool = option(False, doc="add the bond-angle line-graph update")
+    angle_bins: int = option(16, lo=2, hi=128, doc="Gaussians on cos theta")
+    angle_layers: int | None = option(
+        None, lo=0, hi=64, doc="how many of the first layers get the angle update (null or more than layers: all)"
+    )
+    activation: Activation = option("silu", doc="activation of the atom, bond and angle updates")
 
 
 @MODELS.register("egcnn")
 class EGCNN(CrystalModel):
-    """Edge-gated crystal network (see the module docstring).
-
-    Options (``model.params``, :class:`EGCNNParams`): ``angles`` (bool, default False: add the
-    bond-angle line-graph update), ``angle_bins`` (int in [2, 128], default 16: Gaussians on
-    cos theta), ``angle_layers`` (int in [0, 64] or null, default null = every layer: how many of the
-    first layers get the angle update; more than ``layers`` means all), ``activation`` ("silu" |
-    "softplus", default "silu").
-    """
+    """Edge-gated crystal network (see the module docstring)."""
 
     Params = EGCNNParams
 
-    def __init__(
-        self,
-        config,
-        n_targets: int = 1,
-        cutoff: float = 8.0,
-        angles: bool = False,
-        angle_bins: int = 16,
-        angle_layers: int | None = None,
-        activation: str = "silu",
-    ):
-        # build_model has parsed these already; checked again for direct construction (types included)
-        raw = {"angles": angles, "angle_bins": angle_bins, "angle_layers": angle_layers, "activation": activation}
-        params = as_kwargs(parse_params(EGCNNParams, raw, config))
-        self.angles = params["angles"]
-        self.angle_bins = params["angle_bins"]
-        self.angle_layers = params["angle_layers"]
-        self.activation = params["activation"]
-        super().__init__(config, n_targets, cutoff)
-
     def build_backbone(self) -> None:
-        c = self.config
-        self.edge_embedding = nn.Sequential(nn.Linear(self.edge_dim, c.hidden), ACTIVATIONS[self.activation]())
+        c, p = self.config, self.params
+        self.edge_embedding = nn.Sequential(nn.Linear(self.edge_dim, c.hidden), make_activation(p.activation))
         # every parameter takes part in the loss (DDP runs without find_unused_parameters): the last layer
         # does not update the bonds
         self.convs = nn.ModuleList(
-            EdgeGatedConv(c.hidden, c.norm, c.residual, c.dropout, self.activation, update_edges=i < c.layers - 1)
+            EdgeGatedConv(c.hidden, c.norm, c.residual, c.dropout, p.activation, update_edges=i < c.layers - 1)
             for i in range(c.layers)
         )
         n_angle = 0
-        if self.angles:
-            n_angle = c.layers if self.angle_layers is None else min(self.angle_layers, c.layers)
-        self.angle_basis = AngleBasis(self.angle_bins) if n_angle else None
+        if p.angles:
+            n_angle = c.layers if p.angle_layers is None else min(p.angle_layers, c.layers)
+        self.angle_basis = AngleBasis(p.angle_bins) if n_angle else None
         self.angle_updates = nn.ModuleList(
-            AngleUpdate(c.hidden, self.angle_bins, c.norm, c.residual, c.dropout, self.activation)
-            for _ in range(n_angle)
+            AngleUpdate(c.hidden, p.angle_bins, c.norm, c.residual, c.dropout, p.activation) for _ in range(n_angle)
         )
 
     def angle_graph(self, edge_index: torch.Tensor, batch: Batch, n: int) -> AngleGraph:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import CrystaltuneError
+from ..schema import option
 from .base import CrystalModel
 from .cgcnn import CGConv
 from .params import ModelParams, require
@@ -72,18 +73,11 @@ class AffineCoupling(nn.Module):
 
 @dataclass
 class FlowGNNParams(ModelParams):
-    flow_layers: int = 1
-    flow_hidden: int | None = None
-    s_max: float = 2.0
+    flow_layers: int = option(1, lo=0, hi=16, doc="affine couplings after each convolution (0: CGCNN)")
+    flow_hidden: int | None = option(None, lo=1, hi=4096, doc="width of the coupling MLPs (null: model.hidden)")
+    s_max: float = option(2.0, lo=0, hi=20, open_lo=True, doc="bound of the log-scale")
 
     def check(self, model) -> None:
-        require(0 <= self.flow_layers <= 16, "model.params.flow_layers", f"must be in [0, 16], got {self.flow_layers}")
-        require(
-            self.flow_hidden is None or 1 <= self.flow_hidden <= 4096,
-            "model.params.flow_hidden",
-            f"must be in [1, 4096] (or null: model.hidden), got {self.flow_hidden}",
-        )
-        require(0 < self.s_max <= 20, "model.params.s_max", f"must be in (0, 20], got {self.s_max}")
         require(
             not self.flow_layers or model.hidden >= 2,
             "model.params.flow_layers",
@@ -93,37 +87,21 @@ class FlowGNNParams(ModelParams):
 
 @MODELS.register("flowgnn")
 class FlowGNN(CrystalModel):
-    """CGConv layers each followed by ``flow_layers`` affine couplings (see the module docstring).
-
-    Options (``model.params``): ``flow_layers`` (int >= 0, default 1; 0 gives CGCNN),
-    ``flow_hidden`` (width of the coupling MLPs, default ``hidden``), ``s_max`` (bound of the
-    log-scale, default 2.0).
-    """
+    """CGConv layers each followed by ``flow_layers`` affine couplings (see the module docstring)."""
 
     Params = FlowGNNParams
 
-    def __init__(
-        self,
-        config,
-        n_targets: int = 1,
-        cutoff: float = 8.0,
-        flow_layers: int = 1,
-        flow_hidden: int | None = None,
-        s_max: float = 2.0,
-    ):
-        self.flow_layers = flow_layers
-        self.flow_hidden = flow_hidden
-        self.s_max = float(s_max)
-        super().__init__(config, n_targets, cutoff)
+    def __init__(self, config, n_targets: int = 1, cutoff: float = 8.0, params: FlowGNNParams | None = None):
+        super().__init__(config, n_targets, cutoff, params)
         self.log_det: torch.Tensor | None = None
 
     def build_backbone(self) -> None:
-        c = self.config
+        c, p = self.config, self.params
         self.convs = nn.ModuleList(CGConv(c.hidden, self.edge_dim, c.norm, c.residual) for _ in range(c.layers))
         self.flows = nn.ModuleList(
             nn.ModuleList(
-                AffineCoupling(c.hidden, self.flow_hidden, flip=(i * self.flow_layers + k) % 2 == 1, s_max=self.s_max)
-                for k in range(self.flow_layers)
+                AffineCoupling(c.hidden, p.flow_hidden, flip=(i * p.flow_layers + k) % 2 == 1, s_max=p.s_max)
+                for k in range(p.flow_layers)
             )
             for i in range(c.layers)
         )

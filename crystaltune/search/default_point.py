@@ -9,7 +9,6 @@ of searched parameters to values; without it the default is what the space's own
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,20 @@ FREE_KEYS = ("data.", "train.epochs", "train.seed", "output")
 
 
 def _open_key_default(key: str, flat: dict[str, Any]) -> Any:
-    """Default of an open ``model.edge_params.X`` / ``model.params.X`` key: the keyword default of the
-    featurizer, or the field default of the model's typed Params."""
+    """Default of an open ``model.edge_params.X`` / ``model.params.X`` key: the field default of the
+    featurizer's or the model's typed Params."""
     import dataclasses
 
     from ..featurizers import EDGE_FEATURIZERS
     from ..models import MODELS
 
     section, name = key.rsplit(".", 1)
-    if section == "model.params":
-        fields = {f.name: f.default for f in dataclasses.fields(MODELS.get(flat["model.name"]).Params)}
-        return fields.get(name)
-    param = inspect.signature(EDGE_FEATURIZERS.get(flat["model.edge_featurizer"])).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
+    owner = (
+        MODELS.get(flat["model.name"])
+        if section == "model.params"
+        else EDGE_FEATURIZERS.get(flat["model.edge_featurizer"])
+    )
+    return {f.name: f.default for f in dataclasses.fields(owner.Params)}.get(name)
 
 
 def _value(key: str, flat: dict[str, Any]) -> Any:

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +160,15 @@ class SearchRun:
     storage: str
     tracking_uri: str
 
+    lock: Any = field(default=None, compare=False, repr=False)  # the output folder's, held while this lives
+
     @classmethod
     def resolve(cls, opts: SearchOptions, space: SearchSpace) -> SearchRun:
+        """Check every place before any work; the output folder is locked first, so a second search
+        into it is refused before it touches anything there."""
         output = Path(opts.output or Path("crystaltune-results") / space.name).resolve()
         check_writable(output, "--output")
+        lock = lock_output(output)
         storage = opts.storage or str(output / "ray")
         check_storage(storage)
         if "://" not in storage:
@@ -171,7 +176,7 @@ class SearchRun:
             check_writable(Path(storage), "--storage")
         tracking_uri = opts.tracking_uri or default_tracking_uri()
         check_tracking_uri(tracking_uri)
-        return cls(space, output, storage, tracking_uri)
+        return cls(space, output, storage, tracking_uri, lock)
 
     @property
     def remote(self) -> bool:
@@ -203,8 +208,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     require_token_auth()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     space = prepare_space(opts)
-    run = SearchRun.resolve(opts, space)
-    lock = lock_output(run.output)  # noqa: F841 (held until this process ends)
+    run = SearchRun.resolve(opts, space)  # holds the output folder's lock until this process ends
     preflight(opts.address, run.tracking_uri, opts.resume, run.output, opts.warm_start)  # before graphs or Ray
     console(quiet=opts.quiet)
     ncpu = plan_local(opts, space)
