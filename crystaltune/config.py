@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .errors import CrystaltuneError
 from .registry import did_you_mean
-from .schema import build
+from .schema import build, option
 
 
 @dataclass
@@ -87,6 +87,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int | None = None
     eval_batch_size: int = 512
+    averaging: Literal["none", "ema", "swa"] = option(
+        "none", doc="evaluate and keep averaged weights: an EMA over steps, or SWA over the last epochs"
+    )
+    ema_decay: float = option(0.99, lo=0.5, hi=0.99999, doc="EMA: weight of the running average per step")
+    swa_start: float = option(0.75, lo=0.0, hi=0.99, doc="SWA: average the epochs after this fraction of them")
 
 
 @dataclass
@@ -133,6 +138,8 @@ class TrialConfig:
             "optim.milestones": self.optim.schedule != "step",
             "loss.kl_weight": not self.loss.kl,
             "loss.huber_delta": self.loss.name not in ("huber", "weighted"),
+            "train.ema_decay": self.train.averaging != "ema",
+            "train.swa_start": self.train.averaging != "swa",
         }
         return {k: v for k, v in self.flat().items() if not unused.get(k, False)}
 

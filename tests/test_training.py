@@ -325,3 +325,39 @@ def test_the_grad_scaler_state_is_saved_and_restored():
     fresh.scaler = torch.amp.GradScaler("cpu")
     fresh.load_state_dict(run.model, saved)
     assert fresh.scaler.get_scale() == 512.0 and fresh.scaler.get_growth_interval() == 7
+
+
+@pytest.mark.parametrize("averaging", ["ema", "swa"])
+def test_weight_averaging_is_evaluated_saved_and_restored(tmp_path, averaging):
+    """With train.averaging the val and test metrics are those of the averaged weights (the checkpoint
+    holds them and reproduces the reported test MAE), and a trial retried mid-run continues the
+    average: it ends as one that ran straight through."""
+    from crystaltune.checkpoint import load_checkpoint
+    from crystaltune.train.loop import load_epoch_checkpoint
+    from crystaltune.train.metrics import predict_indices, regression_metrics
+    from crystaltune.train.trial_data import prepare_trial_data
+
+    over = {"train": {"epochs": 6, "averaging": averaging, "ema_decay": 0.9, "swa_start": 0.5}}
+    cfg = small_cfg(**over, output=str(tmp_path / "best.pt"))
+    kept, straight = {}, []
+
+    def keep(m, ck):
+        straight.append(m)
+        kept[m["epoch"]] = load_epoch_checkpoint(ck)
+
+    whole = fit(cfg, report=keep, checkpoint_every_epoch=True)
+    plain = []
+    fit(small_cfg(train={"epochs": 6}), report=lambda m, c: plain.append(m["val_mae"]))
+    assert straight[-1]["val_mae"] != pytest.approx(plain[-1], abs=1e-6)  # the average, not the last weights
+    # EMA: every step (128 training crystals / batch 32 = 4 a epoch); SWA: epochs 4, 5, 6
+    assert int(kept[6]["averaged"]["n_averaged"]) == (24 if averaging == "ema" else 3)
+    loaded = load_checkpoint(tmp_path / "best.pt")
+    data = prepare_trial_data(loaded.config)
+    p, y = predict_indices(loaded.model, data.store, data.test, data.targets, loaded.normalizer, "cpu")
+    assert regression_metrics(p, y, data.targets, "test")["test_mae"] == pytest.approx(whole["test_mae"], rel=1e-5)
+    retried = []
+    again = fit(cfg, report=lambda m, c: retried.append(m), resume=kept[4])
+    assert [m["epoch"] for m in retried] == [5, 6]
+    for a, b in zip(straight[4:], retried):
+        assert a["val_mae"] == pytest.approx(b["val_mae"], abs=1e-6)
+    assert again["test_mae"] == pytest.approx(whole["test_mae"], abs=1e-6)

@@ -31,6 +31,7 @@ from ..graphs.device_store import DeviceGraphStore, on_device
 from ..losses import Loss
 from ..models import build_model
 from ..normalizer import Normalizer
+from . import averaging
 from .metrics import embedding_metrics, predict_indices, regression_metrics
 from .optim import make_optimizer
 from .trial_data import TrialData, prepare_trial_data
@@ -90,6 +91,7 @@ class TrainingState:
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     bad_epochs: int = 0
+    averaged: Any = None  # torch.optim.swa_utils.AveragedModel with train.averaging (averaging.py)
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, Any]:
         """Everything to resume, written after epoch ``self.epoch`` (0-based) ran and before the counter
@@ -104,6 +106,7 @@ class TrainingState:
             "best_state": self.best_state,
             "history": self.history,
             "bad_epochs": self.bad_epochs,
+            "averaged": self.averaged.state_dict() if self.averaged is not None else None,
             "torch_rng": torch.get_rng_state(),  # dropout on the CPU
         }
         device = _device_of(model)
@@ -122,6 +125,8 @@ class TrainingState:
         self.epoch = saved["epoch"] + 1
         self.best, self.best_state, self.history = saved["best"], saved["best_state"], saved["history"]
         self.bad_epochs = saved["bad_epochs"]
+        if self.averaged is not None:
+            self.averaged.load_state_dict(saved["averaged"])
         torch.set_rng_state(saved["torch_rng"])
         device = _device_of(model)
         if device.type == "cuda" and saved.get("cuda_rng") is not None:
@@ -235,7 +240,7 @@ def setup(cfg: TrialConfig, data: TrialData | None, device_store: bool | None) -
         domain_of(data),
     )
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    return run, TrainingState(optimizer, scheduler, scaler)
+    return run, TrainingState(optimizer, scheduler, scaler, averaged=averaging.make_averaged(t, model))
 
 
 def train_epoch(run: Run, state: TrainingState) -> tuple[float, int, float]:
@@ -257,6 +262,8 @@ def train_epoch(run: Run, state: TrainingState) -> tuple[float, int, float]:
             m = torch.isfinite(err)
             abs_err += torch.where(m, err, 0).sum(0)
             count += m.sum(0)
+    if averaging.swa_due(cfg.train, state.epoch):
+        state.averaged.update_parameters(run.model)
     train_time = time.perf_counter() - t0
     if run.world > 1:
         stats = torch.cat([abs_err, count])
@@ -289,6 +296,8 @@ def _step(run: Run, state: TrainingState, batch, s: int) -> torch.Tensor:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    if run.cfg.train.averaging == "ema":
+        state.averaged.update_parameters(run.model)
     if state.scheduler is not None and not isinstance(state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         state.scheduler.step()
     return pred
@@ -297,7 +306,7 @@ def _step(run: Run, state: TrainingState, batch, s: int) -> torch.Tensor:
 def evaluate(run: Run, state: TrainingState) -> dict[str, float]:
     """Validation metrics after an epoch (and the plateau schedule's step)."""
     pv, yv = predict_indices(
-        run.model,
+        averaging.evaluated(run.model, state.averaged),
         run.batches,
         run.data.val,
         run.data.targets,
@@ -319,9 +328,10 @@ def update_best(run: Run, state: TrainingState, val: dict[str, float]) -> bool:
         state.bad_epochs += 1
         return False
     state.bad_epochs = 0
-    state.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
+    model = averaging.evaluated(run.model, state.averaged)  # the weights this epoch was judged by
+    state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     pt, yt = predict_indices(
-        run.model,
+        model,
         run.batches,
         run.data.test,
         run.data.targets,
@@ -333,7 +343,7 @@ def update_best(run: Run, state: TrainingState, val: dict[str, float]) -> bool:
         "val_mae": val["val_mae"],
         "best_epoch": state.epoch + 1,
         **regression_metrics(pt, yt, run.data.targets, "test"),
-        **embedding_metrics(run.model, run.data.store, run.data.test, run.device, seed=run.cfg.train.seed),
+        **embedding_metrics(model, run.data.store, run.data.test, run.device, seed=run.cfg.train.seed),
     }
     return True
 
