@@ -35,6 +35,9 @@ class DataConfig:
     limit: int | None = None  # use only the first N crystals (seeded subset), for smoke runs
     folds: int | None = None  # k-fold cross-validation: the test set is fold ``fold`` of ``folds``
     fold: int = 0
+    # cross-validation for choosing a model: the test set is the plain split's, val is fold ``fold`` of
+    # ``val_folds`` of the rest (so the choice never sees a test crystal)
+    val_folds: int | None = None
 
 
 @dataclass
@@ -202,9 +205,12 @@ class TrialConfig:
             _positive("train.early_stopping", t.early_stopping)
         if o.grad_clip is not None:
             _positive("optim.grad_clip", o.grad_clip)
-        if d.folds is not None:
-            _range("data.folds", d.folds, 2, 100)
-            _range("data.fold", d.fold, 0, d.folds - 1)
+        if d.folds is not None and d.val_folds is not None:
+            raise CrystaltuneError("data.folds and data.val_folds: one kind of cross-validation at a time")
+        for key, k in (("data.folds", d.folds), ("data.val_folds", d.val_folds)):
+            if k is not None:
+                _range(key, k, 2, 100)
+                _range("data.fold", d.fold, 0, k - 1)
         if len(d.split) != 3 or min(d.split) < 0 or abs(sum(d.split) - 1) > 1e-6 or d.split[0] == 0:
             raise CrystaltuneError(f"data.split must be 3 non-negative fractions summing to 1, got {d.split}")
 

@@ -104,28 +104,35 @@ def build_ensemble(name: str, tracking_uri: str, k: int, output: Path) -> dict[s
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         chosen = member_checkpoints(client, parent.info.experiment_id, parent.info.run_id, k, Path(tmp))
-    members = [load_checkpoint_dict(ck, f"trial {t}") for t, ck in chosen]
+    payload = ensemble_payload(chosen)
+    torch.save(payload, output / "ensemble.pt")
+    (output / "ensemble.json").write_text(json.dumps({"trials": payload["trials"], **payload["metrics"]}, indent=1))
+    registered = runs.model_name(parent.data.tags[runs.SPACE], "ensemble")
+    log_ensemble(client, tracking_uri, parent, output / "ensemble.pt", payload, registered)
+    return {"trials": payload["trials"], **payload["metrics"], "checkpoint": str(output / "ensemble.pt")}
+
+
+def ensemble_payload(chosen: list[tuple[str, dict]]) -> dict[str, Any]:
+    """The ensemble checkpoint of (name, checkpoint dict) members: its std scale fitted on the
+    validation split and its measurements on the test split."""
+    members = [load_checkpoint_dict(ck, name) for name, ck in chosen]
     val_preds, val_y, _ = split_predictions(members, "val")
     scale = std_scale(val_preds[:, :, 0], val_y[:, 0])
     preds, y, _ = split_predictions(members, "test")
-    metrics = calibration(preds[:, :, 0], y[:, 0], scale)
-    payload = {
+    return {
         "format": ENSEMBLE_FORMAT,
         "version": 1,
         "std_scale": scale,
         "members": [ck for _, ck in chosen],
         "trials": [t for t, _ in chosen],
         "targets": members[0].targets,
-        "metrics": metrics,
+        "metrics": calibration(preds[:, :, 0], y[:, 0], scale),
     }
-    torch.save(payload, output / "ensemble.pt")
-    (output / "ensemble.json").write_text(json.dumps({"trials": payload["trials"], **metrics}, indent=1))
-    log_ensemble(client, tracking_uri, parent, output / "ensemble.pt", payload)
-    return {"trials": payload["trials"], **metrics, "checkpoint": str(output / "ensemble.pt")}
 
 
-def log_ensemble(client, uri: str, parent, checkpoint: Path, payload: dict) -> None:
-    """An MLflow run under the search (metrics, the checkpoint) and the ensemble registered as a pyfunc."""
+def log_ensemble(client, uri: str, parent, checkpoint: Path, payload: dict, registered: str):
+    """An MLflow run under the search (metrics, the checkpoint) and the ensemble registered as a pyfunc
+    under ``registered``; returns the model's info (its registered version)."""
     import warnings
 
     import mlflow
@@ -147,14 +154,15 @@ def log_ensemble(client, uri: str, parent, checkpoint: Path, payload: dict) -> N
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name="ensemble",
             python_model=str(Path(__file__).parent / "search" / "mlflow_model.py"),
             artifacts={"checkpoint": str(checkpoint)},
-            registered_model_name=runs.model_name(parent.data.tags[runs.SPACE], "ensemble"),
+            registered_model_name=registered,
             pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
         )
     client.set_terminated(run.info.run_id, "FINISHED")
+    return info
 
 
 @cli_main

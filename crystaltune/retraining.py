@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import TrialConfig
@@ -19,7 +20,7 @@ from .errors import CrystaltuneError
 from .search import runs
 
 #: data settings that must match for two test MAEs to be comparable
-SPLIT_KEYS = ("dataset", "file", "targets", "split_seed", "split", "limit", "folds", "fold")
+SPLIT_KEYS = ("dataset", "file", "targets", "split_seed", "split", "limit", "folds", "fold", "val_folds")
 
 
 def top_configs_of(client, parent_run_id: str, k: int) -> list[tuple[str, TrialConfig]]:
@@ -81,40 +82,53 @@ def replicates(seeds: list[int] | None, folds: int | None) -> list[tuple[int, in
     return [(s, None) for s in seeds or []]
 
 
-def _replicate_config(cfg: TrialConfig, seed: int, fold: int | None, folds: int | None) -> TrialConfig:
+def _replicate_config(cfg: TrialConfig, seed: int, fold: int | None, folds: int | None, cv: str) -> TrialConfig:
+    """``cfg`` with the replicate's seed and fold: the test fold (``cv`` "test") or the validation
+    fold of the rest (``cv`` "val": a choice that never sees the test crystals)."""
     d = {**cfg.to_dict(), "output": None}
     d["train"]["seed"] = seed
     if fold is not None:
-        d["data"].update(folds=folds, fold=fold)
+        d["data"].update({"folds" if cv == "test" else "val_folds": folds, "fold": fold})
     return TrialConfig.from_dict(d)
 
 
 @dataclass
 class RetrainStudy:
     """Retraining under one search: its MLflow client, experiment and parent run, and the (seed, fold)
-    replicates every configuration is trained on, so all of them compare on the same ones."""
+    replicates every configuration is trained on, so all of them compare on the same ones. ``cv``:
+    which set the folds hold out ("test", or "val" of the rest); ``keep_models`` logs each replicate's
+    best checkpoint to its run."""
 
     client: Any
     exp_id: str
     parent_run_id: str
     reps: list[tuple[int, int | None]]
     log: Callable[[str], None] = print
+    cv: str = "test"
+    keep_models: bool = False
 
-    def retrain(self, role: str, cfg: TrialConfig, source: str, tags: dict[str, str] | None = None) -> None:
-        """Train ``cfg`` once per replicate (skipping those already logged for this exact config) and
-        log each run; ``tags`` mark the run further (e.g. which trial a candidate is)."""
+    def fold_tag(self, fold: int | None) -> str:
+        return "" if fold is None else f"{'val' if self.cv == 'val' else ''}{fold}"
+
+    def retrain(self, role: str, cfg: TrialConfig, source: str, tags: dict[str, str] | None = None) -> list[str]:
+        """Train ``cfg`` once per replicate (skipping those already logged for this exact config), log
+        each run, and return the run ids of its replicates; ``tags`` mark the runs further (e.g. which
+        trial a candidate is)."""
         digest = config_digest(cfg)
         done = {
             (r.data.tags.get(runs.ROLE), r.data.tags.get(runs.CONFIG_DIGEST))
-            + (r.data.tags.get(runs.SEED), r.data.tags.get(runs.FOLD, ""))
+            + (r.data.tags.get(runs.SEED), r.data.tags.get(runs.FOLD, "")): r.info.run_id
             for r in runs.retrain_runs(self.client, self.exp_id, self.parent_run_id)
             if r.info.status == "FINISHED"
         }
         folds = max((f for _, f in self.reps if f is not None), default=-1) + 1 or None
+        out = []
         for seed, fold in self.reps:
-            label = f"{role} seed {seed}" + (f" fold {fold}" if fold is not None else "")
-            if (role, digest, str(seed), "" if fold is None else str(fold)) in done:
+            label = f"{role} seed {seed}" + (f" {self.cv} fold {fold}" if fold is not None else "")
+            key = (role, digest, str(seed), self.fold_tag(fold))
+            if key in done:
                 self.log(f"[crystaltune] {label}: already in MLflow, not retrained")
+                out.append(done[key])
                 continue
             tags_of_run = {
                 runs.PARENT: self.parent_run_id,
@@ -122,16 +136,19 @@ class RetrainStudy:
                 runs.ROLE: role,
                 runs.SEARCH_RUN: self.parent_run_id,
                 runs.SEED: str(seed),
-                runs.FOLD: "" if fold is None else str(fold),
+                runs.FOLD: self.fold_tag(fold),
                 runs.CONFIG_DIGEST: digest,
                 runs.SOURCE: source,
                 **(tags or {}),
             }
-            name = f"{role} s{seed}" + (f" f{fold}" if fold is not None else "")
-            self._train_one(_replicate_config(cfg, seed, fold, folds), name, label, tags_of_run)
+            name = f"{role} s{seed}" + (f" f{self.fold_tag(fold)}" if fold is not None else "")
+            rid = self._train_one(_replicate_config(cfg, seed, fold, folds, self.cv), name, label, tags_of_run)
+            out += [rid] if rid else []
+        return out
 
-    def _train_one(self, cfg: TrialConfig, name: str, label: str, tags: dict[str, str]) -> None:
-        """One replicate: its MLflow run, per-epoch curves, final metrics; a diverged one marked FAILED."""
+    def _train_one(self, cfg: TrialConfig, name: str, label: str, tags: dict[str, str]) -> str | None:
+        """One replicate: its MLflow run, per-epoch curves, final metrics (and its checkpoint with
+        ``keep_models``); returns the run id, or None for a diverged one (marked FAILED)."""
         from mlflow.entities import Param, RunTag
 
         from .mlflow_metrics import finite_metrics
@@ -141,13 +158,20 @@ class RetrainStudy:
         rid = client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
         client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in cfg.used_flat().items()])
         t0 = time.perf_counter()
+        tmp = tempfile.TemporaryDirectory(prefix="ct-retrain-")
+        if self.keep_models:
+            cfg.output = str(Path(tmp.name) / "best.pt")
         try:
             m = fit(cfg, _epoch_logger(client, rid, label, cfg.train.epochs, self.log))
         except TrialDiverged as exc:
             client.set_tag(rid, runs.ERROR, str(exc)[:5000])
             client.set_terminated(rid, "FAILED")
             self.log(f"[crystaltune] {label}: diverged ({exc})")
-            return
+            tmp.cleanup()
+            return None
+        if cfg.output:
+            client.log_artifact(rid, cfg.output, artifact_path=runs.CHECKPOINT_DIR)
+        tmp.cleanup()
         metrics = {**m, "best_val_mae": m["val_mae"], "train_time_s": time.perf_counter() - t0}
         client.log_batch(
             rid,
@@ -159,6 +183,7 @@ class RetrainStudy:
             f"[crystaltune] {label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} "
             f"({metrics['train_time_s']:.0f} s)"
         )
+        return rid
 
 
 def _epoch_logger(client, run_id: str, label: str, epochs: int, log):

@@ -110,6 +110,20 @@ def test_split_is_seeded_stored_and_reused(tmp_path, small_records):
     assert len(s1.train) == 10 and len(s1.val) == 1 and len(s1.test) == 1
 
 
+def test_validation_folds_partition_train_and_val_and_never_touch_test(tmp_path, small_records):
+    """data.val_folds (the search's final choice among its top configs): the test set stays the plain
+    split's, and the k validation folds are disjoint and together are the plain train + val."""
+    ds = load_dataset(write_jsonl(tmp_path / "s.jsonl", small_records))
+    plain = ds.split(0)
+    folds = [ds.split(0, val_folds=3, fold=f) for f in range(3)]
+    assert all(f.ids["test"] == plain.ids["test"] for f in folds)
+    vals = [set(f.ids["val"]) for f in folds]
+    assert sum(map(len, vals)) == len(set().union(*vals)) == len(plain.ids["train"]) + len(plain.ids["val"])
+    assert set().union(*vals) == set(plain.ids["train"]) | set(plain.ids["val"])
+    for f in folds:
+        assert set(f.ids["train"]).isdisjoint(f.ids["val"]) and not set(f.ids["train"]) & set(plain.ids["test"])
+
+
 def test_shipped_datasets_load_with_expected_sizes():
     ds = load_dataset("perovskites")
     info = dataset_info(ds)

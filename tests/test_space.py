@@ -59,6 +59,9 @@ def _space(**over):
         (_space(resources={"executor": "dirct"}), "did you mean 'direct'"),
         (_space(resources={"workers": 2, "executor": "direct"}), "'direct' trains one worker per trial"),
         ([1, 2], "expected a mapping"),
+        (_space(finalize={"top_kk": 2}), r"finalize: unknown key 'top_kk'.*did you mean 'top_k'"),
+        (_space(finalize={"cv_folds": 1}), r"finalize.cv_folds: must be in \[2, 20\], got 1"),
+        (_space(finalize={"seeds": [0, 0]}), "finalize.seeds: distinct non-negative integers"),
     ],
 )
 def test_bad_search_spaces_fail_before_ray(raw, match):

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import CrystalModel, make_norm
+from .fused import can_fuse, fused_gated_conv
 from .zoo import MODELS
 
 
@@ -58,6 +59,9 @@ class CGConv(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, e: torch.Tensor, degree: int = 0) -> torch.Tensor:
         # message from neighbour (edge_index[0]) to centre (edge_index[1])
+        if can_fuse(self.bn1, x):
+            summed = self.bn2(fused_gated_conv(self, x, edge_index, e, degree))
+            return F.softplus(x + summed) if self.residual else F.softplus(summed)
         gated = self.bn1(factored_edge_linear(self.fc_full, self.dim, x, edge_index, e, degree))
         filt, core = gated.chunk(2, dim=1)
         msg = torch.sigmoid(filt) * F.softplus(core)

@@ -51,6 +51,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (overrides resources.cpus_per_worker)")
     p.add_argument("--trials-per-gpu", type=int, help="pack N one-worker trials on each GPU (1/N GPU each)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    p.add_argument(
+        "--finalize",
+        type=int,
+        metavar="K",
+        help="after the trials, retrain the top K configs, choose one (cross-validation on train+val for "
+        "small sets), and register its seed ensemble as models:/crystaltune-NAME@best beside the default "
+        "retrained the same way (0: off; default: the space file's finalize: block, if any)",
+    )
     p.add_argument("--data", help="dataset file for the space's dataset (e.g. the SNUMAT file)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray instance (default: 2 x cores + 1)")
     p.add_argument(
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             trials_per_gpu=a.trials_per_gpu,
             warm_start=a.warm_start,
             seed=a.seed,
+            finalize=a.finalize,
             watchdog_factor=a.watchdog_factor,
             watchdog_floor_s=a.watchdog_floor,
             stall_timeout_s=a.stall_timeout,

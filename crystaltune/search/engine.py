@@ -3,6 +3,7 @@ trials, then write the leaderboard, best_config.yaml and the search-level MLflow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from ..errors import CrystaltuneError, is_disk_full
 from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output, redact
 from . import autoscale, diskguard, runs
+from .finalize import FinalizePlan, FinalModel, finalize
 from .plan import plan_concurrency, resolve_auto
 from .preflight import preflight
 from .runs import TrialRow
@@ -54,6 +56,7 @@ class SearchOptions:
     watchdog_floor_s: float = 600.0  # ... but never sooner than this
     stall_timeout_s: float = 1800.0  # no trial can run for this long: stop, resumable
     executor: str | None = None
+    finalize: int | None = None  # top K for the final step (0: off; None: as the space file says)
 
 
 def prepare_space(opts: SearchOptions) -> SearchSpace:
@@ -77,6 +80,8 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
             )
     if opts.seed < 0:
         raise CrystaltuneError(f"--seed must be >= 0, got {opts.seed}")
+    if opts.finalize is not None and opts.finalize < 0:
+        raise CrystaltuneError(f"--finalize must be >= 0 (0: off), got {opts.finalize}")
     if opts.gpus_per_worker is not None and opts.gpus_per_worker < 0:
         raise CrystaltuneError(f"--gpus-per-worker must be >= 0, got {opts.gpus_per_worker}")
     space = load_space(opts.space)
@@ -105,6 +110,10 @@ def prepare_space(opts: SearchOptions) -> SearchSpace:
         space.gpus_per_worker = 1.0 / opts.trials_per_gpu
     if opts.executor or opts.workers_per_trial:
         space.executor = check_executor("--executor", opts.executor or space.executor, space.workers)
+    if opts.finalize == 0:
+        space.finalize = None
+    elif opts.finalize:
+        space.finalize = dataclasses.replace(space.finalize or FinalizePlan(), top_k=opts.finalize)
     if opts.data:
         if not Path(opts.data).exists():
             raise CrystaltuneError(f"--data {opts.data}: no such file or folder")
@@ -504,14 +513,22 @@ class SearchSummary:
     error: str = ""  # why a search that ran to its end has no result
     best: TrialRow | None = None
     default: TrialRow | None = None  # the default configuration's trial, when it ranked
+    final: FinalModel | None = None  # the final step's result (--finalize)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-ready keys (``best_trial``, ``best_val_mae``, ``default_test_mae``, ...)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("best", "default")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("best", "default", "final")}
         for role, row in (("best", self.best), ("default", self.default)):
             if row is not None:
                 d.update({f"{role}_trial": row.name, f"{role}_val_mae": row.best_val_mae})
                 d.update({f"{role}_test_mae": row.test_mae, f"{role}_run_id": row.run_id})
+        if self.final is not None:
+            f = self.final
+            d.update(final_trial=f.trial, final_test_mae=f.test_mae, final_ensemble_test_mae=f.ensemble_test_mae)
+            d.update(
+                final_default_test_mae=f.default_test_mae, final_default_ensemble_test_mae=f.default_ensemble_test_mae
+            )
+            d.update(final_gain=f.gain, final_model_uri=f.model_uri, final_chosen_by=f.chosen_by)
         return d
 
 
@@ -532,6 +549,8 @@ def finish_search(run: SearchRun, dataset, search_time: float) -> SearchSummary:
         if ok:
             _write_best(tracker, run, rows, ok, dataset)
         summary.files_written = bool(ok)
+        if ok and run.space.finalize is not None and not (summary.interrupted or summary.stop_reason):
+            summary.final = _finalize(tracker, run.space, ok, len(dataset))
     except OSError as exc:  # a full disk: MLflow (elsewhere) has every run; --resume writes these files
         if not is_disk_full(exc):
             raise
@@ -541,9 +560,21 @@ def finish_search(run: SearchRun, dataset, search_time: float) -> SearchSummary:
     tracker.client.set_tag(tracker.parent_run_id, runs.STATUS, status)
     tracker.client.set_terminated(tracker.parent_run_id, {"interrupted": "KILLED"}.get(status, status.upper()))
     description = render.run_description(run.space.name, summary, ok, tracker.experiment_id)
+    if summary.final is not None:
+        description = "\n\n".join(["**" + summary.final.lines()[0] + "**", *summary.final.lines()[1:], description])
     tracker.client.set_tag(tracker.parent_run_id, runs.DESCRIPTION, description)
     _closing_lines(summary, run.space, tracker)
     return summary
+
+
+def _finalize(tracker, space: SearchSpace, ok: list[TrialRow], crystals: int) -> FinalModel | None:
+    """The final step; its failure is said and tagged, and the search keeps its best trial as its result."""
+    try:
+        return finalize(tracker, space, ok, crystals, space.finalize)
+    except (CrystaltuneError, RuntimeError, ValueError) as exc:
+        _log.warning("the final step failed, so the best trial stays the search's result: %s", exc)
+        tracker.client.set_tag(tracker.parent_run_id, runs.FINAL_ERROR, str(exc)[:5000])
+        return None
 
 
 def _summary(run: SearchRun, rows: list[TrialRow], tracker, search_time: float) -> SearchSummary:
@@ -623,6 +654,8 @@ def _closing_lines(summary: SearchSummary, space: SearchSpace, tracker) -> None:
             f"default ({space.default_source}): {s.default.trial}  val_mae {dv:.4f}  "
             f"test_mae {s.default.test_mae:.4f}; the best is {gain:.1f}% lower on val MAE"
         )
+    for line in s.final.lines() if s.final is not None else []:
+        _log.info(line)
     if s.files_written:
         _log.info(f"wrote {output / 'best_config.yaml'} and {output / 'leaderboard.csv'}")
         _log.info(f"retrain: python -m crystaltune.train --config {output / 'best_config.yaml'}")

@@ -53,6 +53,10 @@ IMPORTANCES = f"{SEARCH_DIR}/param_importances.json"
 
 # the parent run's summary metrics, named apart from the trials' so it never sorts among them
 PARENT_BEST_VAL, PARENT_BEST_TEST = "search.best_val_mae", "search.best_test_mae"
+# the final model's (search/finalize.py): its seed ensemble's test MAE, the default's, the gain
+FINAL_TEST, FINAL_DEFAULT_TEST, FINAL_GAIN = "final.ensemble_test_mae", "final.default_ensemble_test_mae", "final.gain"
+FINAL_TRIAL = "crystaltune.final_trial"
+FINAL_ERROR = "crystaltune.final_error"
 
 MAX_RUNS = 5000
 

@@ -32,7 +32,7 @@ from ..config import TrialConfig, flatten
 from ..errors import CrystaltuneError
 from ..registry import did_you_mean
 
-TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search", "default")
+TOP_KEYS = ("name", "description", "dataset", "budget", "resources", "fixed", "search", "default", "finalize")
 DATASET_KEYS = ("name", "file", "targets", "split_seed", "split", "limit", "cutoff", "max_neighbors", "folds", "fold")
 BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor")
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "executor")
@@ -118,6 +118,8 @@ class SearchSpace:
     #: the well-trained default as values of the searched parameters: every search evaluates it first
     default_point: dict[str, Any] = field(default_factory=dict)
     default_source: str = ""
+    #: the final step after the trials (search/finalize.py), or None: the best trial is the result
+    finalize: Any = None
 
     @property
     def uses_ray_train(self) -> bool:
@@ -402,6 +404,10 @@ def parse_space(raw: Any, source: str = "<space>", default_name: str = "search")
         executor=check_executor(f"{source}: resources.executor", res.get("executor", "auto"), res.get("workers", 1)),
         source=source,
     )
+    if raw.get("finalize") is not None:
+        from .finalize import parse_plan
+
+        space.finalize = parse_plan(raw["finalize"], f"{source}: finalize")
     check_epochs_not_set(source, flatten(fixed), search, space.max_epochs)
     if space.grace_period > space.max_epochs:
         raise CrystaltuneError(

@@ -50,7 +50,7 @@ def prepare_trial_data(cfg: TrialConfig, dataset: Dataset | None = None) -> Tria
     if ds.params.max_neighbors is None or ds.params.max_neighbors > cfg.data.max_neighbors:
         ds = replace(ds, store=trim_neighbors(ds.store, cfg.data.max_neighbors))
     d = cfg.data
-    split = ds.split(d.split_seed, tuple(d.split), folds=d.folds, fold=d.fold)
+    split = ds.split(d.split_seed, tuple(d.split), folds=d.folds, fold=d.fold, val_folds=d.val_folds)
     bad = unsupported_crystals(ds.store.arrays["z"], ds.store.node_ptr, cfg.model.node_featurizer)
     dropped = [{"id": str(ds.store.ids[g]), "reason": reason} for g, reason in bad.items()]
     ok = np.ones(len(ds.store), bool)
@@ -64,7 +64,7 @@ def prepare_trial_data(cfg: TrialConfig, dataset: Dataset | None = None) -> Tria
 def check_dataset_split(ds: Dataset, cfg: TrialConfig) -> None:
     """check_split for a whole dataset before any trial (a search's driver, before Ray starts)."""
     d = cfg.data
-    split = ds.split(d.split_seed, tuple(d.split), folds=d.folds, fold=d.fold)
+    split = ds.split(d.split_seed, tuple(d.split), folds=d.folds, fold=d.fold, val_folds=d.val_folds)
     check_split(TrialData(ds.store, ds.targets, split.train, split.val, split.test, ds.name, []), cfg)
 
 
@@ -76,8 +76,10 @@ def check_split(data: TrialData, cfg: TrialConfig) -> None:
     if not empty:
         return
     d = cfg.data
-    split = f"fold {d.fold} of {d.folds}" if d.folds else "/".join(f"{f:g}" for f in d.split)
-    need = smallest_splittable(tuple(d.split), d.folds, d.fold)
+    split = "/".join(f"{f:g}" for f in d.split)
+    if d.folds or d.val_folds:
+        split = f"{'val ' if d.val_folds else ''}fold {d.fold} of {d.folds or d.val_folds}"
+    need = smallest_splittable(tuple(d.split), d.folds, d.fold, d.val_folds)
     dropped = f", {len(data.dropped)} dropped by node featurizer {cfg.model.node_featurizer!r}" if data.dropped else ""
     raise CrystaltuneError(
         f"{data.name}: {sum(sizes.values())} usable crystal(s){dropped} split {sizes['train']} train / "
@@ -87,12 +89,14 @@ def check_split(data: TrialData, cfg: TrialConfig) -> None:
     )
 
 
-def smallest_splittable(fractions: tuple[float, ...], folds: int | None, fold: int, upto: int = 10_000) -> int | None:
+def smallest_splittable(
+    fractions: tuple[float, ...], folds: int | None, fold: int, val_folds: int | None = None, upto: int = 10_000
+) -> int | None:
     """The fewest crystals whose split (these fractions or folds) leaves no part empty, or None."""
     from ..data.dataset import _split_ids
 
     for n in range(3, upto):
-        parts = _split_ids(np.arange(n), fractions, folds, fold)
+        parts = _split_ids(np.arange(n), fractions, folds, fold, val_folds)
         if all(parts.values()):
             return n
     return None

@@ -1,0 +1,111 @@
+"""A search that ends in its final model: the top configurations compared by cross-validation on
+train + val (never test), the chosen one's seed models registered as one ensemble beside the default
+retrained the same way, and the report reading those runs instead of retraining."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crystaltune.search.space import builtin_spaces_dir
+
+
+@pytest.fixture(scope="module")
+def finalized(tmp_path_factory):
+    work = tmp_path_factory.mktemp("final")
+    space = (builtin_spaces_dir() / "smoke.yaml").read_text().replace("name: smoke", "name: smoke_final")
+    (work / "space.yaml").write_text(space + "finalize: {top_k: 2, seeds: [0, 1], cv_folds: 2}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.search", "space.yaml", "--num-samples", "3", "--json"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(out.stdout[out.stdout.index("\n{") :])
+    return work, out.stdout, summary
+
+
+def _retrains(work: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crystaltune-smoke_final")
+    runs = client.search_runs([exp.experiment_id], "tags.`crystaltune.kind` = 'retrain'", max_results=100)
+    return client, runs
+
+
+def test_the_choice_is_cross_validated_on_train_and_val_only(finalized):
+    work, stdout, summary = finalized
+    _, runs = _retrains(work)
+    cv = [r for r in runs if r.data.tags["crystaltune.role"] == "cv"]
+    trials = {r.data.tags["crystaltune.trial"] for r in cv}
+    assert len(trials) == 2 and sorted(r.data.tags["crystaltune.fold"] for r in cv) == ["val0", "val0", "val1", "val1"]
+    for r in cv:  # validation folds of the search's train + val; the test split is the search's own
+        assert r.data.params["data.val_folds"] == "2" and r.data.params["data.folds"] == "None"
+    mean_val = {
+        t: sum(r.data.metrics["best_val_mae"] for r in cv if r.data.tags["crystaltune.trial"] == t) / 2 for t in trials
+    }
+    assert summary["final_trial"] == min(mean_val, key=mean_val.get)
+    assert summary["final_chosen_by"] == "2-fold cross-validation on train + val"
+    assert f"final model: {summary['final_trial']} (chosen by 2-fold cross-validation" in stdout
+    assert "well-trained default retrained the same way" in stdout
+
+
+def test_the_registered_model_is_the_chosen_configurations_seed_ensemble(finalized):
+    import mlflow
+
+    from crystaltune.checkpoint import ENSEMBLE_FORMAT, read_checkpoint
+    from crystaltune.config import TrialConfig
+    from crystaltune.retraining import config_digest
+
+    work, _, summary = finalized
+    client, runs = _retrains(work)
+    final = [r for r in runs if r.data.tags["crystaltune.role"] == "candidate"]
+    base = [r for r in runs if r.data.tags["crystaltune.role"] == "baseline"]
+    assert (
+        sorted(r.data.tags["crystaltune.seed"] for r in final)
+        == ["0", "1"]
+        == sorted(r.data.tags["crystaltune.seed"] for r in base)
+    )
+    assert {r.data.tags["crystaltune.trial"] for r in final} == {summary["final_trial"]}
+    assert sorted(summary["final_test_mae"]) == sorted(r.data.metrics["test_mae"] for r in final)
+    version = client.get_model_version_by_alias("crystaltune-smoke_final", "best")
+    assert summary["final_model_uri"] == "models:/crystaltune-smoke_final@best"
+    assert version.tags["kind"] == "final ensemble" and version.tags["trial"] == summary["final_trial"]
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    folder = Path(mlflow.artifacts.download_artifacts(summary["final_model_uri"], dst_path=str(work / "dl")))
+    (path,) = folder.glob("artifacts/*.pt")
+    ck = read_checkpoint(path)
+    assert ck["format"] == ENSEMBLE_FORMAT and len(ck["members"]) == 2
+    digests = {config_digest(TrialConfig.from_dict(m["config"])) for m in ck["members"]}
+    assert digests == {final[0].data.tags["crystaltune.config_digest"]}  # the chosen config, seeds apart
+    import pandas as pd
+
+    cif = (Path(__file__).parent / "data/reference_cgcnn/sample-regression/1000041.cif").read_text()
+    out = mlflow.pyfunc.load_model(summary["final_model_uri"]).predict(pd.DataFrame({"structure": [cif]}))
+    assert out.iloc[0]["band_gap"] == out.iloc[0]["band_gap"] and out.iloc[0]["band_gap_std"] >= 0
+    parent = client.get_run(final[0].data.tags["crystaltune.search_run"])
+    assert parent.data.metrics["final.ensemble_test_mae"] == pytest.approx(summary["final_ensemble_test_mae"])
+    assert parent.data.tags["crystaltune.final_trial"] == summary["final_trial"]
+    assert "final model:" in parent.data.tags["mlflow.note.content"]
+
+
+def test_the_report_reads_the_final_runs_instead_of_retraining(finalized):
+    work, _, summary = finalized
+    out = subprocess.run(
+        [sys.executable, "-m", "crystaltune.report", "space.yaml", "--output", str(work / "report")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (work / "report" / "report.md").read_text()
+    assert "## Retrained per seed" in text and f"candidate {summary['final_trial']} (chosen)" in text
+    assert "baseline (the search's default (final))" in text and "seed 0: epoch" not in out.stdout
