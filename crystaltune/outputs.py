@@ -18,6 +18,11 @@ STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "file", "hdfs")  # Ray Tune's pyar
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "file", "databricks")
 
 
+def is_uri(location: str) -> bool:
+    """A URI (s3://..., sqlite:///..., http://...) rather than a local path."""
+    return "://" in location
+
+
 def redact(value: object) -> str:
     """Strip credentials from URIs (s3://KEY:SECRET@bucket -> s3://***@bucket)."""
     import re
@@ -50,7 +55,7 @@ def check_output_file(path: str | Path, what: str) -> None:
 
 
 def check_storage(storage: str) -> None:
-    scheme = storage.split("://", 1)[0] if "://" in storage else ""
+    scheme = storage.split("://", 1)[0] if is_uri(storage) else ""
     if scheme and scheme not in STORAGE_SCHEMES:
         raise CrystaltuneError(
             f"--storage {redact(storage)}: unknown scheme {scheme!r} "
@@ -65,7 +70,7 @@ def _head(path: Path, n: int = 16) -> bytes:
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Known scheme; a plain path is refused with the sqlite:/// form; an HTTP server must answer."""
-    if "://" not in uri:
+    if not is_uri(uri):
         raise CrystaltuneError(
             f"--tracking-uri {redact(uri)}: not a URI; for a local store use sqlite:///{Path(uri).resolve()}"
         )

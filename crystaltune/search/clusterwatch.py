@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from . import runs
+
 #: how long the GCS may stay silent before the cluster counts as lost (Ray itself gives up after 60 s)
 LOST_AFTER_S = 15.0
 
@@ -86,12 +88,12 @@ def mark_interrupted(state_file: str, tracking_uri: str) -> int:
     marked = 0
     for rec in (state.get("trials") or {}).values():
         if rec.get("status") == "RUNNING":
-            client.set_tag(rec["run_id"], "crystaltune.status", "interrupted")
+            client.set_tag(rec["run_id"], runs.STATUS, "interrupted")
             client.set_terminated(rec["run_id"], "KILLED")
             rec["status"] = "INTERRUPTED"
             marked += 1
     if state.get("parent_run_id"):
-        client.set_tag(state["parent_run_id"], "crystaltune.status", "interrupted")
+        client.set_tag(state["parent_run_id"], runs.STATUS, "interrupted")
         client.set_terminated(state["parent_run_id"], "KILLED")
     tmp = path.with_name(path.name + ".lost.tmp")
     tmp.write_text(json.dumps(state))

@@ -18,7 +18,7 @@ from .. import render
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError, is_disk_full
 from ..log import console
-from ..outputs import check_storage, check_tracking_uri, check_writable, lock_output, redact
+from ..outputs import check_storage, check_tracking_uri, check_writable, is_uri, lock_output, redact
 from . import autoscale, diskguard, runs
 from .finalize import FinalizePlan, FinalModel, finalize
 from .plan import plan_concurrency, resolve_auto
@@ -180,7 +180,7 @@ class SearchRun:
         lock = lock_output(output)
         storage = opts.storage or str(output / "ray")
         check_storage(storage)
-        if "://" not in storage:
+        if not is_uri(storage):
             storage = str(Path(storage).resolve())
             check_writable(Path(storage), "--storage")
         tracking_uri = opts.tracking_uri or default_tracking_uri()
@@ -190,7 +190,7 @@ class SearchRun:
     @property
     def remote(self) -> bool:
         """Storage behind a URI (s3://, gs://): every node reaches it, and nothing here is on disk."""
-        return "://" in self.storage
+        return is_uri(self.storage)
 
     @property
     def state_file(self) -> str:

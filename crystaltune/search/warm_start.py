@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CrystaltuneError
+from ..outputs import is_uri
 from . import runs
 from .space import SearchSpace, decode_sampled
 
@@ -27,7 +28,7 @@ OPTUNA_TABLES = ("studies", "trials", "trial_params", "trial_values", "version_i
 
 def study_storage(source: str) -> str:
     """The Optuna storage URI of ``source``; a local file is checked read-only first (check_study_file)."""
-    if "://" in source and not source.startswith("sqlite:///"):
+    if is_uri(source) and not source.startswith("sqlite:///"):
         return source  # a database server: Optuna reports what it dislikes
     path = Path(source.removeprefix("sqlite:///").split("?", 1)[0])
     if not path.is_file():
