@@ -283,8 +283,7 @@ def _space_default_file(name: str) -> str | None:
     return source if Path(source).is_file() else None
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m crystaltune.report", description=__doc__)
     ap.add_argument("name", help="search-space name or the space file the search ran (experiment crystaltune-NAME)")
     ap.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
@@ -322,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--readme", help="also write this search's Results section into that README (between markers)")
     ap.add_argument("--target-mae", type=float, help="a test-MAE target to state the best trial against")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _check_args(a: argparse.Namespace) -> str:
+    """Every flag checked before any retraining; the space resolved (``a.name``: its experiment's
+    name, its baseline filled in). Returns the MLflow store's URI."""
     for flag, value in (
         ("--baseline", a.baseline),
         ("--retrain-epochs", a.retrain_epochs),
@@ -346,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     uri = a.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CrystaltuneError(f"no MLflow store at {uri}")
+    return uri
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    uri = _check_args(a)
     plan = RetrainPlan(a.retrain_seeds, a.cv, a.top_k, a.retrain_epochs, a.baseline, a.reference)
     path, facts = build_report(a.name, uri, Path(a.output or f"crystaltune-results/{a.name}/report"), a.run_id, plan)
     print(f"report: {path}")
