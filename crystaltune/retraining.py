@@ -11,7 +11,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,7 @@ class RetrainStudy:
     exp_id: str
     parent_run_id: str
     reps: list[tuple[int, int | None]]
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = field(default=lambda line: print(f"[crystaltune] {line}", flush=True))  # a line
     cv: str = "test"
     keep_models: bool = False
 
@@ -127,7 +127,7 @@ class RetrainStudy:
             label = f"{role} seed {seed}" + (f" {self.cv} fold {fold}" if fold is not None else "")
             key = (role, digest, str(seed), self.fold_tag(fold))
             if key in done:
-                self.log(f"[crystaltune] {label}: already in MLflow, not retrained")
+                self.log(f"{label}: already in MLflow, not retrained")
                 out.append(done[key])
                 continue
             tags_of_run = {
@@ -166,7 +166,7 @@ class RetrainStudy:
         except TrialDiverged as exc:
             client.set_tag(rid, runs.ERROR, str(exc)[:5000])
             client.set_terminated(rid, "FAILED")
-            self.log(f"[crystaltune] {label}: diverged ({exc})")
+            self.log(f"{label}: diverged ({exc})")
             tmp.cleanup()
             return None
         if cfg.output:
@@ -180,7 +180,7 @@ class RetrainStudy:
         )
         client.set_terminated(rid, "FINISHED")
         self.log(
-            f"[crystaltune] {label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} "
+            f"{label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} "
             f"({metrics['train_time_s']:.0f} s)"
         )
         return rid
@@ -198,7 +198,7 @@ def _epoch_logger(client, run_id: str, label: str, epochs: int, log):
         client.log_batch(run_id, metrics=finite_metrics(metrics, ("train_mae", "val_mae", "lr"), step))
         if step % max(1, epochs // 10) == 0:
             log(
-                f"[crystaltune] {label}: epoch {step}/{epochs}, val MAE {metrics['val_mae']:.4f} "
+                f"{label}: epoch {step}/{epochs}, val MAE {metrics['val_mae']:.4f} "
                 f"(best {metrics['best_val_mae']:.4f}), {time.perf_counter() - t0:.0f} s"
             )
 
