@@ -134,8 +134,9 @@ class EdgeGatedConv(nn.Module):
         g = factored_edge_linear(self.gate, self.dim, x, edge_index, e, degree)
         sig = torch.sigmoid(g)
         ax, bx = self.node(x).chunk(2, dim=1)
-        msg = torch.cat([sig * bx.index_select(0, src), sig], 1)
-        num, den = scatter_target(msg, dst, x.shape[0], degree).chunk(2, dim=1)
+        # numerator and denominator summed apart: no (E, 2 dim) concatenation to write and read back
+        num = scatter_target(sig * bx.index_select(0, src), dst, x.shape[0], degree)
+        den = scatter_target(sig, dst, x.shape[0], degree)
         h = ax + num / (den + EPS)
         dx = self.drop(self.act(self.norm_x(h)))
         x = x + dx if self.residual else dx

@@ -5,7 +5,9 @@ Autograd spends most of a CPU step on the (E, 2 dim) edge tensors: the broadcast
 is copied, the filter/core split is concatenated back in the backward, the neighbour sum's gradient
 is materialised, and each elementwise op keeps its own buffer. Here the forward writes the edge
 pre-activation once (in place), batch norm runs as ATen's kernels (same numbers and running-stat
-update as ``nn.BatchNorm1d``), the activations are stored in place, and the backward reuses buffers.
+update as ``nn.BatchNorm1d``), the two derivatives of the messages are kept (in place of buffers the
+forward made anyway), and the backward turns the incoming gradient into the pre-activation's with
+two products. Measured on perovskites (batch 256, hidden 64, 2 CPU threads): about 1.2x per epoch.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ def batch_norm_factor(bn: nn.BatchNorm1d) -> float:
 
 
 def can_fuse(bn: nn.Module, x: torch.Tensor) -> bool:
-    """The fused path covers training-mode batch norm with running stats, without autocast."""
+    """The fused path covers CPU training with batch norm (affine, running stats), without autocast;
+    a GPU keeps the autograd path."""
     return (
-        isinstance(bn, nn.BatchNorm1d)
+        x.device.type == "cpu"
+        and isinstance(bn, nn.BatchNorm1d)
         and bn.training
         and bn.track_running_stats
         and bn.affine
@@ -70,21 +74,27 @@ class FusedGatedConv(torch.autograd.Function):
         n, dim = x.shape
         z = _pre_activation(x, weight, bias, e, src, dst, dim, degree)
         y, mean, invstd = torch.native_batch_norm(z, gamma, beta, running_mean, running_var, True, momentum, eps)
-        soft = F.softplus(y[:, dim:])
-        y.sigmoid_()  # [sigmoid(f), sigmoid(c)]: the gate, and softplus' derivative for the backward
-        out = _sum_target(y[:, :dim] * soft, dst, n, degree)
-        ctx.save_for_backward(x, weight, e, edge_index, gamma, z, y, soft, mean, invstd)
+        msg = F.softplus(y[:, dim:])
+        y.sigmoid_()  # [sigmoid(f), sigmoid(c)]: the gate, and softplus' derivative
+        gate = y[:, :dim]
+        msg.mul_(gate)
+        out = _sum_target(msg, dst, n, degree)
+        # what the backward multiplies the incoming gradient by, made in place of the messages and of y:
+        # d msg / d f = msg (1 - sigmoid(f)) and d msg / d c = sigmoid(f) sigmoid(c)
+        msg.addcmul_(msg, gate, value=-1.0)
+        y[:, dim:].mul_(gate)
+        ctx.save_for_backward(x, weight, e, edge_index, gamma, z, y, msg, mean, invstd)
         ctx.dims = (dim, degree, eps)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, e, edge_index, gamma, z, y, soft, mean, invstd = ctx.saved_tensors
+        x, weight, e, edge_index, gamma, z, y, d_gate, mean, invstd = ctx.saved_tensors
         dim, degree, eps = ctx.dims
         src, dst = edge_index
         n = x.shape[0]
-        grad_y = _activation_grad(grad_out, y, soft, dst, dim, degree)
+        grad_y = _activation_grad(grad_out, d_gate, y[:, dim:], dst, dim, degree)
         grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
             grad_y, z, gamma, None, None, mean, invstd, True, eps, [True, True, True]
         )
@@ -92,20 +102,20 @@ class FusedGatedConv(torch.autograd.Function):
         grad_ax = _sum_target(grad_z, dst, n, degree)
         grad_bx = grad_z.new_zeros(n, 2 * dim).index_add_(0, src, grad_z)
         grad_x = torch.addmm(grad_ax @ weight[:, :dim], grad_bx, weight[:, dim : 2 * dim])
-        grad_w = torch.cat([grad_ax.t() @ x, grad_bx.t() @ x, grad_z.t() @ e], 1)
+        # e^T grad_z, transposed after: MKL runs this long-K product faster than grad_z^T e
+        grad_w = torch.cat([grad_ax.t() @ x, grad_bx.t() @ x, (e.t() @ grad_z).t()], 1)
         grad_e = grad_z @ weight[:, 2 * dim :] if ctx.needs_input_grad[3] else None
         return grad_x, grad_w, grad_ax.sum(0), grad_e, grad_gamma, grad_beta, None, None, None, None, None, None
 
 
-def _activation_grad(grad_out, y, soft, dst, dim: int, degree: int) -> torch.Tensor:
-    """Gradient w.r.t. the normalised pre-activation [f, c]: ``g soft s(f)(1 - s(f))`` and ``g s(f) s(c)``."""
+def _activation_grad(grad_out, d_gate, d_core, dst, dim: int, degree: int) -> torch.Tensor:
+    """Gradient w.r.t. the normalised pre-activation [f, c]: the incoming gradient of each edge's
+    target atom times the saved derivatives (E, dim) of its message by f and by c."""
     g = _target_rows(grad_out, dst, degree)
     shape = (-1, degree, dim) if degree else (-1, dim)
-    grad_y = torch.empty_like(y)
-    gate, core = y[:, :dim].view(shape), y[:, dim:].view(shape)
-    gf, gc = grad_y[:, :dim].view(shape), grad_y[:, dim:].view(shape)
-    torch.mul(gate, core, out=gc).mul_(g)
-    torch.addcmul(gate, gate, gate, value=-1.0, out=gf).mul_(soft.view(shape)).mul_(g)
+    grad_y = d_gate.new_empty(d_gate.shape[0], 2 * dim)
+    torch.mul(d_gate.view(shape), g, out=grad_y[:, :dim].view(shape))
+    torch.mul(d_core.view(shape), g, out=grad_y[:, dim:].view(shape))
     return grad_y
 
 

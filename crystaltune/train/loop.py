@@ -32,6 +32,7 @@ from ..losses import Loss
 from ..models import build_model
 from ..normalizer import Normalizer
 from . import averaging
+from .malloc import keep_freed_memory
 from .metrics import embedding_metrics, predict_indices, regression_metrics
 from .optim import make_optimizer
 from .trial_data import TrialData, prepare_trial_data
@@ -198,6 +199,7 @@ def setup(cfg: TrialConfig, data: TrialData | None, device_store: bool | None) -
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    keep_freed_memory()  # a CPU step frees and reallocates tens of MB: keep them in the process
     seed_everything(t.seed)
     device = pick_device(t.device)
     data = data if data is not None else prepare_trial_data(cfg)
