@@ -17,7 +17,7 @@ import torch
 from ..errors import CrystaltuneError
 from .recipe import BenchRecipe
 
-MODELS = ("cgcnn", "csgcnn", "csgann", "csginn", "flowgnn")
+MODELS = ("cgcnn", "csgcnn", "csgann", "csginn", "flowgnn", "egcnn")
 
 
 def search_overhead(space: str, workdir: Path, num_samples: int | None = None) -> dict[str, Any]:
