@@ -24,7 +24,10 @@ def test_runs_list_only_the_settings_a_config_reads():
     )
     unused = {"optim.momentum", "optim.milestones", "loss.kl_weight", "loss.huber_delta"}
     assert not unused & set(adam.used_flat()) and unused <= set(sgd.used_flat())
-    assert set(adam.flat()) - set(adam.used_flat()) == unused
+    averaging = {"train.ema_decay", "train.swa_start"}  # read only with train.averaging ema / swa
+    assert set(adam.flat()) - set(adam.used_flat()) == unused | averaging
+    ema = TrialConfig.from_dict({"train": {"averaging": "ema"}})
+    assert "train.ema_decay" in ema.used_flat() and "train.swa_start" not in ema.used_flat()
 
 
 @pytest.mark.slow
