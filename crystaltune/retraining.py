@@ -179,10 +179,7 @@ class RetrainStudy:
             tags=[RunTag(runs.EPOCHS_RUN, str(m.get("epochs_run", "")))],
         )
         client.set_terminated(rid, "FINISHED")
-        self.log(
-            f"{label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} "
-            f"({metrics['train_time_s']:.0f} s)"
-        )
+        self.log(f"{label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} ({metrics['train_time_s']:.0f} s)")
         return rid
 
 
