@@ -138,9 +138,12 @@ def log_ensemble(client, uri: str, parent, checkpoint: Path, payload: dict, regi
     import mlflow
     from mlflow.entities import Metric, Param
 
+    from .config import TrialConfig
     from .search import runs
+    from .search.report_artifacts import config_example, pyfunc_signature
 
     trials, metrics = payload["trials"], payload["metrics"]
+    example = config_example(TrialConfig.from_dict(payload["members"][0]["config"]))
     run = client.create_run(
         parent.info.experiment_id,
         run_name=f"ensemble of {len(trials)}: {' '.join(trials)}",
@@ -160,6 +163,8 @@ def log_ensemble(client, uri: str, parent, checkpoint: Path, payload: dict, regi
             artifacts={"checkpoint": str(checkpoint)},
             registered_model_name=registered,
             pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
+            input_example=example,
+            signature=pyfunc_signature(example, checkpoint),  # id optional, as for the single models
         )
     client.set_terminated(run.info.run_id, "FINISHED")
     return info

@@ -88,6 +88,8 @@ def test_the_registered_model_is_the_chosen_configurations_seed_ensemble(finaliz
     import pandas as pd
 
     cif = (Path(__file__).parent / "data/reference_cgcnn/sample-regression/1000041.cif").read_text()
+    inputs = {c.name: c.required for c in mlflow.models.get_model_info(summary["final_model_uri"]).signature.inputs}
+    assert inputs == {"id": False, "structure": True}  # a signature, with id optional, as the single models have
     out = mlflow.pyfunc.load_model(summary["final_model_uri"]).predict(pd.DataFrame({"structure": [cif]}))
     assert out.iloc[0]["band_gap"] == out.iloc[0]["band_gap"] and out.iloc[0]["band_gap_std"] >= 0
     parent = client.get_run(final[0].data.tags["crystaltune.search_run"])

@@ -63,7 +63,7 @@ def parity_plots(checkpoint: Path, title: str, folder: Path, stem: str, dataset=
     return data, summaries
 
 
-def _signature(example, checkpoint: Path):
+def pyfunc_signature(example, checkpoint: Path):
     """The pyfunc's signature, inferred from running it on the example, with ``id`` optional (rows
     without one are numbered): MLflow alone would mark every column of the example required."""
     from types import SimpleNamespace
@@ -78,6 +78,14 @@ def _signature(example, checkpoint: Path):
     signature = infer_signature(example, model.predict(None, example))
     signature.inputs = Schema([ColSpec(c.type, c.name, required=c.name != "id") for c in signature.inputs.inputs])
     return signature
+
+
+def config_example(cfg):
+    """The input example of a model trained with ``cfg``: the first crystal of its test split."""
+    from ..train.trial_data import load_trial_dataset, prepare_trial_data
+
+    dataset = load_trial_dataset(cfg)
+    return _input_example(dataset, prepare_trial_data(cfg, dataset))
 
 
 def _input_example(dataset, data):
@@ -222,7 +230,7 @@ def _register_best_model(tracker, best, cfg, example, checkpoint: Path) -> str:
                 pip_requirements=["crystaltune", "torch", "torch-geometric", "pymatgen"],
                 params={k: str(v)[:500] for k, v in cfg.used_flat().items()},  # the best trial's own config
                 input_example=example,
-                signature=_signature(example, checkpoint),
+                signature=pyfunc_signature(example, checkpoint),
             )
     finally:
         mlflow.end_run(status)  # as it was: a failed model log must not mark the trial FAILED
