@@ -11,6 +11,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,22 +158,21 @@ class RetrainStudy:
         client = self.client
         rid = client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
         client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in cfg.used_flat().items()])
-        t0 = time.perf_counter()
-        tmp = tempfile.TemporaryDirectory(prefix="ct-retrain-")
-        if self.keep_models:
-            cfg.output = str(Path(tmp.name) / "best.pt")
-        try:
-            m = fit(cfg, _epoch_logger(client, rid, label, cfg.train.epochs, self.log))
-        except TrialDiverged as exc:
-            client.set_tag(rid, runs.ERROR, str(exc)[:5000])
-            client.set_terminated(rid, "FAILED")
-            self.log(f"{label}: diverged ({exc})")
-            tmp.cleanup()
-            return None
-        if cfg.output:
-            client.log_artifact(rid, cfg.output, artifact_path=runs.CHECKPOINT_DIR)
-        tmp.cleanup()
-        metrics = {**m, "best_val_mae": m["val_mae"], "train_time_s": time.perf_counter() - t0}
+        with tempfile.TemporaryDirectory(prefix="ct-retrain-") if self.keep_models else nullcontext() as tmp:
+            if tmp is not None:
+                cfg.output = str(Path(tmp) / "best.pt")
+            t0 = time.perf_counter()
+            try:
+                m = fit(cfg, _epoch_logger(client, rid, label, cfg.train.epochs, self.log))
+            except TrialDiverged as exc:
+                client.set_tag(rid, runs.ERROR, str(exc)[:5000])
+                client.set_terminated(rid, "FAILED")
+                self.log(f"{label}: diverged ({exc})")
+                return None
+            train_time = time.perf_counter() - t0
+            if tmp is not None:
+                client.log_artifact(rid, cfg.output, artifact_path=runs.CHECKPOINT_DIR)
+        metrics = {**m, "best_val_mae": m["val_mae"], "train_time_s": train_time}
         client.log_batch(
             rid,
             metrics=finite_metrics(metrics, ("test_mae", "test_rmse", "test_r2", "best_val_mae", "train_time_s"), 0),

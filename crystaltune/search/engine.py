@@ -549,13 +549,13 @@ def finish_search(run: SearchRun, dataset, search_time: float) -> SearchSummary:
         if ok:
             _write_best(tracker, run, rows, ok, dataset)
         summary.files_written = bool(ok)
-        if ok and run.space.finalize is not None and not (summary.interrupted or summary.stop_reason):
-            summary.final = _finalize(tracker, run.space, ok, len(dataset))
     except OSError as exc:  # a full disk: MLflow (elsewhere) has every run; --resume writes these files
         if not is_disk_full(exc):
             raise
         summary.stop_reason = summary.stop_reason or f"disk full writing the search's files in {run.output}"
         _log.warning("could not write the leaderboard and best config to %s: disk full", run.output)
+    if ok and run.space.finalize is not None and not (summary.interrupted or summary.stop_reason):
+        summary.final = _finalize(tracker, run.space, ok, len(dataset))
     status = "interrupted" if summary.interrupted else "failed" if summary.error else "finished"
     tracker.client.set_tag(tracker.parent_run_id, runs.STATUS, status)
     tracker.client.set_terminated(tracker.parent_run_id, {"interrupted": "KILLED"}.get(status, status.upper()))
