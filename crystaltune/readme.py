@@ -55,10 +55,15 @@ def render_results(f: dict[str, Any]) -> str:
         if "improvement" in r:
             out += ["", render.improvement_sentence(r["improvement"])]
         out.append("")
+    if f.get("final"):
+        out += [*_final_lines(f["final"], r), ""]
     if f.get("target_mae") is not None and f["top"]:
         best, target = f["top"][0].test_mae, f["target_mae"]
         out += [f"Best trial's test MAE {num(best)} against the target <= {target:g}: **{_verdict(best, target)}**."]
-        if "best" in r:
+        if f.get("final", {}).get("ensemble_test_mae") is not None:
+            fin = f["final"]["ensemble_test_mae"]
+            out += ["", f"The final model's test MAE {fin:.4f} against the target: **{_verdict(fin, target)}**."]
+        elif "best" in r:
             rb = r["best"]
             out += [
                 "",
@@ -71,6 +76,24 @@ def render_results(f: dict[str, Any]) -> str:
     out += ["Top trials of the search (by val MAE):", "", *render.trial_table(f["top"], render.README_COLUMNS)]
     out += ["", f"Full report (TRAINING TABLE, parity plot, importances): `python -m crystaltune.report {name}`."]
     return "\n".join(out)
+
+
+def _final_lines(final: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    """The search's final step: how the trial was chosen, and its seed ensemble against the default's."""
+    sel = r.get("selection") or {}
+    how = "chosen by mean val MAE over the seeds"
+    if sel:
+        folds = next(iter(sel.values()))["folds"]
+        vals = ", ".join(f"{t} {v['val_mae_mean']:.4f}" for t, v in sel.items())
+        how = f"chosen by {folds}-fold cross-validation on train + val (mean val MAE {vals})"
+    line = f"**Final model** (the search's final step): trial {final['trial']}, {how}, retrained over the seeds above."
+    if final.get("ensemble_test_mae") is not None:
+        line += (
+            f" Its seed ensemble, registered as `{final['model_uri']}`: test MAE **{final['ensemble_test_mae']:.4f}**"
+            f" against {final['default_ensemble_test_mae']:.4f} for the well-trained default's seed ensemble, "
+            f"**{100 * final['gain']:.1f}% lower**."
+        )
+    return [line]
 
 
 def _verdict(mae: float, target: float) -> str:

@@ -141,7 +141,8 @@ def retrained_table(retrained: dict[str, Any], describe: Callable[[dict], str] |
     cands = list(retrained.get("candidates", {}).items())
     if describe:
         rows = [(ROLE_LABELS[k], retrained[k]) for k in ("reference", "baseline") if k in retrained]
-        rows += [(f"searched, trial {t}" + (" (chosen by val)" if c is best else ""), c) for t, c in cands]
+        chosen = " (the final model)" if retrained.get("final") else " (chosen by val)"
+        rows += [(f"searched, trial {t}" + (chosen if c is best else ""), c) for t, c in cands]
     else:
         rows = [(f"candidate {t}" + (" (chosen)" if c is best else ""), c) for t, c in cands]
         rows += [(k, retrained[k]) for k in ("baseline", "reference") if k in retrained]

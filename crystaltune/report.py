@@ -99,13 +99,17 @@ def build_report(
     if not children:
         raise CrystaltuneError(f"search run {pid} has no trial runs")
     output.mkdir(parents=True, exist_ok=True)
+    final_trial = parent.data.tags.get(runs.FINAL_TRIAL, "")
     if plan and (plan.seeds or plan.cv):
         _retrain_study(client, exp_id, pid, plan)
+    elif plan and plan.reference:
+        _reference_beside_final(client, exp_id, pid, final_trial, plan.reference)
     rows = [runs.TrialRow.from_run(r) for r in children]
     ok, failed = runs.rank(rows)
     facts = _facts(name, tracking_uri, parent, rows)
     facts["timing"] = search_timing(client, parent, children)
-    facts["retrained"] = retraining.summarize(client, exp_id, pid)
+    facts["retrained"] = retraining.summarize(client, exp_id, pid, final_trial)
+    facts["final"] = _final_facts(parent, name) if final_trial else {}
     facts["rungs"] = rung_correlation(client, children, int(facts["max_epochs"] or 0)) if facts["max_epochs"] else []
     facts["training_table"] = render.training_table(ok)
     lines = _header_lines(name, tracking_uri, parent, rows, ok) + render.timing_lines(facts["timing"])
@@ -202,7 +206,12 @@ def _retrained_lines(retrained: dict) -> list[str]:
     lines = [
         f"## Retrained per {over} (same split{'s' if over == 'fold' else ''})",
         "",
-        "The searched configuration is the candidate with the lowest mean val MAE; test MAE plays no part.",
+        (
+            f"The searched configuration is the final step's trial {retrained['final']} (chosen on train + val)"
+            if retrained.get("final")
+            else "The searched configuration is the candidate with the lowest mean val MAE"
+        )
+        + "; test MAE plays no part.",
         "",
         *render.retrained_table(retrained),
     ]
@@ -216,18 +225,55 @@ def _retrain_study(client, exp_id: str, pid: str, plan: RetrainPlan) -> None:
     replicates. ``plan.epochs`` applies to the well-trained default too: a longer horizon for the
     candidates alone would compare them with a default trained less. The reference keeps its recipe."""
     from . import retraining
+    from .retrain_jobs import local_slots
 
-    study = retraining.RetrainStudy(client, exp_id, pid, retraining.replicates(plan.seeds, plan.cv))
+    reps = retraining.replicates(plan.seeds, plan.cv)
+    study = retraining.RetrainStudy(client, exp_id, pid, reps, parallel=local_slots())
     candidates = retraining.top_configs_of(client, pid, plan.top_k)
     if plan.epochs:
         candidates = [(t, retraining.with_epochs(c, plan.epochs)) for t, c in candidates]
     others = _baselines(plan, candidates[0][1])  # a baseline on another split is refused before any training
     suffix = f", {plan.epochs} epochs" if plan.epochs else ""
-    for rank, (trial, cfg) in enumerate(candidates, 1):
-        source = f"trial {trial} (#{rank} of the search){suffix}"
-        study.retrain("candidate", cfg, source, tags={runs.TRIAL_NAME: trial})
-    for role, path, cfg in others:
-        study.retrain(role, cfg, Path(path).as_posix())
+    items = [
+        ("candidate", cfg, f"trial {trial} (#{rank} of the search){suffix}", {runs.TRIAL_NAME: trial})
+        for rank, (trial, cfg) in enumerate(candidates, 1)
+    ]
+    study.retrain_all(items + [(role, cfg, Path(path).as_posix(), None) for role, path, cfg in others])
+
+
+def _reference_beside_final(client, exp_id: str, pid: str, final_trial: str, reference: str) -> None:
+    """``--reference`` alone on a search with a final step: the reference recipe trained over the
+    final model's seeds, on its split; nothing else is retrained."""
+    from . import retraining
+    from .retrain_jobs import local_slots
+
+    if not final_trial:
+        raise CrystaltuneError("--reference needs --retrain-seeds or --cv, or a search that ran its final step")
+    final = [
+        r
+        for r in runs.retrain_runs(client, exp_id, pid)
+        if r.data.tags.get(runs.TRIAL_NAME) == final_trial and r.data.tags.get(runs.ROLE) == "candidate"
+    ]
+    seeds = sorted({int(r.data.tags[runs.SEED]) for r in final})
+    if not seeds:
+        raise CrystaltuneError(f"the final step's runs of trial {final_trial} are not in the store")
+    searched = retraining.top_configs_of(client, pid, 1)[0][1]  # the search's data and split
+    (role, path, cfg), *_ = _baselines(RetrainPlan(seeds=seeds, reference=reference), searched)
+    study = retraining.RetrainStudy(client, exp_id, pid, retraining.replicates(seeds, None), parallel=local_slots())
+    study.retrain(role, cfg, Path(path).as_posix())
+
+
+def _final_facts(parent, name: str) -> dict:
+    """The final step's outcome as the search run logged it: its trial, its seed ensemble's test MAE
+    against the default's, and the registered model."""
+    m = parent.data.metrics
+    return {
+        "trial": parent.data.tags[runs.FINAL_TRIAL],
+        "ensemble_test_mae": m.get(runs.FINAL_TEST),
+        "default_ensemble_test_mae": m.get(runs.FINAL_DEFAULT_TEST),
+        "gain": m.get(runs.FINAL_GAIN),
+        "model_uri": f"models:/{runs.model_name(name)}@best",
+    }
 
 
 def _baselines(plan: RetrainPlan, searched):
@@ -306,7 +352,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--cv", type=int, metavar="K", help="retrain on each fold of a K-fold partition instead of per seed"
     )
-    ap.add_argument("--reference", help="a second baseline config YAML (e.g. the reference code's own recipe)")
+    ap.add_argument(
+        "--reference",
+        help="a second baseline config YAML (e.g. the reference code's own recipe); on a search with a final "
+        "step and no --retrain-seeds, trained over the final model's seeds, nothing else retrained",
+    )
     ap.add_argument(
         "--retrain-epochs",
         type=int,
@@ -327,11 +377,7 @@ def parser() -> argparse.ArgumentParser:
 def _check_args(a: argparse.Namespace) -> str:
     """Every flag checked before any retraining; the space resolved (``a.name``: its experiment's
     name, its baseline filled in). Returns the MLflow store's URI."""
-    for flag, value in (
-        ("--baseline", a.baseline),
-        ("--retrain-epochs", a.retrain_epochs),
-        ("--reference", a.reference),
-    ):
+    for flag, value in (("--baseline", a.baseline), ("--retrain-epochs", a.retrain_epochs)):
         if value is not None and not (a.retrain_seeds or a.cv):
             raise CrystaltuneError(f"{flag} needs --retrain-seeds or --cv")
     for flag, value, lo in (("--retrain-epochs", a.retrain_epochs, 1), ("--top-k", a.top_k, 1), ("--cv", a.cv, 2)):

@@ -9,15 +9,13 @@ import hashlib
 import math
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .config import TrialConfig
 from .errors import CrystaltuneError
+from .retrain_jobs import Job, run_jobs
 from .search import runs
 
 #: data settings that must match for two test MAEs to be comparable
@@ -98,7 +96,7 @@ class RetrainStudy:
     """Retraining under one search: its MLflow client, experiment and parent run, and the (seed, fold)
     replicates every configuration is trained on, so all of them compare on the same ones. ``cv``:
     which set the folds hold out ("test", or "val" of the rest); ``keep_models`` logs each replicate's
-    best checkpoint to its run."""
+    best checkpoint to its run; ``parallel`` trains that many replicates at a time."""
 
     client: Any
     exp_id: str
@@ -107,6 +105,7 @@ class RetrainStudy:
     log: Callable[[str], None] = field(default=lambda line: print(f"[crystaltune] {line}", flush=True))  # a line
     cv: str = "test"
     keep_models: bool = False
+    parallel: int = 1  # replicates trained at a time (retrain_jobs.local_slots(): one per core)
 
     def fold_tag(self, fold: int | None) -> str:
         return "" if fold is None else f"{'val' if self.cv == 'val' else ''}{fold}"
@@ -115,91 +114,56 @@ class RetrainStudy:
         """Train ``cfg`` once per replicate (skipping those already logged for this exact config), log
         each run, and return the run ids of its replicates; ``tags`` mark the runs further (e.g. which
         trial a candidate is)."""
-        digest = config_digest(cfg)
+        return self.retrain_all([(role, cfg, source, tags)])[0]
+
+    def retrain_all(self, items: list[tuple[str, TrialConfig, str, dict[str, str] | None]]) -> list[list[str]]:
+        """``retrain`` for several (role, config, source, tags) at once, so their replicates can train
+        side by side (``parallel`` at a time); the run ids per item, in order."""
         done = {
             (r.data.tags.get(runs.ROLE), r.data.tags.get(runs.CONFIG_DIGEST))
             + (r.data.tags.get(runs.SEED), r.data.tags.get(runs.FOLD, "")): r.info.run_id
             for r in runs.retrain_runs(self.client, self.exp_id, self.parent_run_id)
             if r.info.status == "FINISHED"
         }
+        slots: list[list] = []  # per item: a run id already logged, or the index of a job to train
+        jobs: list[Job] = []
+        for role, cfg, source, tags in items:
+            slots.append([])
+            for seed, fold in self.reps:
+                key = (role, config_digest(cfg), str(seed), self.fold_tag(fold))
+                if key in done:
+                    self.log(f"{self._label(role, seed, fold)}: already in MLflow, not retrained")
+                    slots[-1].append(done[key])
+                else:
+                    slots[-1].append(len(jobs))
+                    jobs.append(self._job(role, cfg, source, tags, seed, fold))
+        ids = run_jobs(self.client, self.exp_id, jobs, self.keep_models, self.log, self.parallel)
+
+        def run_id(slot: str | int) -> str | None:  # a job's index, or a run logged before
+            return ids[slot] if isinstance(slot, int) else slot
+
+        return [[rid for rid in map(run_id, item) if rid] for item in slots]
+
+    def _label(self, role: str, seed: int, fold: int | None) -> str:
+        return f"{role} seed {seed}" + (f" {self.cv} fold {fold}" if fold is not None else "")
+
+    def _job(self, role: str, cfg: TrialConfig, source: str, tags: dict[str, str] | None, seed: int, fold) -> Job:
+        """The replicate (seed, fold) of ``cfg`` as a job: its config, run name and tags."""
         folds = max((f for _, f in self.reps if f is not None), default=-1) + 1 or None
-        out = []
-        for seed, fold in self.reps:
-            label = f"{role} seed {seed}" + (f" {self.cv} fold {fold}" if fold is not None else "")
-            key = (role, digest, str(seed), self.fold_tag(fold))
-            if key in done:
-                self.log(f"{label}: already in MLflow, not retrained")
-                out.append(done[key])
-                continue
-            tags_of_run = {
-                runs.PARENT: self.parent_run_id,
-                runs.KIND: runs.RETRAIN,
-                runs.ROLE: role,
-                runs.SEARCH_RUN: self.parent_run_id,
-                runs.SEED: str(seed),
-                runs.FOLD: self.fold_tag(fold),
-                runs.CONFIG_DIGEST: digest,
-                runs.SOURCE: source,
-                **(tags or {}),
-            }
-            name = f"{role} s{seed}" + (f" f{self.fold_tag(fold)}" if fold is not None else "")
-            rid = self._train_one(_replicate_config(cfg, seed, fold, folds, self.cv), name, label, tags_of_run)
-            out += [rid] if rid else []
-        return out
-
-    def _train_one(self, cfg: TrialConfig, name: str, label: str, tags: dict[str, str]) -> str | None:
-        """One replicate: its MLflow run, per-epoch curves, final metrics (and its checkpoint with
-        ``keep_models``); returns the run id, or None for a diverged one (marked FAILED)."""
-        from mlflow.entities import Param, RunTag
-
-        from .mlflow_metrics import finite_metrics
-        from .train.loop import TrialDiverged, fit
-
-        client = self.client
-        rid = client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
-        client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in cfg.used_flat().items()])
-        with tempfile.TemporaryDirectory(prefix="ct-retrain-") if self.keep_models else nullcontext() as tmp:
-            if tmp is not None:
-                cfg.output = str(Path(tmp) / "best.pt")
-            t0 = time.perf_counter()
-            try:
-                m = fit(cfg, _epoch_logger(client, rid, label, cfg.train.epochs, self.log))
-            except TrialDiverged as exc:
-                client.set_tag(rid, runs.ERROR, str(exc)[:5000])
-                client.set_terminated(rid, "FAILED")
-                self.log(f"{label}: diverged ({exc})")
-                return None
-            train_time = time.perf_counter() - t0
-            if tmp is not None:
-                client.log_artifact(rid, cfg.output, artifact_path=runs.CHECKPOINT_DIR)
-        metrics = {**m, "best_val_mae": m["val_mae"], "train_time_s": train_time}
-        client.log_batch(
-            rid,
-            metrics=finite_metrics(metrics, ("test_mae", "test_rmse", "test_r2", "best_val_mae", "train_time_s"), 0),
-            tags=[RunTag(runs.EPOCHS_RUN, str(m.get("epochs_run", "")))],
-        )
-        client.set_terminated(rid, "FINISHED")
-        self.log(f"{label}: val MAE {m['val_mae']:.4f}, test MAE {m['test_mae']:.4f} ({metrics['train_time_s']:.0f} s)")
-        return rid
-
-
-def _epoch_logger(client, run_id: str, label: str, epochs: int, log):
-    """``fit``'s per-epoch callback for a retrain: epoch curves in MLflow as for a trial, and a progress
-    line every tenth of the run."""
-    from .mlflow_metrics import finite_metrics
-
-    t0 = time.perf_counter()
-
-    def per_epoch(metrics: dict, _checkpoint) -> None:
-        step = int(metrics["epoch"])
-        client.log_batch(run_id, metrics=finite_metrics(metrics, ("train_mae", "val_mae", "lr"), step))
-        if step % max(1, epochs // 10) == 0:
-            log(
-                f"{label}: epoch {step}/{epochs}, val MAE {metrics['val_mae']:.4f} "
-                f"(best {metrics['best_val_mae']:.4f}), {time.perf_counter() - t0:.0f} s"
-            )
-
-    return per_epoch
+        run_tags = {
+            runs.PARENT: self.parent_run_id,
+            runs.KIND: runs.RETRAIN,
+            runs.ROLE: role,
+            runs.SEARCH_RUN: self.parent_run_id,
+            runs.SEED: str(seed),
+            runs.FOLD: self.fold_tag(fold),
+            runs.CONFIG_DIGEST: config_digest(cfg),
+            runs.SOURCE: source,
+            **(tags or {}),
+        }
+        name = f"{role} s{seed}" + (f" f{self.fold_tag(fold)}" if fold is not None else "")
+        cfg = _replicate_config(cfg, seed, fold, folds, self.cv)
+        return Job(cfg, name, self._label(role, seed, fold), run_tags)
 
 
 def _stats(group: list) -> dict[str, Any]:
@@ -222,10 +186,12 @@ def _stats(group: list) -> dict[str, Any]:
     }
 
 
-def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:
-    """role -> stats (latest config per role; per trial for candidates). ``best``: the candidate with
-    the lowest mean val MAE (the test MAE plays no part in the choice); ``improvement``: how much
-    lower its mean test MAE is than the baseline's (the well-trained default)."""
+def summarize(client, exp_id: str, parent_run_id: str, final_trial: str = "") -> dict[str, Any]:
+    """role -> stats (latest config per role; per trial for candidates). ``best``: the final step's
+    trial when the search has one, else the candidate with the lowest mean val MAE (the test MAE
+    plays no part in the choice); ``improvement``: how much lower its mean test MAE is than the
+    baseline's (the well-trained default); ``selection``: the final step's cross-validation, trial ->
+    mean val MAE over its folds."""
     done = sorted(
         (
             r
@@ -234,6 +200,8 @@ def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:
         ),
         key=lambda r: r.info.start_time,
     )
+    selection = _selection([r for r in done if r.data.tags.get(runs.ROLE) == runs.CV_ROLE])
+    done = [r for r in done if r.data.tags.get(runs.ROLE) != runs.CV_ROLE]
     cv = bool(done and done[-1].data.tags.get(runs.FOLD))  # the latest study's kind: per fold or per seed
     groups: dict[tuple, list] = {}
     for r in done:
@@ -249,7 +217,11 @@ def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:
             out.setdefault("candidates", {})[sub] = stats
         else:
             out[role] = stats
-    if out.get("candidates"):
+    if selection:
+        out["selection"] = selection
+    if final_trial in out.get("candidates", {}):
+        out["best"], out["final"] = out["candidates"][final_trial], final_trial
+    elif out.get("candidates"):
         out["best"] = min(out["candidates"].values(), key=lambda c: c["best_val_mae_mean"])
     for ref in ("baseline", "reference"):
         if "best" in out and ref in out:
@@ -257,3 +229,11 @@ def summarize(client, exp_id: str, parent_run_id: str) -> dict[str, Any]:
                 1 - out["best"]["test_mae_mean"] / out[ref]["test_mae_mean"]
             )
     return out
+
+
+def _selection(cv_runs: list) -> dict[str, dict[str, Any]]:
+    """The final step's choice by cross-validation: trial -> its folds and their mean val MAE."""
+    by: dict[str, list] = {}
+    for r in cv_runs:
+        by.setdefault(r.data.tags.get(runs.TRIAL_NAME, ""), []).append(r.data.metrics.get("best_val_mae", math.nan))
+    return {t: {"folds": len(v), "val_mae_mean": statistics.fmean(v)} for t, v in by.items()}

@@ -60,6 +60,22 @@ def run_cli(
     )
 
 
+def run_report(
+    work: Path, space: str, out: str, *args: str, timeout: float = 600
+) -> tuple[subprocess.CompletedProcess, str]:
+    """``python -m crystaltune.report SPACE --output WORK/OUT ARGS`` in ``work``, asserted to succeed;
+    the process and its report.md text."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "crystaltune.report", space, "--output", str(work / out), *args],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc, (work / out / "report.md").read_text()
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
     with socket.socket() as s:

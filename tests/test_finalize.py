@@ -5,11 +5,14 @@ retrained the same way, and the report reading those runs instead of retraining.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import run_report
 
 from crystaltune.search.space import builtin_spaces_dir
 
@@ -55,6 +58,8 @@ def test_the_choice_is_cross_validated_on_train_and_val_only(finalized):
     assert summary["final_chosen_by"] == "2-fold cross-validation on train + val"
     assert f"final model: {summary['final_trial']} (chosen by 2-fold cross-validation" in stdout
     assert "well-trained default retrained the same way" in stdout
+    if len(os.sched_getaffinity(0)) > 1:  # the folds train side by side, one process per core
+        assert "training 4 replicates, 2 at a time (1 thread(s) each)" in stdout, stdout[-3000:]
 
 
 def test_the_registered_model_is_the_chosen_configurations_seed_ensemble(finalized):
@@ -100,14 +105,36 @@ def test_the_registered_model_is_the_chosen_configurations_seed_ensemble(finaliz
 
 def test_the_report_reads_the_final_runs_instead_of_retraining(finalized):
     work, _, summary = finalized
-    out = subprocess.run(
-        [sys.executable, "-m", "crystaltune.report", "space.yaml", "--output", str(work / "report")],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    text = (work / "report" / "report.md").read_text()
+    out, text = run_report(work, "space.yaml", "report", timeout=300)
     assert "## Retrained per seed" in text and f"candidate {summary['final_trial']} (chosen)" in text
     assert "baseline (the search's default (final))" in text and "seed 0: epoch" not in out.stdout
+
+
+def test_the_reference_trains_over_the_final_seeds_beside_the_final_model_in_the_readme(finalized):
+    """``report --reference`` alone on a finalized search: only the reference is trained, over the final
+    model's seeds on its split; the README section states the final model against the default."""
+    work, _, summary = finalized
+    ref = {
+        "data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
+        "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1},
+        "optim": {"name": "sgd", "lr": 0.01},
+        "train": {"epochs": 2, "batch_size": 32},
+    }
+    (work / "ref.yaml").write_text(yaml.safe_dump(ref))
+    readme = work / "README.md"
+    readme.write_text("<!-- crystaltune:results-smoke_final -->\n<!-- /crystaltune:results-smoke_final -->\n")
+    args = ("--reference", "ref.yaml", "--readme", str(readme), "--target-mae", "0.01")
+    out, _ = run_report(work, "space.yaml", "report-ref", *args)
+    _, runs = _retrains(work)
+    roles = [r.data.tags["crystaltune.role"] for r in runs]
+    assert (roles.count("candidate"), roles.count("baseline")) == (2, 2) and "candidate seed 0: epoch" not in out.stdout
+    refs = [r for r in runs if r.data.tags["crystaltune.role"] == "reference"]
+    assert sorted(r.data.tags["crystaltune.seed"] for r in refs) == ["0", "1"]
+    assert all(r.data.params["data.limit"] == "240" and r.data.params["optim.name"] == "sgd" for r in refs)
+    section = readme.read_text()
+    trial = summary["final_trial"]
+    assert f"**Final model** (the search's final step): trial {trial}, chosen by 2-fold cross-validation" in section
+    assert f"test MAE **{summary['final_ensemble_test_mae']:.4f}**" in section
+    assert f"{summary['final_default_ensemble_test_mae']:.4f} for the well-trained default" in section
+    assert f"searched, trial {trial} (the final model)" in section and "| reference recipe: `cgcnn` 16/16/1" in section
+    assert f"The final model's test MAE {summary['final_ensemble_test_mae']:.4f} against the target" in section

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import _runs
+from conftest import _runs, run_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +27,7 @@ def test_leaderboard_headers_are_unique_and_say_what_they_are():
 
 def test_report_from_mlflow(smoke_search):
     work, _, _ = smoke_search
-    out = subprocess.run(
-        [sys.executable, "-m", "crystaltune.report", "smoke", "--output", str(work / "report")],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    text = (work / "report" / "report.md").read_text()
+    _, text = run_report(work, "smoke", "report", timeout=300)
     assert "## Leaderboard" in text and "## TRAINING TABLE" in text and "best_band_gap.png" in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip().isdigit()]
     assert len(rows) >= 4
@@ -156,25 +148,7 @@ def test_report_top_k_candidates_are_chosen_by_val_on_cross_validation_folds(smo
     """--top-k 2 --cv 2: both top trials trained on each fold (test folds disjoint), the chosen one is the
     candidate with the lower mean val MAE, and the report says per fold."""
     work, _, _ = smoke_search
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "crystaltune.report",
-            "smoke",
-            "--output",
-            str(work / "report-cv"),
-            "--top-k",
-            "2",
-            "--cv",
-            "2",
-        ],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    _, report = run_report(work, "smoke", "report-cv", "--top-k", "2", "--cv", "2")
     _, runs = _runs(work)
     folds = [
         r for r in runs if r.data.tags.get("crystaltune.kind") == "retrain" and r.data.tags.get("crystaltune.fold")
@@ -187,7 +161,6 @@ def test_report_top_k_candidates_are_chosen_by_val_on_cross_validation_folds(smo
     for r in folds:
         val.setdefault(r.data.tags["crystaltune.trial"], []).append(r.data.metrics["best_val_mae"])
     chosen = min(val, key=lambda t: sum(val[t]) / len(val[t]))
-    report = (work / "report-cv" / "report.md").read_text()
     assert "## Retrained per fold" in report and f"candidate {chosen} (chosen)" in report
 
 

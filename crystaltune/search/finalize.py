@@ -96,25 +96,28 @@ class Choice:
 
 def finalize(tracker, space, ok: list[TrialRow], crystals: int, plan: FinalizePlan) -> FinalModel:
     """Choose, retrain over the seeds, ensemble, register; see the module docstring."""
+    from ..retrain_jobs import local_slots
     from ..retraining import RetrainStudy
 
     client, exp, parent, log = tracker.client, tracker.experiment_id, tracker.parent_run_id, console().info
-    seeds = RetrainStudy(client, exp, parent, [(s, None) for s in plan.seeds], log=log, keep_models=True)
+    study = dict(log=log, parallel=local_slots())
+    seeds = RetrainStudy(client, exp, parent, [(s, None) for s in plan.seeds], keep_models=True, **study)
     candidates = {r.trial: _config_of(tracker, space, r) for r in ok[: plan.top_k]}
+    default = ("baseline", space.trial_config(space.default_point), "the search's default (final)", None)
     if crystals < plan.cv_below and len(candidates) > 1:
-        cv = RetrainStudy(client, exp, parent, [(plan.seeds[0], f) for f in range(plan.cv_folds)], log=log, cv="val")
-        selection = {
-            t: _mean_val(client, cv.retrain("cv", c, f"trial {t}", _trial_tag(t))) for t, c in candidates.items()
-        }
+        cv = RetrainStudy(client, exp, parent, [(plan.seeds[0], f) for f in range(plan.cv_folds)], cv="val", **study)
+        folds = cv.retrain_all([(runs.CV_ROLE, c, f"trial {t}", _trial_tag(t)) for t, c in candidates.items()])
+        selection = {t: _mean_val(client, ids) for t, ids in zip(candidates, folds)}
         trial = min(selection, key=selection.get)
-        final_ids = seeds.retrain("candidate", candidates[trial], f"trial {trial} (final)", _trial_tag(trial))
+        chosen = ("candidate", candidates[trial], f"trial {trial} (final)", _trial_tag(trial))
+        final_ids, default_ids = seeds.retrain_all([chosen, default])
     else:
-        ids = {t: seeds.retrain("candidate", c, f"trial {t} (final)", _trial_tag(t)) for t, c in candidates.items()}
-        selection = {t: _mean_val(client, v) for t, v in ids.items()}
+        items = [("candidate", c, f"trial {t} (final)", _trial_tag(t)) for t, c in candidates.items()]
+        *ids, default_ids = seeds.retrain_all(items + [default])
+        selection = {t: _mean_val(client, v) for t, v in zip(candidates, ids)}
         trial = min(selection, key=selection.get)
-        final_ids = ids[trial]
+        final_ids = ids[list(candidates).index(trial)]
     choice = Choice(trial, plan.describe_choice(crystals), selection, final_ids)
-    default_ids = seeds.retrain("baseline", space.trial_config(space.default_point), "the search's default (final)")
     return _measure_and_register(tracker, space, choice, default_ids)
 
 

@@ -43,6 +43,7 @@ FOLD = "crystaltune.fold"
 CONFIG_DIGEST = "crystaltune.config_digest"
 SOURCE = "crystaltune.source"
 TRIAL_NAME = "crystaltune.trial"
+CV_ROLE = "cv"  # the final step's cross-validation runs (their ROLE)
 
 # artifact paths
 CHECKPOINT_DIR = "checkpoint"  # a trial's best checkpoint: CHECKPOINT_DIR/best.pt
