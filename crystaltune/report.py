@@ -27,9 +27,12 @@ def search_timing(client, parent, children) -> dict:
     """Wall time of the search split into training epochs (train + per-epoch evaluation, summed over
     trials) and everything else (trial start-up, Ray, Tune, MLflow, checkpoints), per trial slot."""
     tuner_s = sum(m.value for m in client.get_metric_history(parent.info.run_id, "search_time_s"))
-    train_s = sum(m.value for r in children for m in client.get_metric_history(r.info.run_id, "epoch_time_s"))
+    epochs = {r.info.run_id: client.get_metric_history(r.info.run_id, "epoch_time_s") for r in children}
+    train_s = sum(m.value for hist in epochs.values() for m in hist)
+    # a trial holds its slot until its last epoch: the run's end comes later, once the driver has
+    # logged its artifacts, by when Tune may have started the next trial in that slot
     spans = sorted(
-        [(r.info.start_time, 1) for r in children] + [(r.info.end_time or r.info.start_time, -1) for r in children]
+        [(r.info.start_time, 1) for r in children] + [(_slot_end(r, epochs[r.info.run_id]), -1) for r in children]
     )
     cur = peak = 0
     for _, d in spans:
@@ -45,6 +48,13 @@ def search_timing(client, parent, children) -> dict:
         "epochs_run": int(m.get("epochs_run", 0)),
         "epochs_full_budget": int(m.get("epochs_full_budget", 0)),
     }
+
+
+def _slot_end(run, epoch_history) -> int:
+    """When a trial stopped training (its last epoch's timestamp), else its run's end or start."""
+    if epoch_history:
+        return max(m.timestamp for m in epoch_history)
+    return run.info.end_time or run.info.start_time
 
 
 def rung_correlation(client, children, max_epochs: int) -> list[dict]:

@@ -51,6 +51,31 @@ def test_the_results_line_tells_interrupted_trials_from_finished_ones():
     )
 
 
+def test_trial_slots_end_at_a_trials_last_epoch_not_when_its_run_is_closed(tmp_path):
+    """Tune starts the next trial in a slot while the driver is still closing the last one's MLflow run:
+    that overlap is not a third slot on a machine with two, so the overhead is not inflated."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from crystaltune.report import search_timing
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("slots")
+    t0 = 1_700_000_000_000  # ms; MLflow takes a start time of 0 as "now"
+    parent = client.create_run(exp, start_time=t0)
+    client.log_metric(parent.info.run_id, "search_time_s", 100.0, timestamp=t0 + 100_000)
+    spans = [(0, 50_000, 55_000), (0, 90_000, 95_000), (52_000, 98_000, 99_000)]  # start, last epoch, end
+    for start, last, end in ((t0 + a, t0 + b, t0 + c) for a, b, c in spans):
+        run = client.create_run(exp, start_time=start).info.run_id
+        metrics = [Metric("epoch_time_s", 10.0, t, i) for i, t in enumerate((start + 10_000, last))]
+        client.log_batch(run, metrics=metrics)
+        client.set_terminated(run, end_time=end)
+    children = [client.get_run(r.info.run_id) for r in client.search_runs([exp]) if r.info.run_id != parent.info.run_id]
+    timing = search_timing(client, client.get_run(parent.info.run_id), children)
+    assert timing["concurrent_trials"] == 2  # the run ends (55 s) overlap the third trial's start (52 s)
+    assert timing["overhead_fraction"] == pytest.approx(1 - 60 / 200)
+
+
 @pytest.mark.slow
 def test_report_retrains_best_and_baseline_and_writes_the_readme_section(smoke_search):
     """--retrain-seeds trains the search's best config and a baseline on the same split, logs each run
