@@ -87,6 +87,10 @@ def train_job(client, exp_id: str, job: Job, keep_models: bool, log: Callable[[s
             client.set_terminated(rid, "FAILED")
             log(f"{label}: diverged ({exc})")
             return None
+        except BaseException as exc:  # an error or Ctrl-C: the run is closed, never left RUNNING
+            client.set_tag(rid, runs.ERROR, f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_terminated(rid, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
         train_time = time.perf_counter() - t0
         if tmp is not None:
             client.log_artifact(rid, cfg.output, artifact_path=runs.CHECKPOINT_DIR)

@@ -138,3 +138,23 @@ def test_the_reference_trains_over_the_final_seeds_beside_the_final_model_in_the
     assert f"{summary['final_default_ensemble_test_mae']:.4f} for the well-trained default" in section
     assert f"searched, trial {trial} (the final model)" in section and "| reference recipe: `cgcnn` 16/16/1" in section
     assert f"The final model's test MAE {summary['final_ensemble_test_mae']:.4f} against the target" in section
+
+
+def test_a_retraining_that_raises_is_closed_failed_with_its_error_not_left_running(tmp_path):
+    """A retraining that cannot train (here its data file is gone) ends its MLflow run FAILED with the
+    error as a tag, so neither the UI nor a later report sees a run still RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from crystaltune.config import TrialConfig
+    from crystaltune.errors import CrystaltuneError
+    from crystaltune.retrain_jobs import Job, train_job
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("retrain")
+    gone = tmp_path / "gone.jsonl.gz"
+    cfg = TrialConfig.from_dict({"data": {"file": str(gone), "targets": ["band_gap"]}, "train": {"epochs": 1}})
+    with pytest.raises(CrystaltuneError, match="gone.jsonl.gz"):
+        train_job(client, exp, Job(cfg, "final seed 0", "final seed 0", {}), False, print)
+    (run,) = client.search_runs([exp])
+    assert run.info.status == "FAILED"
+    assert "gone.jsonl.gz" in run.data.tags["crystaltune.error"]
