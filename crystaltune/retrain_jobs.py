@@ -9,7 +9,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +51,24 @@ def run_jobs(client, exp_id: str, jobs: list[Job], keep_models: bool, log: Calla
     log(f"training {len(jobs)} replicates, {n} at a time ({threads} thread(s) each)")
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_job_in_process, client.tracking_uri, exp_id, j, keep_models, threads) for j in jobs]
-        return [f.result() for f in futures]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:  # Ctrl-C, SIGTERM or a job's error: the queued jobs never start
+            _stop_workers(futures)
+            raise
+
+
+def _stop_workers(futures) -> None:
+    """Cancel the jobs not started and interrupt the running ones (they close their runs as KILLED and
+    exit), so leaving the pool does not wait for trainings nobody will read."""
+    import multiprocessing
+    import signal
+
+    for f in futures:
+        f.cancel()
+    for child in multiprocessing.active_children():  # this pool's workers: the retraining starts no others
+        with suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGINT)
 
 
 def _job_in_process(tracking_uri: str, exp_id: str, job: Job, keep_models: bool, threads: int) -> str | None:
@@ -60,9 +77,12 @@ def _job_in_process(tracking_uri: str, exp_id: str, job: Job, keep_models: bool,
     from mlflow.tracking import MlflowClient
 
     torch.set_num_threads(threads)
-    return train_job(
-        MlflowClient(tracking_uri), exp_id, job, keep_models, lambda s: print(f"[crystaltune] {s}", flush=True)
-    )
+    try:
+        return train_job(
+            MlflowClient(tracking_uri), exp_id, job, keep_models, lambda s: print(f"[crystaltune] {s}", flush=True)
+        )
+    except KeyboardInterrupt:  # the run is closed as KILLED; the worker exits rather than take the next job
+        os._exit(130)
 
 
 def train_job(client, exp_id: str, job: Job, keep_models: bool, log: Callable[[str], None]) -> str | None:

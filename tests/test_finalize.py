@@ -158,3 +158,44 @@ def test_a_retraining_that_raises_is_closed_failed_with_its_error_not_left_runni
     (run,) = client.search_runs([exp])
     assert run.info.status == "FAILED"
     assert "gone.jsonl.gz" in run.data.tags["crystaltune.error"]
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_final_step_stops_its_side_by_side_trainings_and_closes_every_run(tmp_path):
+    """SIGTERM to the driver alone (a scheduler's stop) while the final step trains replicates in
+    worker processes: the workers are interrupted too, the command ends with 130 well before those
+    trainings would, and no run (parent, trial or retraining) is left RUNNING."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    space = (builtin_spaces_dir() / "smoke.yaml").read_text().replace("name: smoke", "name: smoke_stop")
+    (tmp_path / "space.yaml").write_text(space + "finalize: {top_k: 2, seeds: [0, 1], cv_folds: 2}\n")
+    cmd = [sys.executable, "-m", "crystaltune.search", "space.yaml", "--num-samples", "2", "--max-epochs", "60"]
+    log = tmp_path / "search.log"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and "test MAE" not in log.read_text():
+        time.sleep(0.5)
+    assert proc.poll() is None, log.read_text()[-3000:]  # the final step's first retraining has finished
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 130 and time.time() - t0 < 60, text[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crystaltune-smoke_stop")
+    every = client.search_runs([exp.experiment_id], max_results=1000)
+    assert [r.info.status for r in every if r.info.status == "RUNNING"] == []
+    (parent,) = [r for r in every if r.data.tags.get("crystaltune.kind") == "search"]
+    assert parent.info.status == "KILLED" and "final step" in parent.data.tags["crystaltune.final_error"]
+    killed = [r for r in every if r.data.tags.get("crystaltune.kind") == "retrain" and r.info.status == "KILLED"]
+    assert killed, [(r.info.run_name, r.info.status) for r in every]  # the side-by-side ones were stopped
+    assert "Traceback" not in text and "--resume runs the final step again" in text
+    again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "already in MLflow, not retrained" in again.stdout + again.stderr  # what finished is kept
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("crystaltune.final_trial")
+    assert "crystaltune.final_error" not in parent.data.tags

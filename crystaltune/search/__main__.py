@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("stop_reason"):  # the search stopped itself (a full disk): resumable, but an error
         print(f"error: {summary['stop_reason']}", file=sys.stderr)
         return 1
-    return 130 if summary.get("interrupted") else 0
+    return 130 if summary.get("interrupted") or summary.get("final_interrupted") else 0
 
 
 if __name__ == "__main__":

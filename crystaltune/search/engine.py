@@ -320,6 +320,16 @@ def sigterm_as_ctrl_c() -> None:
         signal.signal(signal.SIGTERM, stop_like_ctrl_c)
 
 
+def ctrl_c_raises() -> None:
+    """After Tune: Ctrl-C raises KeyboardInterrupt again, and SIGTERM takes its path (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sigterm_as_ctrl_c()
+
+
 def plan_local(opts: SearchOptions, space: SearchSpace) -> int | None:
     """Logical CPUs of a local Ray instance (None when joining a cluster), with ``auto`` resources
     planned and impossible requests refused before any work."""
@@ -508,6 +518,7 @@ class SearchSummary:
     epochs_run: int
     epochs_full_budget: int
     interrupted: bool
+    final_interrupted: bool = False  # Ctrl-C or SIGTERM in the final step, the trials complete
     stop_reason: str = ""
     files_written: bool = False
     error: str = ""  # why a search that ran to its end has no result
@@ -555,8 +566,12 @@ def finish_search(run: SearchRun, dataset, search_time: float) -> SearchSummary:
         summary.stop_reason = summary.stop_reason or f"disk full writing the search's files in {run.output}"
         _log.warning("could not write the leaderboard and best config to %s: disk full", run.output)
     if ok and run.space.finalize is not None and not (summary.interrupted or summary.stop_reason):
-        summary.final = _finalize(tracker, run.space, ok, len(dataset))
-    status = "interrupted" if summary.interrupted else "failed" if summary.error else "finished"
+        try:
+            summary.final = _finalize(tracker, run.space, ok, len(dataset))
+        except KeyboardInterrupt:  # the parent run says where it stopped (KILLED), never RUNNING
+            summary.final_interrupted = True
+    stopped = summary.interrupted or summary.final_interrupted
+    status = "interrupted" if stopped else "failed" if summary.error else "finished"
     tracker.client.set_tag(tracker.parent_run_id, runs.STATUS, status)
     tracker.client.set_terminated(tracker.parent_run_id, {"interrupted": "KILLED"}.get(status, status.upper()))
     description = render.run_description(run.space.name, summary, ok, tracker.experiment_id)
@@ -569,8 +584,16 @@ def finish_search(run: SearchRun, dataset, search_time: float) -> SearchSummary:
 
 def _finalize(tracker, space: SearchSpace, ok: list[TrialRow], crystals: int) -> FinalModel | None:
     """The final step; its failure is said and tagged, and the search keeps its best trial as its result."""
+    ctrl_c_raises()  # Tune leaves its SIGINT handler (a dead flag) after fit; ray.shutdown resets SIGTERM
     try:
-        return finalize(tracker, space, ok, crystals, space.finalize)
+        final = finalize(tracker, space, ok, crystals, space.finalize)
+        parent = tracker.client.get_run(tracker.parent_run_id)
+        if runs.FINAL_ERROR in parent.data.tags:  # an earlier attempt's (a --resume after an interrupted one)
+            tracker.client.delete_tag(tracker.parent_run_id, runs.FINAL_ERROR)
+        return final
+    except KeyboardInterrupt:
+        tracker.client.set_tag(tracker.parent_run_id, runs.FINAL_ERROR, "interrupted (Ctrl-C) in the final step")
+        raise
     except (CrystaltuneError, RuntimeError, ValueError) as exc:
         _log.warning("the final step failed, so the best trial stays the search's result: %s", exc)
         tracker.client.set_tag(tracker.parent_run_id, runs.FINAL_ERROR, str(exc)[:5000])
@@ -636,6 +659,11 @@ def _write_best(tracker, run: SearchRun, rows: list[TrialRow], ok: list[TrialRow
 def _closing_lines(summary: SearchSummary, space: SearchSpace, tracker) -> None:
     """What the user reads last: the outcome, the default's comparison, where to look next."""
     s, output = summary, Path(summary.output)
+    if s.final_interrupted:
+        _log.warning(
+            "the final step was interrupted; the trials are complete: the same command plus --resume runs "
+            "the final step again, keeping the retrainings that finished"
+        )
     if s.interrupted:
         _log.info(
             f"interrupted after {s.trials} of {space.num_samples} trials; the state is saved: "
