@@ -12,6 +12,11 @@ def num(x: Any, nd: int = 4, missing: str = "-") -> str:
     return f"{x:.{nd}f}" if ok else missing
 
 
+def lower_or_higher(fraction: float) -> str:
+    """``1 - new / old`` as words: '12.9% lower', or '12.9% higher' when the new value is worse."""
+    return f"{100 * abs(fraction):.1f}% {'lower' if fraction >= 0 else 'higher'}"
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend: plots go to files (servers, Ray workers and CI have no display)."""
     import matplotlib

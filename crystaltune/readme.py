@@ -9,7 +9,7 @@ from typing import Any
 
 from . import render
 from .errors import CrystaltuneError
-from .fmt import num
+from .fmt import lower_or_higher, num
 
 
 def splice(readme: str | Path, section: str, text: str) -> None:
@@ -86,12 +86,17 @@ def _final_lines(final: dict[str, Any], r: dict[str, Any]) -> list[str]:
         folds = next(iter(sel.values()))["folds"]
         vals = ", ".join(f"{t} {v['val_mae_mean']:.4f}" for t, v in sel.items())
         how = f"chosen by {folds}-fold cross-validation on train + val (mean val MAE {vals})"
+    if r.get("final_is_default"):
+        how += (
+            ": the well-trained default itself, kept by the one-standard-error rule (no candidate's mean val MAE "
+            "was lower by more than one standard error)"
+        )
     line = f"**Final model** (the search's final step): trial {final['trial']}, {how}, retrained over the seeds above."
     if final.get("ensemble_test_mae") is not None:
         line += (
             f" Its seed ensemble, registered as `{final['model_uri']}`: test MAE **{final['ensemble_test_mae']:.4f}**"
             f" against {final['default_ensemble_test_mae']:.4f} for the well-trained default's seed ensemble, "
-            f"**{100 * final['gain']:.1f}% lower**."
+            f"**{lower_or_higher(final['gain'])}**."
         )
     return [line]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .fmt import num, pyplot
+from .fmt import lower_or_higher, num, pyplot
 
 Row = Any  # a search.runs.TrialRow
 
@@ -172,12 +172,11 @@ def replicate_word(retrained: dict[str, Any]) -> str:
 def improvement_sentence(improvement: float, target: float | None = None) -> str:
     """How the searched config's mean test MAE compares with the well-trained default's (and, given a
     target fraction, whether it meets it)."""
-    word = "lower" if improvement >= 0 else "higher"
     verdict = ""
     if target is not None:
         verdict = f" ({'meets' if improvement >= target else 'misses'} the {100 * target:.0f}% improvement target)"
     return (
-        f"The searched config's mean test MAE is **{100 * abs(improvement):.1f}% {word}** than the well-trained "
+        f"The searched config's mean test MAE is **{lower_or_higher(improvement)}** than the well-trained "
         f"default's on the same split{verdict}."
     )
 

@@ -221,6 +221,8 @@ def summarize(client, exp_id: str, parent_run_id: str, final_trial: str = "") ->
         out["selection"] = selection
     if final_trial in out.get("candidates", {}):
         out["best"], out["final"] = out["candidates"][final_trial], final_trial
+    elif final_trial and "baseline" in out:  # the final step kept the default: its models are the baseline's
+        out["best"], out["final"], out["final_is_default"] = out["baseline"], final_trial, True
     elif out.get("candidates"):
         out["best"] = min(out["candidates"].values(), key=lambda c: c["best_val_mae_mean"])
     for ref in ("baseline", "reference"):

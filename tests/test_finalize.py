@@ -199,3 +199,53 @@ def test_sigterm_in_the_final_step_stops_its_side_by_side_trainings_and_closes_e
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags.get("crystaltune.final_trial")
     assert "crystaltune.final_error" not in parent.data.tags
+
+
+def test_pick_keeps_the_default_unless_the_best_is_lower_by_more_than_one_standard_error():
+    from crystaltune.search.finalize import pick
+
+    clear = {"t001": [0.30, 0.31, 0.29], "t004": [0.20, 0.22, 0.21]}
+    assert pick(clear, "t001") == ("t004", "")
+    noisy = {"t001": [0.1053, 0.1050, 0.1056], "t019": [0.1100, 0.1050, 0.1000]}  # the hoip atomization CV
+    trial, why = pick(noisy, "t001")
+    assert trial == "t001" and "t019's lower mean is within one standard error (0.0029)" in why
+    assert pick(noisy, None) == ("t019", "")  # the default not among the candidates: the lowest mean
+    assert pick({"t001": [0.2], "t002": [0.3]}, "t001") == ("t001", "")
+    assert pick({"t001": [0.3], "t002": [0.2]}, "t001") == ("t002", "")  # one value: no error to allow
+
+
+def test_a_search_whose_only_candidate_is_the_default_registers_the_default_trained_once(tmp_path):
+    """The default wins the choice: its seed models, trained once as the well-trained default, are the
+    registered final model, and the gain is zero rather than a duplicate training's noise."""
+    from mlflow.tracking import MlflowClient
+
+    space = (builtin_spaces_dir() / "smoke.yaml").read_text().replace("name: smoke", "name: smoke_one")
+    (tmp_path / "space.yaml").write_text(space + "finalize: {top_k: 2, seeds: [0, 1], cv_folds: 2}\n")
+    cmd = [sys.executable, "-m", "crystaltune.search", "space.yaml", "--num-samples", "1", "--json"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(out.stdout[out.stdout.index("\n{") :])
+    assert summary["final_trial"] == "t001" and summary["default_trial"].startswith("t001 ")
+    assert summary["final_test_mae"] == summary["final_default_test_mae"] and summary["final_gain"] == 0.0
+    assert "the final model is 0.0% lower" in out.stdout
+    assert summary["final_chosen_by"] == "mean val MAE over 2 seeds"  # one candidate: no cross-validation ran
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crystaltune-smoke_one")
+    retrains = client.search_runs([exp.experiment_id], "tags.`crystaltune.kind` = 'retrain'")
+    assert sorted(r.data.tags["crystaltune.role"] for r in retrains) == ["baseline", "baseline"]
+    version = client.get_model_version_by_alias("crystaltune-smoke_one", "best")
+    assert version.tags["trial"] == "t001"
+    ref = {
+        "data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
+        "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1},
+        "optim": {"name": "sgd", "lr": 0.01},
+        "train": {"epochs": 2, "batch_size": 32},
+    }
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- crystaltune:results-smoke_one -->\n<!-- /crystaltune:results-smoke_one -->\n")
+    _, text = run_report(tmp_path, "space.yaml", "report", "--reference", "ref.yaml", "--readme", str(readme))
+    assert "The searched configuration is the final step's trial t001" in text
+    section = readme.read_text()
+    assert "trial t001, chosen by mean val MAE over the seeds: the well-trained default itself" in section
+    assert "**0.0% lower**" in section and "reference recipe: `cgcnn` 16/16/1" in section

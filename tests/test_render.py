@@ -105,3 +105,10 @@ def test_a_trial_row_reads_the_same_from_mlflow_as_from_the_tracker(mlflow_trial
     assert {f: getattr(from_run, f) for f in fields} == {f: getattr(from_record, f) for f in fields}
     with pytest.raises(Exception, match="no MLflow experiment 'crystaltune-y'"):
         runs.find_experiment(client, "y", "here")
+
+
+def test_a_worse_result_reads_higher_not_a_negative_lower():
+    from crystaltune.fmt import lower_or_higher
+
+    assert lower_or_higher(0.129) == "12.9% lower" and lower_or_higher(-0.129) == "12.9% higher"
+    assert render.improvement_sentence(-0.05).startswith("The searched config's mean test MAE is **5.0% higher**")

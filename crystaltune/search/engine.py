@@ -17,6 +17,7 @@ import yaml
 from .. import render
 from ..environment import describe_machine, versions_line
 from ..errors import CrystaltuneError, is_disk_full
+from ..fmt import lower_or_higher
 from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, is_uri, lock_output, redact
 from . import autoscale, diskguard, runs
@@ -680,7 +681,7 @@ def _closing_lines(summary: SearchSummary, space: SearchSpace, tracker) -> None:
         gain = 100 * (1 - s.best.best_val_mae / dv) if dv > 0 else 0.0
         _log.info(
             f"default ({space.default_source}): {s.default.trial}  val_mae {dv:.4f}  "
-            f"test_mae {s.default.test_mae:.4f}; the best is {gain:.1f}% lower on val MAE"
+            f"test_mae {s.default.test_mae:.4f}; the best is {lower_or_higher(gain / 100)} on val MAE"
         )
     for line in s.final.lines() if s.final is not None else []:
         _log.info(line)

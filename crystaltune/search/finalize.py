@@ -1,7 +1,8 @@
 """The search's final model (``--finalize K``): after the trials, its top-K configurations are
 retrained at the full horizon; on a set under ``cv_below`` crystals the one with the lowest mean val
 MAE over K-fold cross-validation on train + val is chosen (the test crystals never take part),
-otherwise the one with the lowest mean val MAE over the seeds. The chosen configuration and the
+otherwise the one with the lowest mean val MAE over the seeds; the default trial, when among them,
+is kept unless beaten by more than one standard error. The chosen configuration and the
 well-trained default (the search's default point, same horizon) are each trained over the seeds on
 the search's split; the chosen one's seed models, as one ensemble, become the registered model
 ``models:/crystaltune-NAME@best``. Every run is logged under the search run (``report`` reads them)."""
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..config import TrialConfig
 from ..errors import CrystaltuneError
+from ..fmt import lower_or_higher
 from ..log import console
 from ..schema import build, option
 from . import runs
@@ -35,8 +37,8 @@ class FinalizePlan:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise CrystaltuneError(f"{where}.seeds: distinct non-negative integers, at least one; got {self.seeds}")
 
-    def describe_choice(self, crystals: int) -> str:
-        if crystals < self.cv_below:
+    def describe_choice(self, cross_validated: bool) -> str:
+        if cross_validated:
             return f"{self.cv_folds}-fold cross-validation on train + val"
         return f"mean val MAE over {len(self.seeds)} seeds"
 
@@ -72,7 +74,7 @@ class FinalModel:
             f"final model: {self.trial} (chosen by {self.chosen_by}), retrained over {n} seeds: test MAE "
             f"{ms(self.test_mae)}, their ensemble {self.ensemble_test_mae:.4f}",
             f"well-trained default retrained the same way: test MAE {ms(self.default_test_mae)}, its ensemble "
-            f"{self.default_ensemble_test_mae:.4f}; the final model is {100 * self.gain:.1f}% lower",
+            f"{self.default_ensemble_test_mae:.4f}; the final model is {lower_or_higher(self.gain)}",
             f"registered: {self.model_uri} (version {self.version}, alias best)",
         ]
 
@@ -102,23 +104,47 @@ def finalize(tracker, space, ok: list[TrialRow], crystals: int, plan: FinalizePl
     client, exp, parent, log = tracker.client, tracker.experiment_id, tracker.parent_run_id, console().info
     study = dict(log=log, parallel=local_slots())
     seeds = RetrainStudy(client, exp, parent, [(s, None) for s in plan.seeds], keep_models=True, **study)
-    candidates = {r.trial: _config_of(tracker, space, r) for r in ok[: plan.top_k]}
+    top = ok[: plan.top_k]
+    candidates = {r.trial: _config_of(tracker, space, r) for r in top}
+    default_trial = next((r.trial for r in top if r.default), None)
     default = ("baseline", space.trial_config(space.default_point), "the search's default (final)", None)
-    if crystals < plan.cv_below and len(candidates) > 1:
+    cross_validated = crystals < plan.cv_below and len(candidates) > 1
+    if cross_validated:
         cv = RetrainStudy(client, exp, parent, [(plan.seeds[0], f) for f in range(plan.cv_folds)], cv="val", **study)
         folds = cv.retrain_all([(runs.CV_ROLE, c, f"trial {t}", _trial_tag(t)) for t, c in candidates.items()])
-        selection = {t: _mean_val(client, ids) for t, ids in zip(candidates, folds)}
-        trial = min(selection, key=selection.get)
-        chosen = ("candidate", candidates[trial], f"trial {trial} (final)", _trial_tag(trial))
-        final_ids, default_ids = seeds.retrain_all([chosen, default])
+        scores = {t: _val_maes(client, ids) for t, ids in zip(candidates, folds)}
+        trial, why = pick(scores, default_trial)
+        if trial == default_trial:  # the default is trained once, as the default
+            (default_ids,) = seeds.retrain_all([default])
+            final_ids = default_ids
+        else:
+            chosen = ("candidate", candidates[trial], f"trial {trial} (final)", _trial_tag(trial))
+            final_ids, default_ids = seeds.retrain_all([chosen, default])
     else:
-        items = [("candidate", c, f"trial {t} (final)", _trial_tag(t)) for t, c in candidates.items()]
+        others = [t for t in candidates if t != default_trial]
+        items = [("candidate", candidates[t], f"trial {t} (final)", _trial_tag(t)) for t in others]
         *ids, default_ids = seeds.retrain_all(items + [default])
-        selection = {t: _mean_val(client, v) for t, v in zip(candidates, ids)}
-        trial = min(selection, key=selection.get)
-        final_ids = ids[list(candidates).index(trial)]
-    choice = Choice(trial, plan.describe_choice(crystals), selection, final_ids)
+        by_trial = dict(zip(others, ids)) | ({default_trial: default_ids} if default_trial else {})
+        scores = {t: _val_maes(client, by_trial[t]) for t in candidates}
+        trial, why = pick(scores, default_trial)
+        final_ids = by_trial[trial]
+    selection = {t: statistics.fmean(v) for t, v in scores.items()}
+    choice = Choice(trial, plan.describe_choice(cross_validated) + why, selection, final_ids)
     return _measure_and_register(tracker, space, choice, default_ids)
+
+
+def pick(scores: dict[str, list[float]], default_trial: str | None) -> tuple[str, str]:
+    """The trial with the lowest mean val MAE, unless the default's mean is within one standard error
+    of it (Breiman's one-standard-error rule): a gain the folds or seeds cannot tell from noise does not
+    replace the well-trained default. Returns the trial and, when the rule kept the default, why."""
+    best = min(scores, key=lambda t: statistics.fmean(scores[t]))
+    if default_trial is None or best == default_trial:
+        return best, ""
+    v = scores[best]
+    se = statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0
+    if statistics.fmean(scores[default_trial]) <= statistics.fmean(v) + se:
+        return default_trial, f"; the default kept: {best}'s lower mean is within one standard error ({se:.4f})"
+    return best, ""
 
 
 def _trial_tag(trial: str) -> dict[str, str]:
@@ -131,8 +157,8 @@ def _config_of(tracker, space, row: TrialRow) -> TrialConfig:
     return space.trial_config(decode_sampled(tracker.trials[row.trial_id].config, space))
 
 
-def _mean_val(client, run_ids: list[str]) -> float:
-    return statistics.fmean(client.get_run(r).data.metrics["best_val_mae"] for r in run_ids)
+def _val_maes(client, run_ids: list[str]) -> list[float]:
+    return [client.get_run(r).data.metrics["best_val_mae"] for r in run_ids]
 
 
 def _test_maes(client, run_ids: list[str]) -> list[float]:
