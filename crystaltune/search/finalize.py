@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,5 +223,6 @@ def _tell(tracker, space, result: FinalModel) -> None:
         runs.FINAL_DEFAULT_TEST: result.default_ensemble_test_mae,
         runs.FINAL_GAIN: result.gain,
     }
-    client.log_batch(tracker.parent_run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    now = int(time.time() * 1000)  # a later final step (--resume) must read as the latest value, not tie at 0
+    client.log_batch(tracker.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     client.set_tag(tracker.parent_run_id, runs.FINAL_TRIAL, result.trial)
