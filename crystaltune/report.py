@@ -260,8 +260,9 @@ def _reference_beside_final(client, exp_id: str, pid: str, final_trial: str, ref
     if not final_trial:
         raise CrystaltuneError("--reference needs --retrain-seeds or --cv, or a search that ran its final step")
     done = runs.retrain_runs(client, exp_id, pid)
-    tags = [r.data.tags for r in done]
-    final = [r for r, t in zip(done, tags) if t.get(runs.TRIAL_NAME) == final_trial and t.get(runs.ROLE) == "candidate"]
+    final = [
+        r for r in done if r.data.tags.get(runs.TRIAL_NAME) == final_trial and r.data.tags.get(runs.ROLE) == "candidate"
+    ]
     final = final or [r for r in done if r.data.tags.get(runs.ROLE) == "baseline"]  # the default kept as final
     seeds = sorted({int(r.data.tags[runs.SEED]) for r in final})
     if not seeds:

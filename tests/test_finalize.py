@@ -43,6 +43,21 @@ def _retrains(work: Path):
     return client, runs
 
 
+def _reference_and_readme(work: Path, name: str) -> Path:
+    """A tiny reference recipe as WORK/ref.yaml (2 epochs on the search's 240 crystals, its split) and a
+    README with the search's empty results section; the README's path."""
+    ref = {
+        "data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
+        "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1},
+        "optim": {"name": "sgd", "lr": 0.01},
+        "train": {"epochs": 2, "batch_size": 32},
+    }
+    (work / "ref.yaml").write_text(yaml.safe_dump(ref))
+    readme = work / "README.md"
+    readme.write_text(f"<!-- crystaltune:results-{name} -->\n<!-- /crystaltune:results-{name} -->\n")
+    return readme
+
+
 def test_the_choice_is_cross_validated_on_train_and_val_only(finalized):
     work, stdout, summary = finalized
     _, runs = _retrains(work)
@@ -114,15 +129,7 @@ def test_the_reference_trains_over_the_final_seeds_beside_the_final_model_in_the
     """``report --reference`` alone on a finalized search: only the reference is trained, over the final
     model's seeds on its split; the README section states the final model against the default."""
     work, _, summary = finalized
-    ref = {
-        "data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
-        "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1},
-        "optim": {"name": "sgd", "lr": 0.01},
-        "train": {"epochs": 2, "batch_size": 32},
-    }
-    (work / "ref.yaml").write_text(yaml.safe_dump(ref))
-    readme = work / "README.md"
-    readme.write_text("<!-- crystaltune:results-smoke_final -->\n<!-- /crystaltune:results-smoke_final -->\n")
+    readme = _reference_and_readme(work, "smoke_final")
     args = ("--reference", "ref.yaml", "--readme", str(readme), "--target-mae", "0.01")
     out, _ = run_report(work, "space.yaml", "report-ref", *args)
     _, runs = _retrains(work)
@@ -235,15 +242,7 @@ def test_a_search_whose_only_candidate_is_the_default_registers_the_default_trai
     assert sorted(r.data.tags["crystaltune.role"] for r in retrains) == ["baseline", "baseline"]
     version = client.get_model_version_by_alias("crystaltune-smoke_one", "best")
     assert version.tags["trial"] == "t001"
-    ref = {
-        "data": {"dataset": "perovskites", "targets": ["band_gap"], "split_seed": 0, "limit": 240},
-        "model": {"name": "cgcnn", "hidden": 16, "head_hidden": 16, "layers": 1},
-        "optim": {"name": "sgd", "lr": 0.01},
-        "train": {"epochs": 2, "batch_size": 32},
-    }
-    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref))
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- crystaltune:results-smoke_one -->\n<!-- /crystaltune:results-smoke_one -->\n")
+    readme = _reference_and_readme(tmp_path, "smoke_one")
     _, text = run_report(tmp_path, "space.yaml", "report", "--reference", "ref.yaml", "--readme", str(readme))
     assert "The searched configuration is the final step's trial t001" in text
     section = readme.read_text()

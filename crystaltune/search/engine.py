@@ -678,10 +678,10 @@ def _closing_lines(summary: SearchSummary, space: SearchSpace, tracker) -> None:
         _log.info(f"best: {s.best.name}  val_mae {s.best.best_val_mae:.4f}  test_mae {s.best.test_mae:.4f}")
     if s.default is not None:
         dv = s.default.best_val_mae
-        gain = 100 * (1 - s.best.best_val_mae / dv) if dv > 0 else 0.0
+        gain = 1 - s.best.best_val_mae / dv if dv > 0 else 0.0
         _log.info(
             f"default ({space.default_source}): {s.default.trial}  val_mae {dv:.4f}  "
-            f"test_mae {s.default.test_mae:.4f}; the best is {lower_or_higher(gain / 100)} on val MAE"
+            f"test_mae {s.default.test_mae:.4f}; the best is {lower_or_higher(gain)} on val MAE"
         )
     for line in s.final.lines() if s.final is not None else []:
         _log.info(line)
