@@ -8,6 +8,8 @@ import torch
 
 from crystaltune.config import ModelConfig
 from crystaltune.errors import CrystaltuneError
+from crystaltune.featurizers import EDGE_FEATURIZERS
+from crystaltune.featurizers.node import NODE_TABLES
 from crystaltune.graphs.store import Batch
 from crystaltune.models import MODELS, build_model
 from crystaltune.models.flowgnn import AffineCoupling
@@ -74,6 +76,26 @@ def check_forward(model, batch: Batch, n_targets: int) -> None:
     with torch.no_grad():
         out = model(batch)
     assert out.shape == (batch.num_graphs, n_targets) and torch.isfinite(out).all()
+
+
+META_CASES = [(n, OPTIONS[o][0], OPTIONS[o][1]) for n in MODEL_NAMES for o in OPTIONS] + [
+    (n, {"params": kw}, 1) for n, kw in PARAMS
+]
+META_CASES += [("cgcnn", {"edge_featurizer": e}, 1) for e in EDGE_FEATURIZERS.names()]
+META_CASES += [("cgcnn", {"node_featurizer": f, "node_trainable": True}, 1) for f in NODE_TABLES.names()]
+
+
+@pytest.mark.parametrize("name,overrides,n_targets", META_CASES)
+def test_every_option_builds_on_the_meta_device_as_loading_a_checkpoint_does(name, overrides, n_targets):
+    """load_checkpoint builds the model on the meta device first (shapes only, no memory): an option
+    whose constructor needs real values (a boolean mask) made its checkpoints unloadable."""
+    from crystaltune.checkpoint import _build_checked
+    from crystaltune.config import TrialConfig
+
+    cfg = TrialConfig(model=config(name, **overrides))
+    real = build_model(cfg.model, n_targets, cfg.data.cutoff)
+    loaded = _build_checked(cfg, n_targets, real.state_dict(), "model.pt")
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
 
 
 def test_all_variants_registered():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,11 @@ def test_sigterm_stops_cleanly_like_ctrl_c_and_resume_finishes(tmp_path):
     for r in trials:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
         assert steps == sorted(set(steps)) and steps
+    # the closing line's time covers both sessions, not only the resumed one's
+    first_s = client.get_metric_history(parents[0].info.run_id, "search_time_s")[0].value
+    said = re.search(r"6 trials \(\d+ failed\) in (\d+)s \((\d+)s of it in this session", out.stdout + out.stderr)
+    assert said, (out.stdout + out.stderr)[-3000:]
+    assert int(said.group(1)) >= int(first_s) + int(said.group(2)) - 1
 
 
 @pytest.mark.slow

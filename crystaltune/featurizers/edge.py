@@ -171,8 +171,8 @@ class AtomSpecificGaussian(GaussianDistance):
 
     def __init__(self, cutoff: float = 8.0, params: AtomSpecificParams | None = None):
         super().__init__(cutoff, params)
-        radii = torch.tensor(_atomic_radii(), dtype=torch.float32)
-        self.register_buffer("radii", radii / radii[radii > 0].mean())
+        radii = np.asarray(_atomic_radii(), dtype=np.float32)  # normalised here: no boolean mask on a meta tensor
+        self.register_buffer("radii", torch.tensor(radii / radii[radii > 0].mean()))
         self.scale = nn.Parameter(torch.ones(len(radii)), requires_grad=self.params.trainable)
 
     def forward(self, dist, z_src, z_dst):

@@ -511,7 +511,7 @@ class SearchSummary:
 
     trials: int
     failed: int
-    search_time_s: float
+    search_time_s: float  # this session's tuner.fit
     output: str
     tracking_uri: str
     experiment: str
@@ -526,6 +526,7 @@ class SearchSummary:
     best: TrialRow | None = None
     default: TrialRow | None = None  # the default configuration's trial, when it ranked
     final: FinalModel | None = None  # the final step's result (--finalize)
+    total_search_time_s: float = 0.0  # tuner.fit over every session (--resume adds one)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-ready keys (``best_trial``, ``best_val_mae``, ``default_test_mae``, ...)."""
@@ -632,6 +633,8 @@ def _summary(run: SearchRun, rows: list[TrialRow], tracker, search_time: float) 
             for k in ("search_time_s", "epochs_run", "epochs_full_budget")
         ],
     )
+    history = tracker.client.get_metric_history(tracker.parent_run_id, "search_time_s")
+    summary.total_search_time_s = sum(m.value for m in history) or search_time
     return summary
 
 
@@ -657,6 +660,14 @@ def _write_best(tracker, run: SearchRun, rows: list[TrialRow], ok: list[TrialRow
     log_search_artifacts(tracker, rows, cfg, dataset, run.output)
 
 
+def _trial_time(s: SearchSummary) -> str:
+    """The trials' wall time; after a --resume, over every session (this one alone may be ~0 s)."""
+    total = max(s.total_search_time_s, s.search_time_s)
+    if total - s.search_time_s < 1:
+        return f"{total:.0f}s"
+    return f"{total:.0f}s ({s.search_time_s:.0f}s of it in this session, the rest before --resume)"
+
+
 def _closing_lines(summary: SearchSummary, space: SearchSpace, tracker) -> None:
     """What the user reads last: the outcome, the default's comparison, where to look next."""
     s, output = summary, Path(summary.output)
@@ -671,7 +682,7 @@ def _closing_lines(summary: SearchSummary, space: SearchSpace, tracker) -> None:
             f"continue with the same command plus --resume"
         )
     _log.info(
-        f"{s.trials} trials ({s.failed} failed) in {s.search_time_s:.0f}s; "
+        f"{s.trials} trials ({s.failed} failed) in {_trial_time(s)}; "
         f"{s.epochs_run} of {s.epochs_full_budget} epochs run (ASHA)"
     )
     if s.best is not None:
