@@ -79,7 +79,9 @@ def test_dead_rank_resumes_and_diverged_trials_fail_without_stopping_the_search(
 def test_sigterm_stops_cleanly_like_ctrl_c_and_resume_finishes(tmp_path):
     """Direct executor (the default for one worker): 6 trials, up to 30 epochs, so some are still
     running when the first one ends and SIGTERM arrives (what a scheduler or `kill` sends; the driver
-    turns it into Ctrl-C's path: the SIGINT the disk guard and the stall timeout send themselves)."""
+    turns it into Ctrl-C's path: the SIGINT the disk guard and the stall timeout send themselves).
+    Before the resume, Tune's newest experiment state is cut in half, as a full disk leaves it: the
+    resume puts back the last good copy instead of Tune quietly starting over."""
     cmd = [
         sys.executable,
         "-m",
@@ -105,8 +107,12 @@ def test_sigterm_stops_cleanly_like_ctrl_c_and_resume_finishes(tmp_path):
     client, trials, parents = mlflow_runs(tmp_path, "crystaltune-smoke")
     assert parents[0].info.status == "KILLED" and parents[0].data.tags["crystaltune.status"] == "interrupted"
     assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)  # nothing left RUNNING
+    state = max((tmp_path / "out" / "ray" / "smoke").glob("experiment_state-*.json"))
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     out = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"{state.name} damaged (a full disk?): restored the copy" in out.stdout + out.stderr
+    assert "Restarting experiment" not in out.stdout + out.stderr
     client, trials, parents = mlflow_runs(tmp_path, "crystaltune-smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(trials) == 6 and all(r.info.status == "FINISHED" for r in trials)

@@ -20,7 +20,7 @@ from ..errors import CrystaltuneError, is_disk_full
 from ..fmt import lower_or_higher
 from ..log import console
 from ..outputs import check_storage, check_tracking_uri, check_writable, is_uri, lock_output, redact
-from . import autoscale, diskguard, runs
+from . import autoscale, diskguard, runs, tunestate
 from .finalize import FinalizePlan, FinalModel, finalize
 from .plan import plan_concurrency, resolve_auto
 from .preflight import preflight
@@ -400,6 +400,8 @@ def make_tuner(opts: SearchOptions, run: SearchRun, trainable, crystals: int, co
     if opts.resume:
         if not tune.Tuner.can_restore(run.experiment_path):
             raise CrystaltuneError(f"--resume: no interrupted search at {run.experiment_path}")
+        for line in [] if run.remote else tunestate.repair(Path(run.experiment_path)):
+            _log.warning(f"--resume: {line}")
         _log.info(f"resuming the search stored at {run.experiment_path}")
         return tune.Tuner.restore(
             run.experiment_path,
@@ -413,6 +415,7 @@ def make_tuner(opts: SearchOptions, run: SearchRun, trainable, crystals: int, co
     tracker = MLflowTracker(run.tracking_uri, space, run.experiment, info, run.state_file, verbose=not opts.quiet)
     watchdog = Watchdog(tracker, opts.watchdog_factor, opts.watchdog_floor_s, opts.stall_timeout_s, not opts.quiet)
     watched = {"--output": str(run.output), **({} if run.remote else {"--storage": run.storage})}
+    keeper = [] if run.remote else [tunestate.StateKeeper(run.experiment_path)]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -442,7 +445,7 @@ def make_tuner(opts: SearchOptions, run: SearchRun, trainable, crystals: int, co
             name=space.name,
             storage_path=run.storage,
             verbose=0,
-            callbacks=[tracker, watchdog, diskguard.DiskGuard(tracker, watched)],
+            callbacks=[tracker, watchdog, diskguard.DiskGuard(tracker, watched), *keeper],
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         ),
     )
