@@ -326,3 +326,49 @@ def test_the_review_in_a_real_browser_needs_no_hand_work(smoke_search):
     names = [f"{r['trial']} " for r in sorted(finished, key=lambda r: float(r["best_val_mae"]))] + ["search smoke"]
     where = [table.find(n) for n in names]
     assert -1 not in where and where == sorted(where), (names, table[:3000])
+
+
+def test_a_best_checkpoint_that_will_not_load_is_tagged_and_the_rest_is_still_logged(smoke_search, tmp_path):
+    """The best trial's checkpoint fails to load (as atom_specific_gaussian ones once did): the parent run
+    gets the reason as a tag, and the leaderboard and Optuna artifacts are logged all the same, so the
+    search goes on to its final step instead of dying with a traceback. Works on a copy of the store."""
+    import dataclasses
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from crystaltune.search import runs
+    from crystaltune.search.leaderboard import build_leaderboard
+    from crystaltune.search.report_artifacts import log_search_artifacts
+    from crystaltune.search.tracking import MLflowTracker
+
+    work = smoke_search[0]
+    shutil.copytree(work / "out", tmp_path / "out", ignore=shutil.ignore_patterns("ray"))
+    shutil.copytree(work / "mlruns", tmp_path / "mlruns")
+    shutil.copy(work / "mlflow.db", tmp_path / "mlflow.db")
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+        db.execute(f"update {table} set {col} = replace({col}, ?, ?)", (str(work), str(tmp_path)))
+    db.commit()
+    db.close()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = load_space("smoke")
+    tracker = MLflowTracker.from_state_file(
+        str(tmp_path / "out" / "tracker_state.json"), uri, space, "crystaltune-smoke"
+    )
+    rows = build_leaderboard(tracker, space)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "best.pt").write_bytes(b"not a checkpoint")
+    rows[0] = dataclasses.replace(rows[0], checkpoint=str(tmp_path / "broken"))
+    cfg = space.trial_config({}, output=str(tmp_path / "best_model.pt"))
+    made = log_search_artifacts(tracker, rows, cfg, None, tmp_path / "out")
+    assert "model_uri" not in made and "parity" not in made
+    client = MlflowClient(uri)
+    tags = client.get_run(tracker.parent_run_id).data.tags
+    assert (
+        tags[runs.MODEL_LOG_ERROR].startswith("CrystaltuneError: ")
+        and "not a readable checkpoint" in tags[runs.MODEL_LOG_ERROR]
+    )
+    logged = {a.path for a in client.list_artifacts(tracker.parent_run_id, runs.SEARCH_DIR)}
+    assert f"{runs.SEARCH_DIR}/leaderboard.csv" in logged and f"{runs.SEARCH_DIR}/optuna_history.png" in logged
+    assert str(tmp_path) in client.get_run(tracker.parent_run_id).info.artifact_uri  # the copy, not the shared one

@@ -4,6 +4,7 @@ importances, a parity plot of the best model on the test split, and the register
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import warnings
@@ -15,6 +16,8 @@ import numpy as np
 from .. import render
 from ..fmt import pyplot
 from . import runs
+
+log = logging.getLogger(__name__)
 
 
 def optuna_study(tracker, space, rows, storage: str | None = None):
@@ -150,20 +153,32 @@ def log_search_artifacts(tracker, rows, cfg, dataset, output: Path) -> dict[str,
         client.set_tag(parent, runs.OPTUNA_ERROR, str(exc)[:500])
     ck = Path(best.checkpoint, "best.pt") if best.checkpoint else None
     if ck is not None and ck.exists():
-        shutil.copy(ck, output / "best_trial.pt")
-        data, _ = parity_plots(output / "best_trial.pt", best.name, art, "parity", dataset)
-        made["parity"] = [str(art / f"parity_{n}.png") for n in data.targets]
         try:
-            example = _input_example(dataset, data)
-            made["model_uri"] = _register_best_model(tracker, best, cfg, example, output / "best_trial.pt")
-        except Exception as exc:
-            client.set_tag(parent, runs.MODEL_LOG_ERROR, str(exc)[:500])
+            made.update(_best_model_artifacts(tracker, best, cfg, dataset, ck, output))
+        except Exception as exc:  # a checkpoint that will not load must not cost the final step
+            client.set_tag(parent, runs.MODEL_LOG_ERROR, f"{type(exc).__name__}: {exc}"[:500])
+            log.warning(
+                f"{best.name}'s model was not plotted or registered ({type(exc).__name__}: {exc}); "
+                "the search goes on, and the reason is the parent run's tag " + runs.MODEL_LOG_ERROR
+            )
     client.log_artifacts(parent, str(art), artifact_path=runs.SEARCH_DIR)
     # under names of their own: the parent never sorts among its trials by the selection metric
     client.log_metric(parent, runs.PARENT_BEST_VAL, float(best.best_val_mae))
     if math.isfinite(best.test_mae):
         client.log_metric(parent, runs.PARENT_BEST_TEST, float(best.test_mae))
     client.set_tag(parent, runs.BEST_RUN, best.name)
+    return made
+
+
+def _best_model_artifacts(tracker, best, cfg, dataset, ck: Path, output: Path) -> dict[str, Any]:
+    """The best trial's checkpoint copied out, its parity plots, and its registered model."""
+    art = output / "artifacts"
+    shutil.copy(ck, output / "best_trial.pt")
+    data, _ = parity_plots(output / "best_trial.pt", best.name, art, "parity", dataset)
+    made = {"parity": [str(art / f"parity_{n}.png") for n in data.targets]}
+    made["model_uri"] = _register_best_model(
+        tracker, best, cfg, _input_example(dataset, data), output / "best_trial.pt"
+    )
     return made
 
 
