@@ -49,18 +49,37 @@ def test_a_truncated_state_is_restored_from_the_last_good_copy(tmp_path):
     assert tunestate.repair(tmp_path) == []  # nothing left to do
 
 
-def test_without_a_copy_the_damaged_session_is_set_aside_and_the_one_before_resumes(tmp_path):
+def test_without_a_copy_the_session_before_resumes_under_the_newest_names(tmp_path):
     write_session(tmp_path, A, ["t1"])
     tunestate.snapshot(tmp_path)
     write_session(tmp_path, B, ["t1", "t2"])  # a resumed session, damaged before any copy of it
     truncate(tmp_path / f"searcher-state-{B}.pkl")
     done = tunestate.repair(tmp_path)
-    assert "set aside" in done[0]
-    assert list(tunestate.state_files(tmp_path)) == [A]
-    assert sorted(p.name for p in (tmp_path / tunestate.DAMAGED).iterdir())[0] == f"callback-states-{B}.pkl"
+    assert f"resuming from session {A}" in done[0]
+    # Tune (and the staging folder a long-lived Ray keeps) take the newest names: they now hold A's state
+    assert pickle.loads((tmp_path / f"searcher-state-{B}.pkl").read_bytes()) == {"trials": ["t1"]}
+    assert json.loads((tmp_path / f"experiment_state-{B}.json").read_text()) == {"trial_data": ["t1"]}
+    (aside,) = (tmp_path / tunestate.DAMAGED).iterdir()
+    assert len(list(aside.iterdir())) == 4 and tunestate.repair(tmp_path) == []
+
+
+def test_a_crash_between_the_copy_folders_renames_keeps_a_usable_copy(tmp_path):
+    write_session(tmp_path, A, ["t1"])
+    tunestate.snapshot(tmp_path)
+    tunestate.snapshot(tmp_path)  # GOOD and OLD
+    (tmp_path / tunestate.GOOD).rename(tmp_path / tunestate.NEW)  # as if it crashed before NEW -> GOOD
+    write_session(tmp_path, A, ["t1", "t2"])
+    assert tunestate.snapshot(tmp_path)  # OLD was the only copy: kept until the new one is in place
+    assert (tmp_path / tunestate.OLD / tunestate.COMPLETE).exists()
+    truncate(tmp_path / f"experiment_state-{A}.json")
+    truncate(tmp_path / "tuner.pkl")
+    done = tunestate.repair(tmp_path)
+    assert json.loads((tmp_path / f"experiment_state-{A}.json").read_text()) == {"trial_data": ["t1", "t2"]}
+    assert "tuner.pkl damaged: restored" in done[-1]
 
 
 def test_a_state_with_nothing_readable_left_fails_with_the_folder_named(tmp_path):
+    assert tunestate.repair(tmp_path) == []  # no search there: Tune's can_restore says so
     write_session(tmp_path, A, ["t1"])
     truncate(tmp_path / f"experiment_state-{A}.json")
     with pytest.raises(CrystaltuneError, match=f"Tune state in {tmp_path} is damaged.*without --resume"):
@@ -78,11 +97,17 @@ def test_the_keeper_copies_only_when_the_state_changed(tmp_path):
     assert not (tmp_path / tunestate.GOOD).exists()
     write_session(tmp_path, A, ["t1"])
     step(1)
+    assert not (tmp_path / tunestate.GOOD).exists()  # seen once: Tune may still be copying it
+    step(1)
     stamp = (tmp_path / tunestate.GOOD / tunestate.COMPLETE).stat().st_mtime_ns
     step(2)
     assert (tmp_path / tunestate.GOOD / tunestate.COMPLETE).stat().st_mtime_ns == stamp
     write_session(tmp_path, A, ["t1", "t2"])
     step(3)
+    step(4)
     good = tmp_path / tunestate.GOOD / f"experiment_state-{A}.json"
     assert json.loads(good.read_text()) == {"trial_data": ["t1", "t2"]}
+    write_session(tmp_path, A, ["t1", "t2", "t3"])
+    keeper.on_experiment_end([])  # after Tune's final write: copied at once
+    assert json.loads(good.read_text()) == {"trial_data": ["t1", "t2", "t3"]}
     assert pickle.loads(pickle.dumps(keeper)).seen is None  # restored with the Tuner: copies afresh

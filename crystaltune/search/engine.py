@@ -398,10 +398,10 @@ def make_tuner(opts: SearchOptions, run: SearchRun, trainable, crystals: int, co
 
     space = run.space
     if opts.resume:
-        if not tune.Tuner.can_restore(run.experiment_path):
-            raise CrystaltuneError(f"--resume: no interrupted search at {run.experiment_path}")
         for line in [] if run.remote else tunestate.repair(Path(run.experiment_path)):
             _log.warning(f"--resume: {line}")
+        if not tune.Tuner.can_restore(run.experiment_path):
+            raise CrystaltuneError(f"--resume: no interrupted search at {run.experiment_path}")
         _log.info(f"resuming the search stored at {run.experiment_path}")
         return tune.Tuner.restore(
             run.experiment_path,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import render
+from ..errors import is_disk_full
 from ..fmt import pyplot
 from . import runs
 
@@ -156,6 +157,8 @@ def log_search_artifacts(tracker, rows, cfg, dataset, output: Path) -> dict[str,
         try:
             made.update(_best_model_artifacts(tracker, best, cfg, dataset, ck, output))
         except Exception as exc:  # a checkpoint that will not load must not cost the final step
+            if is_disk_full(exc):  # but a full disk stops the search (the caller says so)
+                raise
             client.set_tag(parent, runs.MODEL_LOG_ERROR, f"{type(exc).__name__}: {exc}"[:500])
             log.warning(
                 f"{best.name}'s model was not plotted or registered ({type(exc).__name__}: {exc}); "

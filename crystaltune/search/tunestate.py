@@ -68,28 +68,35 @@ def _file_ok(path: Path) -> bool:
         return False
 
 
+def stamp(files: list[Path]) -> tuple:
+    """What changes when Tune rewrites a file: name, mtime and size of each."""
+    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
 def snapshot(folder: Path) -> bool:
     """Copy the newest session's state files (and tuner.pkl) into the last-good folder, if every one
-    parses. The new copy is complete before it replaces the old one, so a full disk keeps the old."""
+    parses and none changed while read. The new copy is whole before it replaces the old one, and the
+    old one is kept until then, so a full disk or a crash at any point leaves a usable copy."""
     sessions = state_files(folder)
-    if not sessions:
+    files = [*list(sessions.values())[-1], folder / TUNER_FILE] if sessions else []
+    if not any(p.name.startswith("experiment_state") for p in files) or not files[-1].exists():
         return False
-    files = [*list(sessions.values())[-1], folder / TUNER_FILE]
-    new = folder / NEW
+    new, good, old = folder / NEW, folder / GOOD, folder / OLD
     try:
-        blobs = {p.name: p.read_bytes() for p in files if p.exists()}
-        if not all(readable(data, name) for name, data in blobs.items()):
-            return False
+        before = stamp(files)
+        blobs = {p.name: p.read_bytes() for p in files}
+        if stamp(files) != before or not all(readable(data, name) for name, data in blobs.items()):
+            return False  # Tune is writing (a later look copies it whole)
         shutil.rmtree(new, ignore_errors=True)
         new.mkdir()
         for name, data in blobs.items():
             (new / name).write_bytes(data)
         (new / COMPLETE).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
-        shutil.rmtree(folder / OLD, ignore_errors=True)
-        if (folder / GOOD).exists():
-            (folder / GOOD).rename(folder / OLD)
-        new.rename(folder / GOOD)
-    except OSError:  # a full disk: the previous copy stays (GOOD, or OLD until the next success)
+        if good.exists():  # without GOOD (a crash between the renames), OLD is the copy to keep
+            shutil.rmtree(old, ignore_errors=True)
+            good.rename(old)
+        new.rename(good)
+    except OSError:  # a full disk: the previous copy stays
         shutil.rmtree(new, ignore_errors=True)
         return False
     return True
@@ -102,42 +109,66 @@ def _last_good(folder: Path) -> Path | None:
     return None
 
 
-def _set_aside(paths: list[Path], folder: Path) -> None:
-    (folder / DAMAGED).mkdir(exist_ok=True)
-    for path in paths:
-        path.replace(folder / DAMAGED / path.name)
+def _set_aside(paths: list[Path], folder: Path) -> Path:
+    """Move damaged files into a folder of their own (one per repair), never over earlier ones."""
+    dest = folder / DAMAGED / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            path.replace(dest / path.name)
+    except OSError as exc:
+        raise CrystaltuneError(f"--resume: could not set the damaged Tune state aside in {dest}: {exc}") from exc
+    return dest
+
+
+def _restore_session(good: Path | None, session: str, folder: Path) -> bool:
+    """The last good copy of ``session`` put back over its files; False when there is none."""
+    copy = [p for p in good.iterdir() if session_of(p.name) == session] if good else []
+    if not any(p.name.startswith("experiment_state") for p in copy):
+        return False
+    for path in copy:
+        shutil.copyfile(path, folder / path.name)
+    return True
+
+
+def _damaged(files: list[Path]) -> list[str]:
+    return [p.name for p in files if not _file_ok(p)]
 
 
 def repair(folder: Path) -> list[str]:
-    """Before a resume: a damaged file of the newest session is replaced, with its whole session, by the
-    last good copy; without one, that session is set aside so Tune resumes from the one before it.
-    Returns what was done, one line each; raises when no readable experiment state is left."""
-    done, restored = [], set()
-    good = _last_good(folder)
-    while sessions := state_files(folder):
-        session, files = list(sessions.items())[-1]
-        damaged = [p.name for p in files if not _file_ok(p)]
-        if not damaged:
-            break
-        copy = [p for p in good.iterdir() if session_of(p.name) == session] if good else []
-        if session not in restored and any(p.name.startswith("experiment_state") for p in copy):
-            restored.add(session)
-            for path in copy:
-                shutil.copyfile(path, folder / path.name)
-            stamp = (good / COMPLETE).read_text()
-            done.append(f"{', '.join(damaged)} damaged (a full disk?): restored the copy of {stamp}")
-            continue
-        _set_aside(files, folder)
-        done.append(f"{', '.join(damaged)} damaged and no good copy: set aside in {folder / DAMAGED}")
-    if not _file_ok(folder / TUNER_FILE) and good and (good / TUNER_FILE).exists():
+    """Before a resume: a damaged file of the newest session is put back, with its whole session, from
+    the last good copy. Without one, the newest earlier session that parses is written under the newest
+    session's names (Tune also reads the searcher's state from a staging folder that a long-lived Ray
+    keeps, which takes the newest names), the damaged files set aside. Returns what was done."""
+    sessions = state_files(folder)
+    if not sessions:
+        return []
+    good, done = _last_good(folder), []
+    newest, files = list(sessions.items())[-1]
+    damaged = _damaged(files)
+    if damaged and _restore_session(good, newest, folder):
+        done.append(
+            f"{', '.join(damaged)} damaged (a full disk?): restored the copy of {(good / COMPLETE).read_text()}"
+        )
+        damaged = _damaged(state_files(folder)[newest])
+    if damaged:
+        earlier = next((s for s in reversed(list(sessions)[:-1]) if not _damaged(sessions[s])), None)
+        if earlier is None:
+            raise CrystaltuneError(
+                f"--resume: the search's Tune state in {folder} is damaged ({', '.join(damaged)}) and no good "
+                "copy is left; run the search again without --resume (MLflow keeps the finished trials)"
+            )
+        dest = _set_aside(files, folder)
+        for path in sessions[earlier]:
+            shutil.copyfile(path, folder / path.name.replace(earlier, newest))
+        done.append(
+            f"{', '.join(damaged)} damaged and no good copy: resuming from session {earlier} (set aside in {dest})"
+        )
+    if not _file_ok(folder / TUNER_FILE):
+        if not (good and (good / TUNER_FILE).exists()):
+            raise CrystaltuneError(f"--resume: {folder / TUNER_FILE} is damaged and no good copy is left")
         shutil.copyfile(good / TUNER_FILE, folder / TUNER_FILE)
         done.append(f"{TUNER_FILE} damaged: restored the copy of {(good / COMPLETE).read_text()}")
-    if not state_files(folder) or not _file_ok(folder / TUNER_FILE):
-        raise CrystaltuneError(
-            f"--resume: the search's Tune state in {folder} is damaged and no good copy is left "
-            f"({'; '.join(done) or TUNER_FILE + ' unreadable'}); run the search again without --resume "
-            "(MLflow keeps the finished trials)"
-        )
     return done
 
 
@@ -147,26 +178,24 @@ class StateKeeper(tune.Callback):
 
     def __init__(self, folder: str, every_s: float = 1.0):
         self.folder, self.every_s = Path(folder), every_s
-        self.next_at, self.seen = 0.0, None
+        self.next_at, self.seen, self.last = 0.0, None, None
 
     def __getstate__(self):
-        return {**self.__dict__, "next_at": 0.0, "seen": None}
-
-    def _stamp(self):
-        sessions = state_files(self.folder)
-        files = list(sessions.values())[-1] if sessions else []
-        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+        return {**self.__dict__, "next_at": 0.0, "seen": None, "last": None}
 
     def on_step_begin(self, iteration, trials, **info):
         now = time.monotonic()
         if now < self.next_at:
             return
         try:
-            stamp = self._stamp()
+            sessions = state_files(self.folder)
+            now_stamp = stamp(list(sessions.values())[-1]) if sessions else None
         except OSError:
             return
-        if stamp and stamp != self.seen and snapshot(self.folder):
-            self.seen = stamp
+        # a state seen unchanged twice: Tune's copy of it into the folder (a background sync) is done
+        if now_stamp and now_stamp == self.last and now_stamp != self.seen and snapshot(self.folder):
+            self.seen = now_stamp
+        self.last = now_stamp
         self.next_at = time.monotonic() + max(self.every_s, 50 * (time.monotonic() - now))
 
     def on_experiment_end(self, trials, **info):
