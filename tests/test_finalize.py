@@ -221,6 +221,7 @@ def test_pick_keeps_the_default_unless_the_best_is_lower_by_more_than_one_standa
     assert pick({"t001": [0.3], "t002": [0.2]}, "t001") == ("t002", "")  # one value: no error to allow
 
 
+@pytest.mark.slow  # a whole search and its final step (95 s): kept out of the default run's 18 min
 def test_a_search_whose_only_candidate_is_the_default_registers_the_default_trained_once(tmp_path):
     """The default wins the choice: its seed models, trained once as the well-trained default, are the
     registered final model, and the gain is zero rather than a duplicate training's noise."""

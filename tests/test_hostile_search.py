@@ -226,7 +226,7 @@ def test_two_searches_share_a_fresh_store_and_a_lost_cluster_leaves_nothing_runn
 # 2. too little data, all trials failed, strict JSON -----------------------------------------------
 
 
-@pytest.mark.parametrize("n, empty", [(3, "val"), (6, "test")])
+@pytest.mark.parametrize("n, empty", [(3, "val"), pytest.param(6, "test", marks=pytest.mark.slow)])
 def test_a_dataset_too_small_to_split_is_refused_before_ray(tmp_path, n, empty):
     data = write_jsonl(tmp_path / "small.jsonl", crystals(n))
     out = run(["crystaltune.search", str(space_file(tmp_path, data))], tmp_path)

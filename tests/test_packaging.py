@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").rglob("*.yaml"))
 
@@ -53,6 +55,7 @@ def test_the_editable_install_make_install_does_prints_no_notice(tmp_path):
     assert list(tmp_path.glob("crystaltune-*.editable-*.whl"))
 
 
+@pytest.mark.slow  # builds and installs a wheel into a fresh venv (45 s)
 def test_an_installed_wheel_runs_a_built_in_space_outside_the_checkout(tmp_path):
     """The wheel alone in a new venv (its dependencies seen through a path to this venv's packages,
     where crystaltune's editable hook is not run), started outside the checkout: the smoke space runs."""

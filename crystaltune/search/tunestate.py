@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import pickle
+import pickletools
 import shutil
 import time
 from pathlib import Path
@@ -48,13 +48,19 @@ def state_files(folder: Path) -> dict[str, list[Path]]:
     return dict(sorted(sessions.items()))
 
 
+def _pickle_whole(data: bytes) -> None:
+    """Walk a pickle's opcodes to its STOP without running any of them (a truncated one raises)."""
+    for _ in pickletools.genops(data):
+        pass
+
+
 def readable(data: bytes, name: str) -> bool:
-    """Whether a state file's bytes parse whole (a truncated JSON or pickle does not). Tune's
-    search_gen_state ``.json`` is a pickle, so a JSON name gets both tries."""
-    loaders = (json.loads, pickle.loads) if name.endswith(".json") else (pickle.loads,)
-    for load in loaders:
+    """Whether a state file's bytes parse whole (a truncated JSON or pickle does not); nothing in them is
+    executed. Tune's search_gen_state ``.json`` is a pickle, so a JSON name gets both tries."""
+    checks = (json.loads, _pickle_whole) if name.endswith(".json") else (_pickle_whole,)
+    for check in checks:
         try:
-            load(data)  # noqa: S301 - Tune's own files, in the folder the user pointed at
+            check(data)
         except Exception:  # noqa: BLE001, S112 - any failure to parse means damaged
             continue
         return True
