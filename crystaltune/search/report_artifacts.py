@@ -155,7 +155,7 @@ def log_search_artifacts(tracker, rows, cfg, dataset, output: Path) -> dict[str,
     ck = Path(best.checkpoint, "best.pt") if best.checkpoint else None
     if ck is not None and ck.exists():
         try:
-            made.update(_best_model_artifacts(tracker, best, cfg, dataset, ck, output))
+            made.update(_best_model_artifacts(tracker, best, cfg, dataset, ck, output, art))
         except Exception as exc:  # a checkpoint that will not load must not cost the final step
             if is_disk_full(exc):  # but a full disk stops the search (the caller says so)
                 raise
@@ -173,9 +173,8 @@ def log_search_artifacts(tracker, rows, cfg, dataset, output: Path) -> dict[str,
     return made
 
 
-def _best_model_artifacts(tracker, best, cfg, dataset, ck: Path, output: Path) -> dict[str, Any]:
-    """The best trial's checkpoint copied out, its parity plots, and its registered model."""
-    art = output / "artifacts"
+def _best_model_artifacts(tracker, best, cfg, dataset, ck: Path, output: Path, art: Path) -> dict[str, Any]:
+    """The best trial's checkpoint copied out, its parity plots (into ``art``), and its registered model."""
     shutil.copy(ck, output / "best_trial.pt")
     data, _ = parity_plots(output / "best_trial.pt", best.name, art, "parity", dataset)
     made = {"parity": [str(art / f"parity_{n}.png") for n in data.targets]}

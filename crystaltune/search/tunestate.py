@@ -48,6 +48,16 @@ def state_files(folder: Path) -> dict[str, list[Path]]:
     return dict(sorted(sessions.items()))
 
 
+def newest_session(folder: Path) -> tuple[str, list[Path]] | None:
+    """(session, its files) of the latest session in ``folder``, the one Tune resumes from."""
+    sessions = state_files(folder)
+    return list(sessions.items())[-1] if sessions else None
+
+
+def _has_experiment_state(files) -> bool:
+    return any(p.name.startswith("experiment_state") for p in files)
+
+
 def _pickle_whole(data: bytes) -> None:
     """Walk a pickle's opcodes to its STOP without running any of them (a truncated one raises)."""
     for _ in pickletools.genops(data):
@@ -83,9 +93,9 @@ def snapshot(folder: Path) -> bool:
     """Copy the newest session's state files (and tuner.pkl) into the last-good folder, if every one
     parses and none changed while read. The new copy is whole before it replaces the old one, and the
     old one is kept until then, so a full disk or a crash at any point leaves a usable copy."""
-    sessions = state_files(folder)
-    files = [*list(sessions.values())[-1], folder / TUNER_FILE] if sessions else []
-    if not any(p.name.startswith("experiment_state") for p in files) or not files[-1].exists():
+    newest = newest_session(folder)
+    files = [*newest[1], folder / TUNER_FILE] if newest else []
+    if not _has_experiment_state(files) or not files[-1].exists():
         return False
     new, good, old = folder / NEW, folder / GOOD, folder / OLD
     try:
@@ -130,7 +140,7 @@ def _set_aside(paths: list[Path], folder: Path) -> Path:
 def _restore_session(good: Path | None, session: str, folder: Path) -> bool:
     """The last good copy of ``session`` put back over its files; False when there is none."""
     copy = [p for p in good.iterdir() if session_of(p.name) == session] if good else []
-    if not any(p.name.startswith("experiment_state") for p in copy):
+    if not _has_experiment_state(copy):
         return False
     for path in copy:
         shutil.copyfile(path, folder / path.name)
@@ -194,8 +204,8 @@ class StateKeeper(tune.Callback):
         if now < self.next_at:
             return
         try:
-            sessions = state_files(self.folder)
-            now_stamp = stamp(list(sessions.values())[-1]) if sessions else None
+            newest = newest_session(self.folder)
+            now_stamp = stamp(newest[1]) if newest else None
         except OSError:
             return
         # a state seen unchanged twice: Tune's copy of it into the folder (a background sync) is done
